@@ -1,0 +1,83 @@
+"""The `clipbeam` command: one sub-command per job.
+
+Each job lives in its own module under clipbeam.pipelines and exposes
+`add_arguments(parser)` and `run(args, beam_args) -> int`. Modules are imported
+only when their command runs, so `clipbeam --help` stays fast. Arguments that
+argparse does not know are handed to Beam unchanged (`--runner`,
+`--direct_num_workers`, `--project`, ...).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+from clipbeam import __version__
+from clipbeam.errors import UsageError
+
+COMMANDS: list[tuple[str, str, str]] = [
+    ("embed", "clipbeam.pipelines.embed", "image-text corpora -> CLIP embeddings in Parquet"),
+    ("index", "clipbeam.pipelines.index_build", "embeddings -> sharded FAISS index with measured recall"),
+    ("search", "clipbeam.pipelines.search", "query a sharded index with text, an image or vectors"),
+    ("classify", "clipbeam.pipelines.classify", "zero-shot labels from stored image embeddings"),
+    ("export", "clipbeam.pipelines.export", "embeddings -> clip-retrieval / autofaiss layout"),
+    ("generate", "clipbeam.pipelines.generate", "render prompt lists with VQGAN+CLIP"),
+    ("convert-vqgan", "clipbeam.pipelines.convert_vqgan", "taming .ckpt -> .safetensors, without pytorch_lightning"),
+    ("synth-corpus", "clipbeam.pipelines.synth_corpus", "write a synthetic shapes corpus as webdataset shards"),
+    ("train", "clipbeam.pipelines.train", "train a small CLIP or VQGAN on a corpus"),
+]
+
+
+class _OneLineParser(argparse.ArgumentParser):
+    """argparse that reports errors as one line on stderr and exits 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        sys.stderr.write(f"{self.prog}: error: {message}\n")
+        sys.exit(2)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _OneLineParser(prog="clipbeam", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"clipbeam {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_OneLineParser)
+    for name, _module, help_text in COMMANDS:
+        sub.add_parser(name, help=help_text, add_help=False)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    top = build_parser()
+    names = {name: module for name, module, _ in COMMANDS}
+    first = next((i for i, a in enumerate(argv) if not a.startswith("-")), None)
+    if first is None or argv[first] not in names:
+        if first is not None:
+            top.error(f"unknown command {argv[first]!r} (choose from {', '.join(names)})")
+        top.parse_args(argv)
+        top.print_help()
+        return 2
+    top_args = top.parse_args(argv[:first])
+    command = argv[first]
+    logging.basicConfig(
+        level=logging.DEBUG if top_args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    module = importlib.import_module(names[command])
+    parser = _OneLineParser(prog=f"clipbeam {command}", description=module.__doc__.splitlines()[0])
+    module.add_arguments(parser)
+    args, beam_args = parser.parse_known_args(argv[first + 1:])
+    try:
+        return int(module.run(args, beam_args) or 0)
+    except UsageError as exc:
+        sys.stderr.write(f"clipbeam {command}: error: {exc}\n")
+        return 2
+    except KeyboardInterrupt:
+        sys.stderr.write(f"clipbeam {command}: interrupted\n")
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

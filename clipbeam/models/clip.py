@@ -1,0 +1,212 @@
+"""Loading open_clip models the same way in every job, and encoding with them.
+
+A model is named by a ClipSpec: an open_clip architecture plus where its
+weights come from (`none` for seeded random weights, a pretrained tag, a local
+or remote checkpoint, or a checkpoint shipped with clipbeam). Embed, search,
+classify, generate and train all load through `load_clip`, so preprocessing,
+tokenisation and normalisation can never differ between them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from clipbeam.errors import UsageError
+
+CONFIG_DIR = Path(__file__).parent / "configs"
+ASSETS_DIR = Path(__file__).resolve().parent.parent / "assets"
+
+# (model, pretrained name) -> checkpoint file under clipbeam/assets.
+SHIPPED_CHECKPOINTS: dict[tuple[str, str], str] = {}
+
+PRECISIONS = ("fp32", "fp16", "bf16")
+
+
+@dataclass(frozen=True)
+class ClipSpec:
+    """Which CLIP to load and how; picklable, so it travels to Beam workers."""
+
+    model: str
+    pretrained: str = "none"
+    seed: int = 0
+    device: str = "auto"
+    precision: str = "fp32"
+
+    def replace(self, **changes: Any) -> "ClipSpec":
+        return dataclasses.replace(self, **changes)
+
+
+@dataclass
+class LoadedClip:
+    """An open_clip model in eval mode with its own preprocessing and tokenizer."""
+
+    spec: ClipSpec
+    model: Any
+    preprocess: Any
+    tokenizer: Any
+    device: str
+    dim: int
+    image_size: int
+    context_length: int
+    weights: str  # pretrained tag, checkpoint sha256, or "random(seed=N)"
+
+
+def register_configs() -> None:
+    """Make clipbeam's own model configs (tiny test models, shipped models) known to open_clip."""
+    import open_clip
+
+    if "clipbeam-tiny" not in open_clip.list_models():
+        open_clip.add_model_config(CONFIG_DIR)
+
+
+def resolve_device(device: str) -> str:
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError(f"--device {device} asked for, but no CUDA device is available")
+    if device not in ("cpu",) and not device.startswith("cuda"):
+        raise UsageError(f"--device must be auto, cpu or cuda[:N], not {device!r}")
+    return device
+
+
+def _is_path_like(pretrained: str) -> bool:
+    return "://" in pretrained or "/" in pretrained or pretrained.endswith((".pt", ".pth", ".bin", ".safetensors"))
+
+
+def validate_spec(spec: ClipSpec, storage_options: dict | None = None) -> None:
+    """Check a spec up front: unknown model, bad precision, unreadable checkpoint."""
+    import open_clip
+
+    register_configs()
+    if spec.model not in open_clip.list_models():
+        raise UsageError(
+            f"unknown model {spec.model!r}: see open_clip.list_models() (e.g. ViT-B-32, ViT-S-32, clipbeam-tiny)"
+        )
+    if spec.precision not in PRECISIONS:
+        raise UsageError(f"--precision must be one of {', '.join(PRECISIONS)}")
+    resolve_device(spec.device)
+    pretrained = spec.pretrained
+    if pretrained == "none" or (spec.model, pretrained) in SHIPPED_CHECKPOINTS:
+        return
+    if _is_path_like(pretrained) or os.path.exists(pretrained):
+        from clipbeam.storage import get_fs
+
+        try:
+            fs, path = get_fs(pretrained, storage_options)
+            ok = fs.isfile(path)
+        except Exception as exc:
+            raise UsageError(f"cannot read checkpoint {pretrained}: {exc}") from None
+        if not ok:
+            raise UsageError(f"checkpoint {pretrained} does not exist or is not a file")
+        return
+    tags = open_clip.list_pretrained_tags_by_model(spec.model)
+    if pretrained not in tags:
+        known = ", ".join(tags) or "none (use --pretrained none or a checkpoint path)"
+        raise UsageError(f"unknown pretrained tag {pretrained!r} for {spec.model}; known: {known}")
+
+
+def file_sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _local_checkpoint(pretrained: str, storage_options: dict | None) -> str:
+    """A local path for a checkpoint; remote URLs are copied to a temp file once."""
+    if "://" not in pretrained or pretrained.startswith("file://"):
+        return pretrained[len("file://"):] if pretrained.startswith("file://") else pretrained
+    from clipbeam.storage import get_fs
+
+    fs, path = get_fs(pretrained, storage_options)
+    suffix = Path(path).suffix or ".pt"
+    key = hashlib.sha1(pretrained.encode()).hexdigest()[:16]
+    local = Path(tempfile.gettempdir()) / f"clipbeam-ckpt-{key}{suffix}"
+    if not local.exists():
+        tmp = local.with_suffix(local.suffix + f".{os.getpid()}.part")
+        fs.get(path, str(tmp))
+        os.replace(tmp, local)
+    return str(local)
+
+
+def load_clip(spec: ClipSpec, storage_options: dict | None = None) -> LoadedClip:
+    """Build the model, load its weights, move it to its device, set eval mode."""
+    import open_clip
+    import torch
+
+    register_configs()
+    device = resolve_device(spec.device)
+    pretrained = spec.pretrained
+    if (spec.model, pretrained) in SHIPPED_CHECKPOINTS:
+        pretrained = str(ASSETS_DIR / SHIPPED_CHECKPOINTS[(spec.model, pretrained)])
+    if pretrained == "none":
+        torch.manual_seed(spec.seed)
+        weights = f"random(seed={spec.seed})"
+        tag = None
+    elif _is_path_like(pretrained) or os.path.exists(pretrained):
+        tag = _local_checkpoint(pretrained, storage_options)
+        weights = "sha256:" + file_sha256(tag)
+    else:
+        tag = pretrained
+        weights = pretrained
+    try:
+        model, _, preprocess = open_clip.create_model_and_transforms(
+            spec.model, pretrained=tag, precision=spec.precision, device=device
+        )
+    except (RuntimeError, FileNotFoundError, KeyError, ValueError) as exc:
+        raise UsageError(f"cannot load {spec.model} weights from {spec.pretrained}: {exc}") from None
+    model.eval()
+    tokenizer = open_clip.get_tokenizer(spec.model)
+    image_size = model.visual.image_size
+    image_size = image_size[0] if isinstance(image_size, (tuple, list)) else int(image_size)
+    context_length = int(getattr(tokenizer, "context_length", None) or getattr(model, "context_length", 77))
+    with torch.no_grad():
+        probe = torch.zeros(1, 3, image_size, image_size, device=device, dtype=_dtype(spec.precision))
+        dim = int(model.encode_image(probe).shape[-1])
+    return LoadedClip(spec, model, preprocess, tokenizer, device, dim, image_size, context_length, weights)
+
+
+def _dtype(precision: str):
+    import torch
+
+    return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
+
+
+def encode_images(clip: LoadedClip, pixels) -> np.ndarray:
+    """Preprocessed image tensor [N,3,H,W] -> L2-normalised float32 [N, D]."""
+    import torch
+
+    with torch.no_grad():
+        pixels = pixels.to(clip.device, dtype=_dtype(clip.spec.precision))
+        features = clip.model.encode_image(pixels).float()
+        features = torch.nn.functional.normalize(features, dim=-1)
+    return features.cpu().numpy()
+
+
+def encode_texts(clip: LoadedClip, texts: Sequence[str]) -> np.ndarray:
+    """Texts -> L2-normalised float32 [N, D]; texts longer than the context are truncated."""
+    import torch
+
+    if len(texts) == 0:
+        return np.zeros((0, clip.dim), dtype=np.float32)
+    with torch.no_grad():
+        tokens = clip.tokenizer(list(texts)).to(clip.device)
+        features = clip.model.encode_text(tokens).float()
+        features = torch.nn.functional.normalize(features, dim=-1)
+    return features.cpu().numpy()
+
+
+def preprocess_image(clip: LoadedClip, image) -> "Any":
+    """A PIL RGB image -> the model's own preprocessed tensor [3, H, W]."""
+    return clip.preprocess(image)

@@ -1,0 +1,1 @@
+"""Beam pipelines and the clipbeam command: one module per job."""

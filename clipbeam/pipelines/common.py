@@ -1,0 +1,118 @@
+"""Options and helpers that every pipeline shares.
+
+Beam's own options pass through unchanged; the only default we change is the
+runner (the DirectRunner, because Beam's default first tries to download the
+Prism runner binary).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+
+from apache_beam.options.pipeline_options import PipelineOptions
+
+from clipbeam.errors import UsageError
+from clipbeam.models.clip import ClipSpec
+from clipbeam.storage import parse_storage_options
+
+LOG = logging.getLogger(__name__)
+
+
+def add_storage_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--storage-options",
+        default=None,
+        metavar="JSON",
+        help='fsspec filesystem options as a JSON object, e.g. \'{"client_kwargs": {"endpoint_url": "http://127.0.0.1:5000"}}\'',
+    )
+
+
+def add_output_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--output", required=True, help="output folder (any fsspec URL)")
+    parser.add_argument(
+        "--overwrite", action="store_true", help="redo everything instead of resuming into an existing output"
+    )
+
+
+def add_model_arguments(parser: argparse.ArgumentParser, default_model: str = "ViT-B-32",
+                        default_pretrained: str = "none") -> None:
+    group = parser.add_argument_group("model")
+    group.add_argument("--model", default=default_model, help="open_clip architecture (default %(default)s)")
+    group.add_argument(
+        "--pretrained",
+        default=default_pretrained,
+        help="pretrained tag (downloads), checkpoint path or URL, or 'none' for seeded random weights",
+    )
+    group.add_argument("--seed", type=int, default=0, help="seed for --pretrained none (default 0)")
+    group.add_argument("--device", default="auto", help="auto, cpu or cuda (default auto)")
+    group.add_argument("--precision", default="fp32", choices=("fp32", "fp16", "bf16"))
+
+
+def clip_spec_from_args(args: argparse.Namespace) -> ClipSpec:
+    return ClipSpec(
+        model=args.model, pretrained=args.pretrained, seed=args.seed, device=args.device, precision=args.precision
+    )
+
+
+def storage_options_from_args(args: argparse.Namespace) -> dict:
+    return parse_storage_options(getattr(args, "storage_options", None))
+
+
+def _all_option_classes(cls=PipelineOptions):
+    for sub in cls.__subclasses__():
+        yield sub
+        yield from _all_option_classes(sub)
+
+
+def unknown_beam_args(beam_args: list[str]) -> list[str]:
+    """The pass-through flags that no Beam options class knows (typos, ours misspelt)."""
+    parser = argparse.ArgumentParser(allow_abbrev=False, add_help=False)
+    seen = set()
+    for cls in _all_option_classes():
+        if cls in seen:
+            continue
+        seen.add(cls)
+        try:
+            cls._add_argparse_args(parser)
+        except argparse.ArgumentError:
+            pass  # the same flag defined by two classes
+    _, unknown = parser.parse_known_args(beam_args)
+    return [a for a in unknown if a.startswith("-")]
+
+
+def beam_options(beam_args: list[str], **overrides) -> PipelineOptions:
+    """PipelineOptions from the pass-through arguments, DirectRunner by default."""
+    unknown = unknown_beam_args(beam_args)
+    if unknown:
+        raise UsageError(f"unrecognized arguments: {' '.join(unknown)}")
+    args = list(beam_args)
+    if not any(a == "--runner" or a.startswith("--runner=") for a in args):
+        args = ["--runner", "DirectRunner"] + args
+    return PipelineOptions(args, **overrides)
+
+
+def is_local_runner(options: PipelineOptions) -> bool:
+    runner = options.get_all_options().get("runner") or "DirectRunner"
+    return runner in ("DirectRunner", "direct", "BundleBasedDirectRunner", "SwitchingDirectRunner")
+
+
+class Stopwatch:
+    """Wall seconds since creation."""
+
+    def __init__(self) -> None:
+        self.start = time.monotonic()
+
+    @property
+    def seconds(self) -> float:
+        return time.monotonic() - self.start
+
+
+def print_summary(title: str, rows: list[tuple[str, object]]) -> None:
+    """A short aligned summary on stderr (stdout stays free for machine output)."""
+    width = max(len(k) for k, _ in rows)
+    sys.stderr.write(f"{title}\n")
+    for key, value in rows:
+        sys.stderr.write(f"  {key.ljust(width)}  {value}\n")

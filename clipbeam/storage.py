@@ -1,0 +1,173 @@
+"""fsspec helpers shared by every job: URL expansion, atomic writes, JSON.
+
+All I/O goes through fsspec so that local paths, s3://, gs:// and memory://
+behave the same. Writes go to a temporary name and are renamed into place, so a
+reader never sees a half-written file under its final name.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import uuid
+from typing import Any, Iterator
+
+import fsspec
+from fsspec.core import url_to_fs
+
+from clipbeam.errors import UsageError
+
+_BRACE_RANGE = re.compile(r"\{(\d+)\.\.(\d+)\}")
+_BRACE_LIST = re.compile(r"\{([^{}]*,[^{}]*)\}")
+
+
+def parse_storage_options(text: str | None) -> dict:
+    """Parse the --storage-options JSON object (None or '' gives {})."""
+    if not text:
+        return {}
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise UsageError(f"--storage-options is not valid JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise UsageError("--storage-options must be a JSON object")
+    return value
+
+
+def get_fs(url: str, storage_options: dict | None = None):
+    """Return (filesystem, path) for a URL or local path."""
+    return url_to_fs(url, **(storage_options or {}))
+
+
+def expand_braces(pattern: str) -> list[str]:
+    """Expand brace ranges `{000..009}` (zero padding kept) and lists `{a,b}`."""
+    match = _BRACE_RANGE.search(pattern)
+    if match:
+        lo, hi = match.group(1), match.group(2)
+        width = len(lo) if lo.startswith("0") or len(lo) == len(hi) else 0
+        step = 1 if int(hi) >= int(lo) else -1
+        out = []
+        for n in range(int(lo), int(hi) + step, step):
+            text = str(n).zfill(width)
+            out.extend(expand_braces(pattern[: match.start()] + text + pattern[match.end():]))
+        return out
+    match = _BRACE_LIST.search(pattern)
+    if match:
+        out = []
+        for alt in match.group(1).split(","):
+            out.extend(expand_braces(pattern[: match.start()] + alt + pattern[match.end():]))
+        return out
+    return [pattern]
+
+
+def has_magic(path: str) -> bool:
+    return any(ch in path for ch in "*?[")
+
+
+def join(base: str, *parts: str) -> str:
+    """Join URL or path parts with '/' (fsspec URLs always use '/')."""
+    out = base.rstrip("/")
+    for part in parts:
+        out = out + "/" + part.strip("/")
+    return out
+
+
+def unstrip(fs, original: str, path: str) -> str:
+    """Put the protocol back on a path that fsspec returned without it."""
+    return fs.unstrip_protocol(path) if "://" in original else path
+
+
+def exists(url: str, storage_options: dict | None = None) -> bool:
+    fs, path = get_fs(url, storage_options)
+    return fs.exists(path)
+
+
+@contextlib.contextmanager
+def atomic_open(url: str, mode: str = "wb", storage_options: dict | None = None) -> Iterator[Any]:
+    """Open `url` for writing under a temporary name; rename on success.
+
+    On failure the temporary file is removed and the final name is untouched.
+    """
+    fs, path = get_fs(url, storage_options)
+    parent = path.rsplit("/", 1)[0] if "/" in path else ""
+    if parent:
+        fs.makedirs(parent, exist_ok=True)
+    name = path.rsplit("/", 1)[-1]
+    tmp = (parent + "/" if parent else "") + f".tmp-{uuid.uuid4().hex[:12]}-{name}"
+    try:
+        with fs.open(tmp, mode) as handle:
+            yield handle
+        fs.mv(tmp, path)
+    except BaseException:
+        with contextlib.suppress(Exception):
+            if fs.exists(tmp):
+                fs.rm(tmp)
+        raise
+
+
+def write_json(url: str, value: Any, storage_options: dict | None = None) -> None:
+    """Write JSON atomically (indent 2, sorted keys off: order is meaningful)."""
+    data = json.dumps(value, indent=2, default=_json_default).encode("utf-8")
+    with atomic_open(url, "wb", storage_options) as handle:
+        handle.write(data)
+
+
+def read_json(url: str, storage_options: dict | None = None) -> Any:
+    fs, path = get_fs(url, storage_options)
+    with fs.open(path, "rb") as handle:
+        return json.loads(handle.read().decode("utf-8"))
+
+
+def _json_default(value: Any) -> Any:
+    try:
+        import numpy as np
+
+        if isinstance(value, np.generic):
+            return value.item()
+        if isinstance(value, np.ndarray):
+            return value.tolist()
+    except ImportError:  # pragma: no cover
+        pass
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+def check_writable(url: str, storage_options: dict | None = None) -> None:
+    """Raise UsageError unless `url` (a folder) can be created and written.
+
+    Creates the folder, writes and removes a probe file; leaves an empty folder
+    at most, and nothing where the check fails.
+    """
+    try:
+        fs, path = get_fs(url, storage_options)
+    except Exception as exc:  # bad protocol, bad options
+        raise UsageError(f"cannot open output {url}: {exc}") from None
+    created = not fs.exists(path)
+    probe = join(path, f".probe-{uuid.uuid4().hex[:8]}")
+    try:
+        if fs.exists(path) and not fs.isdir(path):
+            raise UsageError(f"output {url} exists and is not a folder")
+        fs.makedirs(path, exist_ok=True)
+        with fs.open(probe, "wb") as handle:
+            handle.write(b"")
+        fs.rm(probe)
+    except UsageError:
+        raise
+    except Exception as exc:
+        if created:
+            with contextlib.suppress(Exception):
+                fs.rm(path, recursive=True)
+        raise UsageError(f"output {url} is not writable: {exc.__class__.__name__}: {exc}") from None
+
+
+def local_path(url: str) -> str | None:
+    """The local filesystem path for a local URL, else None."""
+    if "://" in url and not url.startswith("file://"):
+        return None
+    return os.path.abspath(url[len("file://"):] if url.startswith("file://") else url)
+
+
+def open_input(url: str, storage_options: dict | None = None):
+    """Open a file for binary reading through fsspec."""
+    return fsspec.open(url, "rb", **(storage_options or {})).open()

@@ -1,0 +1,1 @@
+"""Beam PTransforms and DoFns: corpus readers, decode, the CLIP ModelHandler, Parquet sinks."""
