@@ -62,9 +62,11 @@ def main(argv: list[str] | None = None) -> int:
     top_args = top.parse_args(argv[:first])
     command = argv[first]
     logging.basicConfig(
-        level=logging.DEBUG if top_args.verbose else logging.INFO,
+        level=logging.DEBUG if top_args.verbose else logging.WARNING,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    # Our own INFO lines are useful; Beam's and open_clip's are noise at INFO.
+    logging.getLogger("clipbeam").setLevel(logging.DEBUG if top_args.verbose else logging.INFO)
     module = importlib.import_module(names[command])
     parser = _OneLineParser(prog=f"clipbeam {command}", description=module.__doc__.splitlines()[0])
     module.add_arguments(parser)

@@ -88,14 +88,17 @@ def exists(url: str, storage_options: dict | None = None) -> bool:
 def atomic_open(url: str, mode: str = "wb", storage_options: dict | None = None) -> Iterator[Any]:
     """Open `url` for writing under a temporary name; rename on success.
 
-    On failure the temporary file is removed and the final name is untouched.
+    On failure the temporary file is removed and the final name is untouched;
+    a process killed mid-write leaves at most a hidden `.NAME.tmp-*` file.
     """
     fs, path = get_fs(url, storage_options)
     parent = path.rsplit("/", 1)[0] if "/" in path else ""
     if parent:
         fs.makedirs(parent, exist_ok=True)
     name = path.rsplit("/", 1)[-1]
-    tmp = (parent + "/" if parent else "") + f".tmp-{uuid.uuid4().hex[:12]}-{name}"
+    # A hidden name that keeps no suffix of the final one: globbing readers
+    # (`*.parquet`, pyarrow datasets, DuckDB) never pick up a half-written file.
+    tmp = (parent + "/" if parent else "") + f".{name}.tmp-{uuid.uuid4().hex[:12]}"
     try:
         with fs.open(tmp, mode) as handle:
             yield handle

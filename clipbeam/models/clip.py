@@ -79,7 +79,7 @@ def resolve_device(device: str) -> str:
     return device
 
 
-def _is_path_like(pretrained: str) -> bool:
+def is_checkpoint_path(pretrained: str) -> bool:
     return "://" in pretrained or "/" in pretrained or pretrained.endswith((".pt", ".pth", ".bin", ".safetensors"))
 
 
@@ -98,7 +98,7 @@ def validate_spec(spec: ClipSpec, storage_options: dict | None = None) -> None:
     pretrained = spec.pretrained
     if pretrained == "none" or (spec.model, pretrained) in SHIPPED_CHECKPOINTS:
         return
-    if _is_path_like(pretrained) or os.path.exists(pretrained):
+    if is_checkpoint_path(pretrained) or os.path.exists(pretrained):
         from clipbeam.storage import get_fs
 
         try:
@@ -154,7 +154,7 @@ def load_clip(spec: ClipSpec, storage_options: dict | None = None) -> LoadedClip
         torch.manual_seed(spec.seed)
         weights = f"random(seed={spec.seed})"
         tag = None
-    elif _is_path_like(pretrained) or os.path.exists(pretrained):
+    elif is_checkpoint_path(pretrained) or os.path.exists(pretrained):
         tag = _local_checkpoint(pretrained, storage_options)
         weights = "sha256:" + file_sha256(tag)
     else:
@@ -164,8 +164,10 @@ def load_clip(spec: ClipSpec, storage_options: dict | None = None) -> LoadedClip
         model, _, preprocess = open_clip.create_model_and_transforms(
             spec.model, pretrained=tag, precision=spec.precision, device=device
         )
-    except (RuntimeError, FileNotFoundError, KeyError, ValueError) as exc:
-        raise UsageError(f"cannot load {spec.model} weights from {spec.pretrained}: {exc}") from None
+    except Exception as exc:  # corrupt files, wrong architecture, failed downloads
+        first_line = (str(exc).strip().splitlines() or [""])[0][:300]
+        raise UsageError(f"cannot load {spec.model} weights from {spec.pretrained}: "
+                         f"{exc.__class__.__name__}: {first_line}") from None
     model.eval()
     tokenizer = open_clip.get_tokenizer(spec.model)
     image_size = model.visual.image_size
@@ -207,6 +209,66 @@ def encode_texts(clip: LoadedClip, texts: Sequence[str]) -> np.ndarray:
     return features.cpu().numpy()
 
 
-def preprocess_image(clip: LoadedClip, image) -> "Any":
-    """A PIL RGB image -> the model's own preprocessed tensor [3, H, W]."""
-    return clip.preprocess(image)
+def preprocess_config(spec: ClipSpec) -> dict:
+    """open_clip's inference preprocessing settings for a spec, without building the model.
+
+    Mirrors open_clip's factory: the defaults, overlaid with the pretrained
+    tag's settings (mean, std, interpolation, resize mode), at the model's image
+    size. Lets decode workers preprocess without holding a copy of the weights.
+    """
+    import open_clip
+    from open_clip.transform import PreprocessCfg, merge_preprocess_dict
+
+    register_configs()
+    cfg = dataclasses.asdict(PreprocessCfg())
+    if spec.pretrained != "none" and (spec.model, spec.pretrained) not in SHIPPED_CHECKPOINTS:
+        tag_cfg = open_clip.get_pretrained_cfg(spec.model, spec.pretrained)
+        if tag_cfg:
+            cfg = merge_preprocess_dict(cfg, tag_cfg)
+    model_cfg = open_clip.get_model_config(spec.model)
+    if model_cfg is None:
+        raise UsageError(f"unknown model {spec.model!r}")
+    size = model_cfg.get("vision_cfg", {}).get("image_size", cfg["size"])
+    cfg["size"] = tuple(size) if isinstance(size, (list, tuple)) else size
+    return cfg
+
+
+def build_preprocess(cfg: dict):
+    """The torchvision transform open_clip uses at inference for these settings."""
+    from open_clip.transform import PreprocessCfg, image_transform_v2
+
+    return image_transform_v2(PreprocessCfg(**cfg), is_train=False)
+
+
+def embedding_dim(spec: ClipSpec) -> int:
+    """The embedding width from the model config (no weights needed)."""
+    import open_clip
+
+    register_configs()
+    return int(open_clip.get_model_config(spec.model)["embed_dim"])
+
+
+OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def image_normalisation(clip: LoadedClip) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """The (mean, std) the model's preprocessing applies to [0, 1] pixels; for code that builds its own
+    pixel tensors (VQGAN+CLIP cutouts) instead of going through `preprocess`."""
+    cfg = getattr(clip.model.visual, "preprocess_cfg", None) or {}
+    mean = tuple(float(v) for v in cfg.get("mean", OPENAI_MEAN))
+    std = tuple(float(v) for v in cfg.get("std", OPENAI_STD))
+    return mean, std
+
+
+def weights_label(spec: ClipSpec, storage_options: dict | None = None) -> str:
+    """What `load_clip(spec).weights` will say, without building the model (for manifests written
+    by a launcher whose workers do the loading)."""
+    pretrained = spec.pretrained
+    if (spec.model, pretrained) in SHIPPED_CHECKPOINTS:
+        pretrained = str(ASSETS_DIR / SHIPPED_CHECKPOINTS[(spec.model, pretrained)])
+    if pretrained == "none":
+        return f"random(seed={spec.seed})"
+    if _is_path_like(pretrained) or os.path.exists(pretrained):
+        return "sha256:" + file_sha256(_local_checkpoint(pretrained, storage_options))
+    return pretrained

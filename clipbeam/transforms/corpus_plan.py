@@ -1,0 +1,229 @@
+"""Planning which input goes into which output part, before any pipeline runs.
+
+Pure functions over listings: no image is read here. Parts are numbered by the
+sorted order of their sources (never by listing order), and sample ids are
+derived from a short, stable label of the source plus the sample key, so ids
+do not drift when files are listed in another order or when inputs are added.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import posixpath
+from dataclasses import dataclass, field
+
+from clipbeam.errors import UsageError
+from clipbeam.storage import expand_braces, get_fs, has_magic
+
+LOG = logging.getLogger(__name__)
+
+FORMATS = ("auto", "webdataset", "manifest", "folder")
+TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")
+MANIFEST_SUFFIXES = (".parquet", ".csv", ".jsonl", ".ndjson", ".json")
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm", ".pgm")
+
+
+@dataclass(frozen=True)
+class PartSpec:
+    """One unit of work and one output part.
+
+    kind: "tar" (a whole shard), "manifest" (rows [start, stop) of a table) or
+    "folder" (a list of image files with optional caption sidecars).
+    """
+
+    kind: str
+    url: str
+    label: str
+    start: int = 0
+    stop: int = 0
+    files: tuple[tuple[str, str | None], ...] = field(default=())
+
+    @property
+    def source(self) -> str:
+        if self.kind == "manifest":
+            return f"{self.url}#rows={self.start}-{self.stop}"
+        if self.kind == "folder":
+            return f"{self.url}#files={self.start}-{self.stop}"
+        return self.url
+
+    @property
+    def fingerprint(self) -> str:
+        """Changes when the part would hold other samples (used by resume)."""
+        digest = hashlib.sha256(self.source.encode())
+        for image, caption in self.files:
+            digest.update(f"\0{image}\0{caption}".encode())
+        return digest.hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class ManifestColumns:
+    image: str | None = None
+    caption: str | None = None
+    id: str | None = None
+
+
+def expand_inputs(inputs: list[str], storage_options: dict | None) -> list[str]:
+    """Expand brace ranges and globs; every pattern must match something."""
+    urls: list[str] = []
+    for given in inputs:
+        for pattern in expand_braces(given):
+            fs, path = get_fs(pattern, storage_options)
+            if has_magic(path):
+                matches = sorted(fs.glob(path))
+                if not matches:
+                    raise UsageError(f"--input {given}: no files match {pattern}")
+                urls.extend(_with_protocol(fs, pattern, m) for m in matches)
+            else:
+                urls.append(pattern)
+    return sorted(dict.fromkeys(urls))
+
+
+def _with_protocol(fs, original: str, path: str) -> str:
+    return fs.unstrip_protocol(path) if "://" in original else path
+
+
+def detect_format(url: str, is_dir: bool) -> str:
+    lower = url.lower()
+    if is_dir:
+        return "folder"
+    if lower.endswith(TAR_SUFFIXES):
+        return "webdataset"
+    if lower.endswith(MANIFEST_SUFFIXES):
+        return "manifest"
+    raise UsageError(f"cannot tell the format of {url}: use --format webdataset|manifest|folder")
+
+
+def unique_labels(urls: list[str]) -> dict[str, str]:
+    """Short labels for sources: the file name without suffix, with as many parent
+    folders as needed to tell sources apart. Stable for a given set of names."""
+    def stem(url: str) -> list[str]:
+        path = url.split("://", 1)[-1].rstrip("/")
+        parts = [p for p in path.split("/") if p]
+        name = parts[-1] if parts else path
+        for suffix in TAR_SUFFIXES + MANIFEST_SUFFIXES:
+            if name.lower().endswith(suffix):
+                name = name[: -len(suffix)]
+                break
+        return parts[:-1] + [name]
+
+    split = {url: stem(url) for url in urls}
+    depth = {url: 1 for url in urls}
+    while True:
+        labels = {url: "/".join(split[url][-depth[url]:]) for url in urls}
+        seen: dict[str, list[str]] = {}
+        for url, label in labels.items():
+            seen.setdefault(label, []).append(url)
+        clashes = [group for group in seen.values() if len(group) > 1]
+        if not clashes:
+            return labels
+        grown = False
+        for group in clashes:
+            for url in group:
+                if depth[url] < len(split[url]):
+                    depth[url] += 1
+                    grown = True
+        if not grown:  # identical paths on different filesystems
+            return {url: url for url in urls}
+
+
+def cut_ranges(total: int, rows_per_part: int) -> list[tuple[int, int]]:
+    """[0, total) cut into consecutive ranges of at most rows_per_part rows."""
+    if rows_per_part <= 0:
+        raise UsageError("--rows-per-part must be positive")
+    return [(start, min(start + rows_per_part, total)) for start in range(0, total, rows_per_part)]
+
+
+def pair_captions(files: list[str]) -> list[tuple[str, str | None]]:
+    """(image, caption sidecar or None) for each image file of a folder listing."""
+    names = set(files)
+    pairs = []
+    for path in sorted(files):
+        root, ext = posixpath.splitext(path)
+        if ext.lower() in IMAGE_SUFFIXES:
+            caption = root + ".txt"
+            pairs.append((path, caption if caption in names else None))
+    return pairs
+
+
+def count_manifest_rows(url: str, storage_options: dict | None) -> int:
+    from clipbeam.transforms.manifest_table import read_manifest_table
+
+    lower = url.lower()
+    if lower.endswith(".parquet"):
+        import pyarrow.parquet as pq
+
+        fs, path = get_fs(url, storage_options)
+        with fs.open(path, "rb") as handle:
+            return pq.ParquetFile(handle).metadata.num_rows
+    return read_manifest_table(url, storage_options).num_rows
+
+
+def plan_parts(
+    inputs: list[str],
+    fmt: str = "auto",
+    storage_options: dict | None = None,
+    rows_per_part: int = 10_000,
+) -> list[PartSpec]:
+    """Every part of the run, sorted by source. Raises UsageError for inputs that
+    do not exist or whose format cannot be told."""
+    if fmt not in FORMATS:
+        raise UsageError(f"--format must be one of {', '.join(FORMATS)}")
+    sources: list[tuple[str, str]] = []  # (url, format)
+    urls = expand_inputs(inputs, storage_options)
+    missing: list[str] = []
+    for url in urls:
+        fs, path = get_fs(url, storage_options)
+        try:
+            is_dir = fs.isdir(path)
+            exists = is_dir or fs.exists(path)
+        except Exception as exc:
+            raise UsageError(f"--input {url}: {exc.__class__.__name__}: {exc}") from None
+        if not exists:
+            if fmt in ("auto", "webdataset") and url.lower().endswith(TAR_SUFFIXES):
+                # A gap in a shard list: that shard fails as unreadable, the run goes on.
+                missing.append(url)
+                sources.append((url, "webdataset"))
+                continue
+            raise UsageError(f"--input {url} does not exist")
+        kind = detect_format(url, is_dir) if fmt == "auto" else fmt
+        if is_dir and kind == "webdataset":
+            tars = sorted(p for p in fs.find(path) if p.lower().endswith(TAR_SUFFIXES))
+            if not tars:
+                raise UsageError(f"--input {url}: folder holds no .tar shards")
+            sources.extend((_with_protocol(fs, url, p), "webdataset") for p in tars)
+        elif is_dir and kind == "folder" and fmt == "auto" and _holds_only_tars(fs, path):
+            tars = sorted(p for p in fs.find(path) if p.lower().endswith(TAR_SUFFIXES))
+            sources.extend((_with_protocol(fs, url, p), "webdataset") for p in tars)
+        else:
+            sources.append((url, kind))
+    if missing and len(missing) == len(urls):
+        raise UsageError(f"--input: none of the {len(urls)} shards exist (first: {missing[0]})")
+    for url in missing:
+        LOG.warning("shard %s does not exist; its samples will be recorded as failed", url)
+    labels = unique_labels([url for url, _ in sources])
+    parts: list[PartSpec] = []
+    for url, kind in sources:
+        label = labels[url]
+        if kind == "webdataset":
+            parts.append(PartSpec("tar", url, label))
+        elif kind == "manifest":
+            total = count_manifest_rows(url, storage_options)
+            parts.extend(PartSpec("manifest", url, label, a, b) for a, b in cut_ranges(total, rows_per_part))
+            if total == 0:
+                LOG.warning("manifest %s has no rows", url)
+        else:
+            fs, path = get_fs(url, storage_options)
+            root = path.rstrip("/")
+            relative = [p[len(root) + 1:] for p in fs.find(root)]
+            pairs = pair_captions(relative)
+            if not pairs:
+                LOG.warning("folder %s holds no images", url)
+            for a, b in cut_ranges(len(pairs), rows_per_part):
+                parts.append(PartSpec("folder", url.rstrip("/"), label, a, b, tuple(pairs[a:b])))
+    return sorted(parts, key=lambda p: (p.url, p.start))
+
+
+def _holds_only_tars(fs, path: str) -> bool:
+    files = fs.find(path)
+    return bool(files) and all(p.lower().endswith(TAR_SUFFIXES) for p in files)

@@ -1,0 +1,91 @@
+"""Turning image bytes into the RGB picture CLIP expects, or a clear reason why not.
+
+Handles what real corpora hold: EXIF orientation, CMYK, 16-bit and float
+images, palettes, alpha (composited on white, not dropped to black), animated
+images (first frame), and decompression bombs (the pixel count is checked from
+the header, before any pixel is decoded).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import warnings
+
+import numpy as np
+from PIL import Image, ImageOps
+
+DEFAULT_MAX_PIXELS = 89_478_485  # PIL's own default cap (about 9,459 x 9,459)
+
+
+class DecodeError(ValueError):
+    """The bytes are not an image we can use; the message says why."""
+
+
+def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Bytes -> an RGB PIL image with EXIF orientation applied."""
+    if not data:
+        raise DecodeError("empty image bytes")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        try:
+            image = Image.open(io.BytesIO(data))
+        except Image.DecompressionBombError as exc:
+            raise DecodeError(f"decompression bomb: {exc}") from None
+        except Exception as exc:
+            raise DecodeError(f"not a readable image: {exc.__class__.__name__}: {exc}") from None
+        width, height = image.size
+        if width <= 0 or height <= 0:
+            raise DecodeError(f"image has no pixels ({width}x{height})")
+        if width * height > max_pixels:
+            raise DecodeError(f"decompression bomb: {width}x{height} pixels exceeds the cap of {max_pixels} pixels")
+        try:
+            image.seek(0)
+            image.load()
+            image = ImageOps.exif_transpose(image) or image
+        except Exception as exc:
+            raise DecodeError(f"corrupt or truncated image: {exc.__class__.__name__}: {exc}") from None
+        return to_rgb(image)
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Any PIL mode -> 8-bit RGB, without losing images to odd modes."""
+    mode = image.mode
+    if mode == "RGB":
+        return image
+    if mode.startswith("I;16") or mode in ("I", "F"):
+        array = np.asarray(image, dtype=np.float64)
+        if mode != "F":
+            array = array * (255.0 / 65535.0) if array.max(initial=0) > 255 else array
+        image = Image.fromarray(np.clip(array, 0, 255).astype(np.uint8), mode="L")
+        return image.convert("RGB")
+    if (mode == "P" and "transparency" in image.info) or mode in ("RGBA", "LA", "PA", "La", "RGBa"):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def sha256_hex(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def decode_caption(value) -> tuple[str | None, str | None]:
+    """Caption bytes or text -> (caption or None, a note when bytes were not UTF-8).
+
+    Empty and whitespace-only captions count as missing. Bytes that are not
+    UTF-8 are decoded with replacement characters and the note says so.
+    """
+    if value is None:
+        return None, None
+    note = None
+    if isinstance(value, (bytes, bytearray)):
+        try:
+            text = bytes(value).decode("utf-8")
+        except UnicodeDecodeError:
+            text = bytes(value).decode("utf-8", errors="replace")
+            note = "caption is not valid UTF-8; undecodable bytes replaced with U+FFFD"
+    else:
+        text = str(value)
+    text = text.strip()
+    return (text or None), note

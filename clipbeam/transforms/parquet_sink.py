@@ -1,0 +1,128 @@
+"""Writing one embed part: the embeddings Parquet, the failures Parquet, the done-marker.
+
+Files follow the Embeddings contract of DESIGN.md. Each file is written under
+a temporary name and renamed; the marker `_parts/part-NNNNN.json` is written
+last, so a part counts as done only when all of its files are in place.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from clipbeam.storage import atomic_open, join, write_json
+
+RESERVED = ("id", "source", "caption", "image_embedding", "text_embedding", "width", "height", "sha256")
+FAILURE_SCHEMA = pa.schema([("id", pa.string()), ("source", pa.string()), ("stage", pa.string()),
+                            ("error", pa.string())])
+
+
+def part_name(index: int) -> str:
+    return f"part-{index:05d}"
+
+
+def embeddings_path(out: str, index: int) -> str:
+    return join(out, "embeddings", part_name(index) + ".parquet")
+
+
+def failures_path(out: str, index: int) -> str:
+    return join(out, "failures", part_name(index) + ".parquet")
+
+
+def marker_path(out: str, index: int) -> str:
+    return join(out, "_parts", part_name(index) + ".json")
+
+
+def _meta_value(value: Any) -> Any:
+    if isinstance(value, (dict, list, tuple)):
+        return json.dumps(value, ensure_ascii=False, default=str)
+    return value
+
+
+def embedding_table(rows: list[dict], dim: int, dtype: str, schema_meta: dict[str, str]) -> pa.Table:
+    """Rows (sorted by id) -> the contract's table; metadata columns pass through."""
+    np_dtype = np.float16 if dtype == "float16" else np.float32
+    value_type = pa.float16() if dtype == "float16" else pa.float32()
+    list_type = pa.list_(value_type)
+
+    def vectors(key: str) -> pa.Array:
+        flat, offsets, valid = [], [0], []
+        for row in rows:
+            vector = row[key]
+            if vector is None:
+                valid.append(False)
+            else:
+                flat.append(np.asarray(vector, dtype=np_dtype))
+                valid.append(True)
+            offsets.append(offsets[-1] + (0 if vector is None else dim))
+        values = pa.array(np.concatenate(flat) if flat else np.zeros(0, np_dtype), type=value_type)
+        mask = pa.array([not v for v in valid], type=pa.bool_())
+        return pa.ListArray.from_arrays(pa.array(offsets, type=pa.int32()), values, mask=mask).cast(list_type)
+
+    columns = {
+        "id": pa.array([r["id"] for r in rows], pa.string()),
+        "source": pa.array([r["source"] for r in rows], pa.string()),
+        "caption": pa.array([r["caption"] for r in rows], pa.string()),
+        "image_embedding": vectors("image_embedding"),
+        "text_embedding": vectors("text_embedding"),
+        "width": pa.array([r["width"] for r in rows], pa.int32()),
+        "height": pa.array([r["height"] for r in rows], pa.int32()),
+        "sha256": pa.array([r["sha256"] for r in rows], pa.string()),
+    }
+    meta_keys: list[str] = []
+    for row in rows:
+        for key in row.get("meta") or {}:
+            if key not in meta_keys:
+                meta_keys.append(key)
+    for key in meta_keys:
+        name = key if key not in RESERVED else f"meta_{key}"
+        values = [_meta_value((r.get("meta") or {}).get(key)) for r in rows]
+        try:
+            columns[name] = pa.array(values)
+        except (pa.ArrowInvalid, pa.ArrowTypeError):  # mixed types across samples
+            columns[name] = pa.array([None if v is None else str(v) for v in values], pa.string())
+    table = pa.table(columns)
+    return table.replace_schema_metadata({k.encode(): v.encode() for k, v in schema_meta.items()})
+
+
+def write_table(table: pa.Table, url: str, storage_options: dict | None) -> None:
+    with atomic_open(url, "wb", storage_options) as handle:
+        pq.write_table(table, handle, compression="zstd")
+
+
+def write_part(out: str, index: int, source: str, fingerprint: str, rows: list[dict], failures: list[dict],
+               samples_in: int, dim: int, dtype: str, schema_meta: dict[str, str],
+               storage_options: dict | None) -> dict:
+    """Write a part's files and its marker; returns the marker's content."""
+    rows = sorted(rows, key=lambda r: r["id"])
+    failures = sorted(failures, key=lambda r: (r["id"], r["stage"]))
+    if len(rows) + len(failures) != samples_in:
+        raise RuntimeError(f"part {index}: {samples_in} samples in but {len(rows)} embedded + "
+                           f"{len(failures)} failed; refusing to write an inconsistent part")
+    if rows:
+        write_table(embedding_table(rows, dim, dtype, schema_meta), embeddings_path(out, index), storage_options)
+    if failures:
+        table = pa.Table.from_pylist([{k: f[k] for k in FAILURE_SCHEMA.names} for f in failures],
+                                     schema=FAILURE_SCHEMA)
+        write_table(table, failures_path(out, index), storage_options)
+    by_stage: dict[str, int] = {}
+    for record in failures:
+        by_stage[record["stage"]] = by_stage.get(record["stage"], 0) + 1
+    marker = {
+        "part": index,
+        "source": source,
+        "fingerprint": fingerprint,
+        "samples": samples_in,
+        "rows": len(rows),
+        "failures": len(failures),
+        "failed_by_stage": by_stage,
+        "embeddings": f"embeddings/{part_name(index)}.parquet" if rows else None,
+        "failures_file": f"failures/{part_name(index)}.parquet" if failures else None,
+        "text_rows": sum(1 for r in rows if r["text_embedding"] is not None),
+    }
+    write_json(marker_path(out, index), marker, storage_options)
+    return marker
