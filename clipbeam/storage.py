@@ -42,24 +42,20 @@ def get_fs(url: str, storage_options: dict | None = None):
 
 
 def expand_braces(pattern: str) -> list[str]:
-    """Expand brace ranges `{000..009}` (zero padding kept) and lists `{a,b}`."""
-    match = _BRACE_RANGE.search(pattern)
-    if match:
+    """Expand brace ranges `{000..009}` (zero padding kept) and lists `{a,b}`, left to right."""
+    found = [m for m in (_BRACE_RANGE.search(pattern), _BRACE_LIST.search(pattern)) if m]
+    if not found:
+        return [pattern]
+    match = min(found, key=lambda m: m.start())
+    head, tail = pattern[: match.start()], pattern[match.end():]
+    if match.re is _BRACE_RANGE:
         lo, hi = match.group(1), match.group(2)
         width = len(lo) if lo.startswith("0") or len(lo) == len(hi) else 0
         step = 1 if int(hi) >= int(lo) else -1
-        out = []
-        for n in range(int(lo), int(hi) + step, step):
-            text = str(n).zfill(width)
-            out.extend(expand_braces(pattern[: match.start()] + text + pattern[match.end():]))
-        return out
-    match = _BRACE_LIST.search(pattern)
-    if match:
-        out = []
-        for alt in match.group(1).split(","):
-            out.extend(expand_braces(pattern[: match.start()] + alt + pattern[match.end():]))
-        return out
-    return [pattern]
+        choices = [str(n).zfill(width) for n in range(int(lo), int(hi) + step, step)]
+    else:
+        choices = match.group(1).split(",")
+    return [out for choice in choices for out in expand_braces(head + choice + tail)]
 
 
 def has_magic(path: str) -> bool:
