@@ -7,7 +7,9 @@ STAMP := $(VENV)/.installed
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: venv test demo clean
+.PHONY: venv browser test demo clean
+
+SUDO := $(shell [ "$$(id -u)" -eq 0 ] || echo sudo)
 
 venv: $(STAMP)
 
@@ -18,7 +20,13 @@ $(STAMP): requirements.txt requirements-test.txt pyproject.toml
 	$(BIN)/python -m pip install --quiet --no-deps -e .
 	touch $(STAMP)
 
-test: $(STAMP)
+# The gallery test opens the demo's page in Debian's Chromium through chromedriver.
+browser:
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || { \
+	  $(SUDO) apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq chromium chromium-driver >/dev/null; }
+
+test: $(STAMP) browser
 	$(BIN)/python -m pytest -q tests
 
 demo: $(STAMP)

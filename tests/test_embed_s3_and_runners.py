@@ -1,4 +1,5 @@
-"""embed against a real S3 API on loopback, and on Beam's multi-process and portable runners."""
+"""embed against a real S3 API on loopback, on Beam's multi-process and portable runners,
+and with the model shared across processes (--model-copies)."""
 
 from __future__ import annotations
 
@@ -53,7 +54,8 @@ def test_s3_round_trip(local_shards, s3_server, tmp_path):
 @pytest.mark.parametrize("runner_args", [
     ["--direct_num_workers", "2", "--direct_running_mode", "multi_processing"],
     ["--runner", "PortableRunner", "--job_endpoint", "embed", "--environment_type", "LOOPBACK"],
-], ids=["multi_processing", "portable"])
+    ["--model-copies", "2"],
+], ids=["multi_processing", "portable", "shared_model_copies"])
 def test_other_runners_give_the_same_output(local_shards, tmp_path, runner_args):
     direct, other = str(tmp_path / "direct"), str(tmp_path / "other")
     assert embed("--input", f"{local_shards}/*.tar", "--output", direct) == 0

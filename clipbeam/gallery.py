@@ -1,0 +1,163 @@
+"""A gallery of a run: an HTML page and a PNG contact sheet.
+
+Shows search hits (query, rank, score, caption, thumbnail), zero-shot
+classification accuracy with its confusion matrix, and renders. Images are
+written beside the page and referenced by relative paths, so the folder can be
+copied or served as it is.
+"""
+
+from __future__ import annotations
+
+import html
+import os
+from dataclasses import dataclass, field
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+THUMB = 96
+
+
+@dataclass
+class Hit:
+    rank: int
+    score: float
+    id: str
+    caption: str | None
+    image: Image.Image
+
+
+@dataclass
+class SearchPanel:
+    query: str
+    hits: list[Hit]
+    precision: float | None = None  # share of hits whose caption equals the query
+
+
+@dataclass
+class RenderPanel:
+    prompt: str
+    seed: int
+    image: Image.Image
+    clip_similarity: float | None = None
+
+
+@dataclass
+class Classification:
+    labels: list[str]
+    confusion: np.ndarray  # [true, predicted] counts
+    accuracy: float
+    samples: int
+
+
+@dataclass
+class Gallery:
+    title: str
+    notes: list[str] = field(default_factory=list)
+    searches: list[SearchPanel] = field(default_factory=list)
+    classification: Classification | None = None
+    renders: list[RenderPanel] = field(default_factory=list)
+
+
+def _save(image: Image.Image, folder: str, name: str, size: int = THUMB) -> str:
+    """Save an upscaled (nearest) thumbnail; returns its path relative to the page."""
+    image = image.convert("RGB")
+    scale = max(1, size // max(image.size))
+    if scale > 1:
+        image = image.resize((image.size[0] * scale, image.size[1] * scale), Image.NEAREST)
+    image.save(os.path.join(folder, name))
+    return f"images/{name}"
+
+
+def confusion_plot(classification: Classification, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = len(classification.labels)
+    fig, ax = plt.subplots(figsize=(0.32 * n + 2.5, 0.32 * n + 2))
+    ax.imshow(classification.confusion, cmap="Blues")
+    ax.set_xticks(range(n), classification.labels, rotation=90, fontsize=7)
+    ax.set_yticks(range(n), classification.labels, fontsize=7)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(f"zero-shot top-1 accuracy {classification.accuracy:.3f} ({classification.samples} images)",
+                 fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def write_gallery(gallery: Gallery, out_dir: str) -> tuple[str, str]:
+    """Write OUT/index.html, OUT/contact_sheet.png and OUT/images/*; returns both paths."""
+    images_dir = os.path.join(out_dir, "images")
+    os.makedirs(images_dir, exist_ok=True)
+    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(gallery.title)}</title>",
+             "<style>body{font-family:sans-serif;margin:2em}figure{display:inline-block;margin:4px;"
+             "text-align:center;font-size:11px;width:110px}img{image-rendering:pixelated}"
+             "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:2px 6px;font-size:12px}</style>",
+             f"</head><body><h1>{html.escape(gallery.title)}</h1>"]
+    parts += [f"<p>{html.escape(note)}</p>" for note in gallery.notes]
+    if gallery.searches:
+        parts.append("<h2>Search</h2>")
+    for q, panel in enumerate(gallery.searches):
+        extra = f" — precision@{len(panel.hits)} {panel.precision:.2f}" if panel.precision is not None else ""
+        parts.append(f"<h3>“{html.escape(panel.query)}”{extra}</h3><div class='hits'>")
+        for hit in panel.hits:
+            src = _save(hit.image, images_dir, f"search{q:02d}-{hit.rank:02d}.png")
+            parts.append(f"<figure><img src='{src}' width='{THUMB}' height='{THUMB}' alt='{html.escape(hit.id)}'>"
+                         f"<figcaption>#{hit.rank} {hit.score:.3f}<br>{html.escape(hit.caption or '')}"
+                         f"</figcaption></figure>")
+        parts.append("</div>")
+    if gallery.classification is not None:
+        cls = gallery.classification
+        confusion_plot(cls, os.path.join(images_dir, "confusion.png"))
+        parts.append(f"<h2>Zero-shot classification</h2><p>top-1 accuracy <b>{cls.accuracy:.3f}</b> over "
+                     f"{cls.samples} images and {len(cls.labels)} labels.</p>"
+                     "<img src='images/confusion.png' alt='confusion matrix'>")
+    if gallery.renders:
+        parts.append("<h2>Renders</h2><div>")
+        for r, render in enumerate(gallery.renders):
+            src = _save(render.image, images_dir, f"render{r:02d}.png", size=128)
+            sim = f"<br>CLIP {render.clip_similarity:.3f}" if render.clip_similarity is not None else ""
+            parts.append(f"<figure style='width:140px'><img src='{src}' width='128' height='128' "
+                         f"alt='{html.escape(render.prompt)}'><figcaption>{html.escape(render.prompt)} "
+                         f"(seed {render.seed}){sim}</figcaption></figure>")
+        parts.append("</div>")
+    parts.append("</body></html>")
+    page = os.path.join(out_dir, "index.html")
+    with open(page, "w", encoding="utf-8") as handle:
+        handle.write("\n".join(parts))
+    sheet = os.path.join(out_dir, "contact_sheet.png")
+    contact_sheet(gallery, out_dir).save(sheet)
+    return page, sheet
+
+
+def contact_sheet(gallery: Gallery, out_dir: str) -> Image.Image:
+    """One PNG: a row per search query, a row of renders, then the confusion matrix."""
+    rows: list[tuple[str, list[Image.Image]]] = []
+    for panel in gallery.searches:
+        rows.append((panel.query, [h.image for h in panel.hits]))
+    if gallery.renders:
+        rows.append(("renders", [r.image for r in gallery.renders]))
+    label_w, cell, pad = 150, 72, 4
+    columns = max((len(images) for _, images in rows), default=1)
+    width = label_w + columns * (cell + pad) + pad
+    confusion = None
+    confusion_path = os.path.join(out_dir, "images", "confusion.png")
+    if gallery.classification is not None and os.path.exists(confusion_path):
+        confusion = Image.open(confusion_path).convert("RGB")
+        width = max(width, confusion.size[0] + 2 * pad)
+    height = pad + len(rows) * (cell + pad) + (confusion.size[1] + pad if confusion else 0)
+    sheet = Image.new("RGB", (width, max(height, cell)), "white")
+    draw = ImageDraw.Draw(sheet)
+    y = pad
+    for label, images in rows:
+        draw.text((pad, y + cell // 2 - 6), label[:24], fill="black")
+        for i, image in enumerate(images):
+            sheet.paste(image.convert("RGB").resize((cell, cell), Image.NEAREST), (label_w + i * (cell + pad), y))
+        y += cell + pad
+    if confusion is not None:
+        sheet.paste(confusion, (pad, y))
+    return sheet
