@@ -269,6 +269,6 @@ def weights_label(spec: ClipSpec, storage_options: dict | None = None) -> str:
         pretrained = str(ASSETS_DIR / SHIPPED_CHECKPOINTS[(spec.model, pretrained)])
     if pretrained == "none":
         return f"random(seed={spec.seed})"
-    if _is_path_like(pretrained) or os.path.exists(pretrained):
+    if is_checkpoint_path(pretrained) or os.path.exists(pretrained):
         return "sha256:" + file_sha256(_local_checkpoint(pretrained, storage_options))
     return pretrained

@@ -1,0 +1,246 @@
+"""Finding and streaming embedding vectors from Parquet, with stable global ids.
+
+Input is an embed output folder (its manifest.json lists the parts in order)
+or any Parquet files with a list / fixed-size-list float column. A vector's
+global id is its file's first id plus its row number in the file, with files
+in manifest order (or sorted by path), and the file -> id range mapping is
+written into index.json: ids never depend on listing order at read time.
+Vectors are read in row batches, a row group at a time, so memory stays
+bounded by the batch size whatever the size of the input.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from clipbeam import storage
+from clipbeam.index.errors import IndexInputError
+
+LOG = logging.getLogger(__name__)
+EMBED_MANIFEST = "manifest.json"
+DIM_METADATA_KEY = b"clipbeam.dim"
+
+
+@dataclass(frozen=True)
+class InputFile:
+    """One Parquet file, its row count and the global id of its first row."""
+
+    url: str
+    rows: int
+    id_start: int
+
+
+@dataclass
+class EmbeddingsInput:
+    """Resolved input: files in id order, vector dimension, the columns to read."""
+
+    url: str
+    files: list[InputFile]
+    dim: int
+    column: str
+    id_column: str
+    metadata_columns: list[str]
+    manifest: dict | None = None
+    schema: pa.Schema | None = field(default=None, repr=False)
+
+    @property
+    def rows(self) -> int:
+        return sum(f.rows for f in self.files)
+
+
+def _is_float_list(kind: pa.DataType) -> bool:
+    return ((pa.types.is_list(kind) or pa.types.is_large_list(kind) or pa.types.is_fixed_size_list(kind))
+            and pa.types.is_floating(kind.value_type))
+
+
+def list_parquet(url: str, storage_options: dict | None = None) -> tuple[list[str], dict | None]:
+    """The Parquet files of an input (embed folder, folder, glob or file) in id order, and the embed manifest."""
+    try:
+        fs, path = storage.get_fs(url, storage_options)
+    except Exception as exc:
+        raise IndexInputError(f"cannot open {url}: {exc}") from None
+    if storage.has_magic(path):
+        return [storage.unstrip(fs, url, p) for p in sorted(fs.glob(path)) if p.endswith(".parquet")], None
+    if not fs.exists(path):
+        raise IndexInputError(f"embeddings input {url} does not exist")
+    if fs.isfile(path):
+        return [url], None
+    manifest_url = storage.join(url, EMBED_MANIFEST)
+    if fs.exists(storage.join(path, EMBED_MANIFEST)):
+        manifest = storage.read_json(manifest_url, storage_options)
+        parts = manifest.get("parts")
+        if not isinstance(parts, list):
+            raise IndexInputError(f"{manifest_url} has no list of parts: not an embed output")
+        return [storage.join(url, p["path"]) for p in parts if int(p.get("rows", 1)) > 0], manifest
+    if fs.exists(storage.join(path, "embeddings")):
+        raise IndexInputError(f"{url} has no {EMBED_MANIFEST}: the embed job has not finished (rerun it to complete)")
+    files = sorted(p for p in fs.find(path) if p.endswith(".parquet"))
+    return [storage.unstrip(fs, url, p) for p in files], None
+
+
+def resolve_embeddings(url: str, column: str = "image_embedding", id_column: str = "id",
+                       metadata_columns: list[str] | None = None, storage_options: dict | None = None,
+                       first_id: int = 0) -> EmbeddingsInput:
+    """Check an input up front (files, columns, dimension, non-empty) and assign global id ranges.
+
+    `metadata_columns=None` keeps `caption` and `source` where present; named columns must exist.
+    """
+    urls, manifest = list_parquet(url, storage_options)
+    if not urls:
+        raise IndexInputError(f"no Parquet files in {url}")
+    files: list[InputFile] = []
+    schema = None
+    dim = int(manifest["dim"]) if manifest and manifest.get("dim") else None
+    next_id = first_id
+    for file_url in urls:
+        try:
+            with storage.open_input(file_url, storage_options) as handle:
+                meta = pq.ParquetFile(handle).metadata
+                file_schema = meta.schema.to_arrow_schema()
+        except FileNotFoundError:
+            raise IndexInputError(f"embeddings part {file_url} is missing") from None
+        except (pa.ArrowInvalid, OSError) as exc:
+            raise IndexInputError(f"{file_url} is not a readable Parquet file: {exc}") from None
+        if schema is None:
+            schema = file_schema
+            _check_columns(file_url, schema, column, id_column, metadata_columns)
+        elif column not in file_schema.names or file_schema.field(column).type != schema.field(column).type:
+            raise IndexInputError(f"{file_url}: column {column!r} is missing or has another type than in {urls[0]}")
+        if dim is None:
+            dim = _dim_from_schema(file_schema, column)
+        if meta.num_rows:
+            files.append(InputFile(file_url, int(meta.num_rows), next_id))
+            next_id += int(meta.num_rows)
+    if not files:
+        raise IndexInputError(f"embeddings input {url} is empty: {len(urls)} file(s), 0 rows")
+    if dim is None:
+        dim = _dim_from_rows(files[0].url, column, storage_options)
+    if metadata_columns is None:
+        metadata_columns = [c for c in ("caption", "source") if c in schema.names]
+    return EmbeddingsInput(url, files, dim, column, id_column, list(metadata_columns), manifest, schema)
+
+
+def _check_columns(file_url: str, schema: pa.Schema, column: str, id_column: str,
+                   metadata_columns: list[str] | None) -> None:
+    if column not in schema.names:
+        raise IndexInputError(f"{file_url} has no column {column!r} (columns: {', '.join(schema.names)})")
+    if not _is_float_list(schema.field(column).type):
+        raise IndexInputError(f"column {column!r} in {file_url} is {schema.field(column).type}, not a list of floats")
+    if id_column not in schema.names:
+        raise IndexInputError(f"{file_url} has no id column {id_column!r} (use --id-column)")
+    for name in metadata_columns or []:
+        if name not in schema.names:
+            raise IndexInputError(f"{file_url} has no column {name!r} to keep")
+
+
+def _dim_from_schema(schema: pa.Schema, column: str) -> int | None:
+    kind = schema.field(column).type
+    if pa.types.is_fixed_size_list(kind):
+        return int(kind.list_size)
+    if schema.metadata and DIM_METADATA_KEY in schema.metadata:
+        return int(schema.metadata[DIM_METADATA_KEY])
+    return None
+
+
+def _dim_from_rows(file_url: str, column: str, storage_options: dict | None) -> int:
+    with storage.open_input(file_url, storage_options) as handle:
+        for batch in pq.ParquetFile(handle).iter_batches(batch_size=1024, columns=[column]):
+            lengths = pc.list_value_length(batch.column(0)).drop_null()
+            if len(lengths):
+                return int(lengths[0].as_py())
+    raise IndexInputError(f"{file_url}: every {column!r} value is null; cannot tell the dimension")
+
+
+def to_matrix(values: pa.Array, dim: int, where: str = "") -> np.ndarray:
+    """A list / fixed-size-list float column without nulls -> contiguous float32 [n, dim]."""
+    if isinstance(values, pa.ChunkedArray):
+        values = values.combine_chunks()
+    if not pa.types.is_fixed_size_list(values.type):
+        lengths = pc.list_value_length(values).to_numpy(zero_copy_only=False)
+        bad = np.flatnonzero(lengths != dim)
+        if len(bad):
+            raise ValueError(f"{where}row {bad[0]} has {lengths[bad[0]]} values, expected {dim}")
+    elif values.type.list_size != dim:
+        raise ValueError(f"{where}vectors have {values.type.list_size} values, expected {dim}")
+    flat = values.flatten().to_numpy(zero_copy_only=False)
+    return np.ascontiguousarray(flat.reshape(-1, dim), dtype=np.float32)
+
+
+@dataclass
+class VectorBatch:
+    """Vectors of one batch with their global ids and metadata rows (rows with null vectors left out)."""
+
+    ids: np.ndarray
+    vectors: np.ndarray
+    metadata: pa.Table
+    skipped: int
+
+
+def iter_batches(file: InputFile, column: str, id_column: str | None, metadata_columns: list[str], dim: int,
+                 row_start: int = 0, row_end: int | None = None, batch_rows: int = 65_536,
+                 storage_options: dict | None = None) -> Iterator[VectorBatch]:
+    """Stream rows [row_start, row_end) of one file, reading only the row groups that overlap it.
+
+    Metadata holds the id column (renamed `id`, as strings) and `metadata_columns`; none when id_column is None.
+    """
+    row_end = file.rows if row_end is None else row_end
+    columns = list(dict.fromkeys([column, *([id_column] if id_column else []), *metadata_columns]))
+    with storage.open_input(file.url, storage_options) as handle:
+        parquet = pq.ParquetFile(handle)
+        groups, group_first, position = [], None, 0
+        for number in range(parquet.metadata.num_row_groups):
+            size = parquet.metadata.row_group(number).num_rows
+            if position < row_end and position + size > row_start:
+                groups.append(number)
+                group_first = position if group_first is None else group_first
+            position += size
+        position = group_first or 0
+        for batch in parquet.iter_batches(batch_size=batch_rows, row_groups=groups, columns=columns):
+            lo, hi = max(row_start - position, 0), min(row_end - position, batch.num_rows)
+            first = position
+            position += batch.num_rows
+            if hi <= lo:
+                continue
+            table = pa.Table.from_batches([batch.slice(lo, hi - lo)])
+            ids = np.arange(file.id_start + first + lo, file.id_start + first + hi, dtype=np.int64)
+            skipped = table.column(column).null_count
+            if skipped:
+                valid = pc.is_valid(table.column(column))
+                table, ids = table.filter(valid), ids[valid.to_numpy(zero_copy_only=False)]
+            vectors = to_matrix(table.column(column), dim, where=f"{file.url}: ")
+            meta = table.select([c for c in metadata_columns if c != id_column])
+            if id_column:
+                meta = meta.add_column(0, "id", pc.cast(table.column(id_column), pa.string()))
+            yield VectorBatch(ids, vectors, meta, skipped)
+            if position >= row_end:
+                return
+
+
+def read_rows(file: InputFile, column: str, dim: int, rows: np.ndarray, batch_rows: int = 65_536,
+              storage_options: dict | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """The vectors at local row numbers `rows` (sorted) of one file, and their global ids (null rows dropped)."""
+    rows = np.asarray(rows, dtype=np.int64)
+    if len(rows) == 0:
+        return np.zeros((0, dim), np.float32), np.zeros(0, np.int64)
+    out_ids, out_vectors = [], []
+    for batch in iter_batches(file, column, None, [], dim, int(rows[0]), int(rows[-1]) + 1, batch_rows,
+                              storage_options):
+        local = batch.ids - file.id_start
+        take = np.isin(local, rows)
+        out_ids.append(batch.ids[take])
+        out_vectors.append(batch.vectors[take])
+    return np.concatenate(out_vectors), np.concatenate(out_ids)
+
+
+def describe(inputs: EmbeddingsInput) -> dict[str, Any]:
+    """The input as recorded in index.json: url, files with row counts and first ids, the embed manifest."""
+    return {"url": inputs.url, "column": inputs.column,
+            "files": [{"url": f.url, "rows": f.rows, "id_start": f.id_start} for f in inputs.files],
+            "manifest": inputs.manifest}

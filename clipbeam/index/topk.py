@@ -1,0 +1,80 @@
+"""Exact top-k merging: across shards at query time, across batches for ground truth.
+
+Shards hold disjoint global ids, so the global top-k is the top-k of the
+union of every shard's top-k. Ties are broken by id, so the result does not
+depend on shard order.
+"""
+
+from __future__ import annotations
+
+import faiss
+import numpy as np
+
+
+def _order_key(scores: np.ndarray, metric: str) -> np.ndarray:
+    return -scores if metric == "ip" else scores
+
+
+def merge_topk(scores: list[np.ndarray], ids: list[np.ndarray], k: int, metric: str) -> tuple[np.ndarray, np.ndarray]:
+    """Merge per-part (scores [nq, k_i], ids [nq, k_i]) into the best k; missing results have id -1."""
+    all_scores = np.concatenate([np.asarray(s, dtype=np.float32) for s in scores], axis=1)
+    all_ids = np.concatenate([np.asarray(i, dtype=np.int64) for i in ids], axis=1)
+    worst = np.float32(-np.inf if metric == "ip" else np.inf)
+    all_scores = np.where(all_ids < 0, worst, all_scores)
+    order = np.lexsort((all_ids, _order_key(all_scores, metric)), axis=-1)[:, :k]
+    top_scores = np.take_along_axis(all_scores, order, axis=1)
+    top_ids = np.take_along_axis(all_ids, order, axis=1)
+    top_ids[~np.isfinite(top_scores)] = -1
+    if top_ids.shape[1] < k:
+        pad = k - top_ids.shape[1]
+        top_scores = np.pad(top_scores, ((0, 0), (0, pad)), constant_values=worst)
+        top_ids = np.pad(top_ids, ((0, 0), (0, pad)), constant_values=-1)
+    return top_scores, top_ids
+
+
+class ExactTopK:
+    """Exact nearest neighbours of fixed queries over vectors that arrive in batches.
+
+    Used as ground truth while a shard is built, so recall can be measured
+    without a second pass over the data.
+    """
+
+    def __init__(self, queries: np.ndarray, k: int, metric: str) -> None:
+        self.queries = np.ascontiguousarray(queries, dtype=np.float32)
+        self.k = k
+        self.metric = metric
+        nq = len(self.queries)
+        worst = -np.inf if metric == "ip" else np.inf
+        self.scores = np.full((nq, k), worst, dtype=np.float32)
+        self.ids = np.full((nq, k), -1, dtype=np.int64)
+
+    def add(self, vectors: np.ndarray, ids: np.ndarray) -> None:
+        if len(self.queries) == 0 or len(vectors) == 0:
+            return
+        metric = faiss.METRIC_INNER_PRODUCT if self.metric == "ip" else faiss.METRIC_L2
+        kk = min(self.k, len(vectors))
+        scores, local = faiss.knn(self.queries, np.ascontiguousarray(vectors, dtype=np.float32), kk, metric=metric)
+        found = np.where(local >= 0, np.asarray(ids, dtype=np.int64)[np.maximum(local, 0)], -1)
+        self.scores, self.ids = merge_topk([self.scores, scores], [self.ids, found], self.k, self.metric)
+
+
+def drop_self(ids: np.ndarray, query_ids: np.ndarray, k: int) -> np.ndarray:
+    """Each row's ids without the query's own id, cut to k: queries are database vectors."""
+    out = np.full((len(ids), k), -1, dtype=np.int64)
+    for row, (found, own) in enumerate(zip(ids, query_ids)):
+        kept = found[(found != own) & (found >= 0)][:k]
+        out[row, : len(kept)] = kept
+    return out
+
+
+def recall_at_k(found: np.ndarray, truth: np.ndarray, k: int) -> float:
+    """k-recall@k: the mean fraction of each query's true k neighbours among the k found."""
+    if len(truth) == 0:
+        return 1.0
+    hits = 0
+    total = 0
+    for got, want in zip(found[:, :k], truth[:, :k]):
+        want = want[want >= 0]
+        total += len(want)
+        hits += len(np.intersect1d(got[got >= 0], want, assume_unique=True))
+    return hits / total if total else 1.0
