@@ -13,6 +13,7 @@ import sys
 import time
 
 from apache_beam.options.pipeline_options import PipelineOptions
+from apache_beam.transforms.ptransform import PTransform
 
 from clipbeam.errors import UsageError
 from clipbeam.models.clip import ClipSpec
@@ -49,6 +50,50 @@ def add_model_arguments(parser: argparse.ArgumentParser, default_model: str = "V
     group.add_argument("--seed", type=int, default=0, help="seed for --pretrained none (default 0)")
     group.add_argument("--device", default="auto", help="auto, cpu or cuda (default auto)")
     group.add_argument("--precision", default="fp32", choices=("fp32", "fp16", "bf16"))
+
+
+ACCELERATOR_FLAGS = ("install-nvidia-driver", "use_nvidia_mps")
+
+
+def add_accelerator_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--accelerator",
+        default=None,
+        metavar="HINT",
+        help='GPU for the inference steps only, as a Beam resource hint, e.g. '
+             '"type:nvidia-l4;count:1;install-nvidia-driver" (Dataflow reads it; other runners may ignore it)',
+    )
+
+
+def check_accelerator(value: str | None) -> None:
+    """Reject a malformed accelerator hint before any work starts (Beam passes it through unchecked)."""
+    if value is None:
+        return
+    fields = [f.strip() for f in value.split(";") if f.strip()]
+    keys = {}
+    for item in fields:
+        key, sep, val = item.partition(":")
+        if not sep:
+            if item not in ACCELERATOR_FLAGS:
+                raise UsageError(f"--accelerator: unknown flag {item!r} (known: {', '.join(ACCELERATOR_FLAGS)})")
+            continue
+        keys[key] = val
+    if not keys.get("type"):
+        raise UsageError(f"--accelerator {value!r} names no type (e.g. type:nvidia-l4;count:1;install-nvidia-driver)")
+    count = keys.get("count", "1")
+    if not count.isdigit() or int(count) < 1:
+        raise UsageError(f"--accelerator: count must be a positive integer, not {count!r}")
+
+
+def with_accelerator(transform: PTransform, accelerator: str | None) -> PTransform:
+    """The transform with the accelerator resource hint when one is given.
+
+    Applied to the inference transforms only, so that a runner that reads
+    hints (Dataflow) puts only those steps on GPU workers and keeps reading,
+    decoding and writing on CPU workers."""
+    if accelerator:
+        transform.with_resource_hints(accelerator=accelerator)
+    return transform
 
 
 def clip_spec_from_args(args: argparse.Namespace) -> ClipSpec:

@@ -29,13 +29,16 @@ from clipbeam.models.clip import (
 )
 from clipbeam.pipelines.common import (
     Stopwatch,
+    add_accelerator_argument,
     add_model_arguments,
     add_output_arguments,
     add_storage_arguments,
     beam_options,
+    check_accelerator,
     clip_spec_from_args,
     print_summary,
     storage_options_from_args,
+    with_accelerator,
 )
 from clipbeam.pipelines.embed_output import EmbedOutput
 from clipbeam.pipelines.progress import MarkerProgress
@@ -70,6 +73,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=64, help="fixed inference batch size")
     parser.add_argument("--model-copies", type=int, default=1,
                         help="model copies shared by a GPU worker's processes (default 1: one per process)")
+    add_accelerator_argument(parser)
     parser.add_argument("--no-text", action="store_true", help="do not embed captions")
     parser.add_argument("--no-progress", action="store_true", help="no progress display")
 
@@ -83,6 +87,7 @@ def _check_args(args: argparse.Namespace) -> None:
         raise UsageError("--rows-per-part must be positive")
     if args.max_pixels <= 0:
         raise UsageError("--max-pixels must be positive")
+    check_accelerator(args.accelerator)
 
 
 def _model_identity(spec: ClipSpec, storage_options: dict) -> tuple[str, int]:
@@ -99,7 +104,8 @@ def _model_identity(spec: ClipSpec, storage_options: dict) -> tuple[str, int]:
 def build_pipeline(pipeline: beam.Pipeline, pending: list[tuple[int, PartSpec]], *, output: str,
                    parts: dict[int, tuple[str, str]], spec: ClipSpec, storage_options: dict,
                    columns: ManifestColumns, preprocess_cfg: dict, max_pixels: int, embed_text: bool,
-                   batch_size: int, model_copies: int, dim: int, dtype: str, schema_meta: dict) -> None:
+                   batch_size: int, model_copies: int, dim: int, dtype: str, schema_meta: dict,
+                   accelerator: str | None = None) -> None:
     """read part -> decode/preprocess -> RunInference(CLIP) -> group by part -> write part."""
     read = (
         pipeline
@@ -111,7 +117,7 @@ def build_pipeline(pipeline: beam.Pipeline, pending: list[tuple[int, PartSpec]],
     decoded = read.samples | "Decode" >> beam.ParDo(DecodeDoFn(preprocess_cfg, max_pixels, embed_text)).with_outputs(
         FAILURES, main="decoded")
     handler = ClipModelHandler(spec, storage_options, batch_size=batch_size, model_copies=model_copies)
-    results = decoded.decoded | "Embed" >> RunInference(handler)
+    results = decoded.decoded | "Embed" >> with_accelerator(RunInference(handler), accelerator)
     split = results | "Split" >> beam.ParDo(SplitResultsDoFn()).with_outputs(FAILURES, main="rows")
 
     def as_failure(record: dict):
@@ -177,7 +183,7 @@ def run(args: argparse.Namespace, beam_args: list[str]) -> int:
             columns=ManifestColumns(args.image_column, args.caption_column, args.id_column),
             preprocess_cfg=preprocess_config(spec), max_pixels=args.max_pixels, embed_text=not args.no_text,
             batch_size=args.batch_size, model_copies=args.model_copies, dim=dim, dtype=args.dtype,
-            schema_meta=schema_meta)
+            schema_meta=schema_meta, accelerator=args.accelerator)
         try:
             if args.no_progress:
                 pipeline.run().wait_until_finish()
