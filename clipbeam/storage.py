@@ -58,6 +58,14 @@ def expand_braces(pattern: str) -> list[str]:
     return [out for choice in choices for out in expand_braces(head + choice + tail)]
 
 
+def absolute_url(value: str) -> str:
+    """Local paths made absolute at parse time: Beam workers run in other
+    working directories (and on other machines); URLs are kept as given."""
+    if "://" in value:
+        return value
+    return os.path.abspath(os.path.expanduser(value))
+
+
 def has_magic(path: str) -> bool:
     return any(ch in path for ch in "*?[")
 

@@ -40,7 +40,7 @@ SCHEMA = pa.schema([("id", pa.string()), ("label", pa.string()), ("score", pa.fl
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--embeddings", required=True, help="embed output folder (any fsspec URL)")
+    parser.add_argument("--embeddings", required=True, type=storage.absolute_url, help="embed output folder (any fsspec URL)")
     labels = parser.add_mutually_exclusive_group(required=True)
     labels.add_argument("--labels", help='comma-separated labels, e.g. "cat,dog,person"')
     labels.add_argument("--labels-file", help="text file with one label a line")

@@ -17,7 +17,7 @@ from apache_beam.transforms.ptransform import PTransform
 
 from clipbeam.errors import UsageError
 from clipbeam.models.clip import ClipSpec
-from clipbeam.storage import parse_storage_options
+from clipbeam.storage import absolute_url, parse_storage_options
 
 LOG = logging.getLogger(__name__)
 
@@ -32,7 +32,7 @@ def add_storage_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def add_output_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--output", required=True, help="output folder (any fsspec URL)")
+    parser.add_argument("--output", required=True, type=absolute_url, help="output folder (any fsspec URL)")
     parser.add_argument(
         "--overwrite", action="store_true", help="redo everything instead of resuming into an existing output"
     )

@@ -42,7 +42,7 @@ from clipbeam.pipelines.common import (
 )
 from clipbeam.pipelines.embed_output import EmbedOutput
 from clipbeam.pipelines.progress import MarkerProgress
-from clipbeam.storage import check_writable
+from clipbeam.storage import absolute_url, check_writable
 from clipbeam.transforms.clip_handler import ClipModelHandler
 from clipbeam.transforms.corpus_plan import FORMATS, ManifestColumns, PartSpec, plan_parts
 from clipbeam.transforms.decode import DEFAULT_MAX_PIXELS
@@ -54,7 +54,7 @@ LOG = logging.getLogger(__name__)
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("input")
-    group.add_argument("--input", action="append", required=True, metavar="URL",
+    group.add_argument("--input", action="append", required=True, metavar="URL", type=absolute_url,
                        help="tar shards, manifest tables or image folders; globs and brace ranges "
                             "(shards/{00000..00099}.tar); repeat for several")
     group.add_argument("--format", default="auto", choices=FORMATS, help="input format (default: by suffix)")

@@ -40,7 +40,7 @@ EMBEDDING_COLUMNS = ("image_embedding", "text_embedding")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--embeddings", required=True, help="embed output folder (any fsspec URL)")
+    parser.add_argument("--embeddings", required=True, type=storage.absolute_url, help="embed output folder (any fsspec URL)")
     parser.add_argument("--format", default="clip-retrieval", choices=FORMATS, help="output layout")
     parser.add_argument("--batch-rows", type=int, default=65_536, help="rows read at a time (default %(default)s)")
     add_output_arguments(parser)

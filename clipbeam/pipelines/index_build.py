@@ -55,7 +55,7 @@ WORK = "_work"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--embeddings", required=True,
+    parser.add_argument("--embeddings", required=True, type=storage.absolute_url,
                         help="embed output folder, or Parquet file(s): a folder, a glob or one file (any fsspec URL)")
     add_output_arguments(parser)
     add_storage_arguments(parser)

@@ -24,7 +24,7 @@ from clipbeam.pipelines.query_model import add_query_model_arguments, load_query
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--index", required=True, help="index folder written by `clipbeam index` (any fsspec URL)")
+    parser.add_argument("--index", required=True, type=storage.absolute_url, help="index folder written by `clipbeam index` (any fsspec URL)")
     what = parser.add_mutually_exclusive_group(required=True)
     what.add_argument("--text", action="append", help="text query (repeat for several)")
     what.add_argument("--image", action="append", help="image path or URL (repeat for several)")
