@@ -48,7 +48,6 @@ def child_bare(corpus_root: str, model: str, batch_size: int) -> dict:
     import glob
     import tarfile
 
-    import numpy as np
     import torch
 
     from clipbeam.models.clip import ClipSpec, encode_images, encode_texts, load_clip

@@ -30,6 +30,16 @@ COMMANDS: list[tuple[str, str, str]] = [
 ]
 
 
+# Warnings that Beam logs on every start-up and that say nothing about the job.
+_NOISE = ("apitools not found", "Resource module is not available", "No pretrained weights loaded for model")
+
+
+class _QuietNoise(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not any(noise in message for noise in _NOISE)
+
+
 class _OneLineParser(argparse.ArgumentParser):
     """argparse that reports errors as one line on stderr and exits 2."""
 
@@ -67,6 +77,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     # Our own INFO lines are useful; Beam's and open_clip's are noise at INFO.
     logging.getLogger("clipbeam").setLevel(logging.DEBUG if top_args.verbose else logging.INFO)
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(_QuietNoise())
     module = importlib.import_module(names[command])
     parser = _OneLineParser(prog=f"clipbeam {command}", description=module.__doc__.splitlines()[0])
     module.add_arguments(parser)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 
 import numpy as np
-import pytest
 
 import imagefactory as imgs
 from embedhelpers import embed, manifest, read_failures, read_rows, write_tar

@@ -14,7 +14,7 @@ import webdataset as wds
 from PIL import Image
 
 import imagefactory as imgs
-from embedhelpers import embed, manifest, read_failures, read_rows, write_tar
+from embedhelpers import embed, manifest, read_rows, write_tar
 
 
 @pytest.fixture(scope="module")
