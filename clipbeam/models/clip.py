@@ -25,7 +25,9 @@ CONFIG_DIR = Path(__file__).parent / "configs"
 ASSETS_DIR = Path(__file__).resolve().parent.parent / "assets"
 
 # (model, pretrained name) -> checkpoint file under clipbeam/assets.
-SHIPPED_CHECKPOINTS: dict[tuple[str, str], str] = {}
+SHIPPED_CHECKPOINTS: dict[tuple[str, str], str] = {
+    ("shapes-clip", "shapes"): "shapes-clip.pt",  # trained on the synthetic shapes corpus; see assets/MODELS.md
+}
 
 PRECISIONS = ("fp32", "fp16", "bf16")
 

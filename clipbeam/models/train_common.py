@@ -1,0 +1,259 @@
+"""The training loop that `clipbeam train clip` and `clipbeam train vqgan` share.
+
+A `TrainTask` knows its model and how to turn a batch of records into a loss;
+`run_training` owns everything else: the seeded epoch order, the learning-rate
+schedule (linear warm-up, cosine decay), progress lines, the loss history
+(history.csv and a loss.png plot in the output), and checkpoints that a rerun
+resumes from. A checkpoint (checkpoints/last.pt) holds the weights, the
+optimizer, the step, the position in the epoch and the RNG state, so an
+interrupted run continues with the batches it would have seen.
+
+Records come from any object with `epoch(epoch, seed, skip)` and `decode(record)`
+(clipbeam.transforms.train_data.CorpusSamples); this module never imports Beam.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Protocol, Sequence
+
+import torch
+
+from clipbeam.errors import UsageError
+from clipbeam.storage import atomic_open, get_fs, join
+
+LOG = logging.getLogger(__name__)
+
+CHECKPOINT = "checkpoints/last.pt"
+HISTORY = "history.csv"
+PLOT = "loss.png"
+
+
+class RecordSource(Protocol):
+    def epoch(self, epoch: int, seed: int, skip: int = 0) -> Iterator[Any]: ...
+
+    def decode(self, record: Any) -> Any: ...
+
+
+class TrainTask(Protocol):
+    """One kind of training: the model, its loss on a batch, and what to write at the end."""
+
+    name: str
+    model: torch.nn.Module
+    settings: dict  # what must not change between a run and its resume
+
+    def parameter_groups(self, weight_decay: float) -> list[dict]: ...
+
+    def step(self, images: list, captions: list[str | None]) -> tuple[torch.Tensor, dict[str, float]]: ...
+
+    def export(self, output: str, storage_options: dict | None) -> list[str]: ...
+
+
+@dataclass
+class LoopConfig:
+    output: str
+    total_steps: int
+    batch_size: int
+    lr: float
+    seed: int = 0
+    weight_decay: float = 0.1
+    warmup_steps: int = 50
+    log_every: int = 20
+    save_every: int = 200
+    storage_options: dict = field(default_factory=dict)
+
+
+def learning_rate(step: int, cfg: LoopConfig) -> float:
+    """Linear warm-up to cfg.lr, then cosine decay to zero at total_steps."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    span = max(1, cfg.total_steps - cfg.warmup_steps)
+    progress = min(1.0, (step - cfg.warmup_steps) / span)
+    return cfg.lr * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def save_torch(obj: Any, url: str, storage_options: dict | None) -> None:
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    with atomic_open(url, "wb", storage_options) as handle:
+        handle.write(buffer.getvalue())
+
+
+def load_torch(url: str, storage_options: dict | None) -> Any:
+    fs, path = get_fs(url, storage_options)
+    with fs.open(path, "rb") as handle:
+        data = io.BytesIO(handle.read())
+    return torch.load(data, map_location="cpu", weights_only=False)
+
+
+def checkpoint_exists(output: str, storage_options: dict | None) -> bool:
+    fs, path = get_fs(join(output, CHECKPOINT), storage_options)
+    return fs.exists(path)
+
+
+def read_checkpoint_settings(output: str, storage_options: dict | None) -> dict:
+    """The settings recorded in an output's checkpoint (for resume checks before any work)."""
+    return dict(load_torch(join(output, CHECKPOINT), storage_options).get("settings", {}))
+
+
+def read_checkpoint_step(output: str, storage_options: dict | None) -> int:
+    return int(load_torch(join(output, CHECKPOINT), storage_options)["step"])
+
+
+def check_resume_settings(saved: dict, current: dict) -> None:
+    """Raise UsageError when a resume would continue another run (other model, corpus, batch, seed...)."""
+    changed = [f"{k}: {saved.get(k)!r} -> {v!r}" for k, v in current.items() if saved.get(k) != v]
+    if changed:
+        raise UsageError("the output holds a checkpoint of another run (" + "; ".join(changed[:3]) +
+                         "); pass --overwrite to start over or use another --output")
+
+
+def _batches(source: RecordSource, batch_size: int, seed: int, epoch: int, batch: int
+             ) -> Iterator[tuple[int, int, list]]:
+    """(epoch, batch index, records) from the given position on; only whole batches; endless."""
+    while True:
+        chunk: list = []
+        produced = 0
+        for record in source.epoch(epoch, seed, skip=batch * batch_size):
+            chunk.append(record)
+            if len(chunk) == batch_size:
+                yield epoch, batch, chunk
+                produced += 1
+                batch += 1
+                chunk = []
+        if produced == 0 and batch == 0:
+            raise UsageError(f"the corpus has fewer usable samples than --batch-size {batch_size}")
+        epoch, batch = epoch + 1, 0
+
+
+def write_history(output: str, history: Sequence[dict], storage_options: dict | None) -> None:
+    """history.csv (one row per logged step) and loss.png (every numeric column against the step)."""
+    if not history:
+        return
+    columns = list(dict.fromkeys(k for row in history for k in row))
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=columns)
+    writer.writeheader()
+    writer.writerows(history)
+    with atomic_open(join(output, HISTORY), "wb", storage_options) as handle:
+        handle.write(text.getvalue().encode("utf-8"))
+    plotted = [c for c in columns if c not in ("step", "epoch", "lr", "samples_per_s", "seconds")]
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(len(plotted), 1, figsize=(7, 2.2 * len(plotted)), sharex=True, squeeze=False)
+    steps = [row["step"] for row in history]
+    for ax, name in zip(axes[:, 0], plotted):
+        ax.plot(steps, [row.get(name, float("nan")) for row in history], lw=1.2)
+        ax.set_ylabel(name)
+        ax.grid(alpha=0.3)
+        if name.endswith("loss") and all(row.get(name, 1) > 0 for row in history):
+            ax.set_yscale("log")
+    axes[-1, 0].set_xlabel("step")
+    fig.tight_layout()
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=100)
+    plt.close(fig)
+    with atomic_open(join(output, PLOT), "wb", storage_options) as handle:
+        handle.write(png.getvalue())
+
+
+def _format_eta(seconds: float) -> str:
+    seconds = int(max(0, seconds))
+    return f"{seconds // 60}m{seconds % 60:02d}s"
+
+
+def run_training(task: TrainTask, source: RecordSource, cfg: LoopConfig, device: str) -> dict:
+    """Train until cfg.total_steps (resuming from the output's checkpoint if there is one); returns a summary."""
+    so = cfg.storage_options
+    optimizer = torch.optim.AdamW(task.parameter_groups(cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.98), eps=1e-6)
+    step = epoch = batch_in_epoch = 0
+    history: list[dict] = []
+    decode_failures = 0
+    seconds_before = 0.0
+    if checkpoint_exists(cfg.output, so):
+        state = load_torch(join(cfg.output, CHECKPOINT), so)
+        check_resume_settings(state["settings"], task.settings)
+        task.model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        step, epoch, batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
+        history = list(state["history"])
+        decode_failures = int(state.get("decode_failures", 0))
+        seconds_before = float(state.get("seconds", 0.0))
+        torch.set_rng_state(state["torch_rng"])
+        LOG.info("resuming %s from step %d (epoch %d, batch %d)", task.name, step, epoch, batch_in_epoch)
+    else:
+        torch.manual_seed(cfg.seed)
+    if step >= cfg.total_steps:
+        LOG.info("%s already trained for %d steps", task.name, step)
+    task.model.to(device).train()
+
+    def save() -> None:
+        save_torch({
+            "model": task.model.state_dict(), "optimizer": optimizer.state_dict(), "step": step, "epoch": epoch,
+            "batch_in_epoch": batch_in_epoch, "history": history, "settings": task.settings,
+            "decode_failures": decode_failures, "torch_rng": torch.get_rng_state(),
+            "seconds": seconds_before + (time.monotonic() - start),
+        }, join(cfg.output, CHECKPOINT), so)
+        write_history(cfg.output, history, so)
+
+    start = time.monotonic()
+    window_start, window_samples, window_metrics = time.monotonic(), 0, []
+    batches = _batches(source, cfg.batch_size, cfg.seed, epoch, batch_in_epoch)
+    while step < cfg.total_steps:
+        epoch, batch_index, records = next(batches)
+        images, captions = [], []
+        for record in records:
+            try:
+                images.append(source.decode(record))
+            except ValueError as exc:
+                decode_failures += 1
+                LOG.debug("skipping %s: %s", getattr(record, "id", "?"), exc)
+                continue
+            captions.append(getattr(record, "caption", None))
+        batch_in_epoch = batch_index + 1
+        if len(images) < 2:
+            continue
+        lr = learning_rate(step, cfg)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        loss, metrics = task.step(images, captions)
+        if not torch.isfinite(loss):
+            raise RuntimeError(f"{task.name}: loss is {loss.item()} at step {step}; lower --lr")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        step += 1
+        window_samples += len(images)
+        window_metrics.append(dict(metrics, loss=float(loss.detach())))
+        if step % cfg.log_every == 0 or step == cfg.total_steps:
+            elapsed = time.monotonic() - window_start
+            mean = {k: sum(m[k] for m in window_metrics) / len(window_metrics) for k in window_metrics[-1]}
+            rate = window_samples / max(elapsed, 1e-9)
+            row = {"step": step, "epoch": epoch, "lr": lr, "samples_per_s": round(rate, 1), **mean}
+            history.append(row)
+            eta = (cfg.total_steps - step) * (elapsed / len(window_metrics))
+            shown = " ".join(f"{k} {v:.4g}" for k, v in mean.items())
+            LOG.info("%s step %d/%d epoch %d %s lr %.2e %.0f samples/s eta %s", task.name, step,
+                     cfg.total_steps, epoch, shown, lr, rate, _format_eta(eta))
+            window_start, window_samples, window_metrics = time.monotonic(), 0, []
+        if step % cfg.save_every == 0 and step < cfg.total_steps:
+            save()
+    save()
+    task.model.eval()
+    written = task.export(cfg.output, so)
+    return {
+        "steps": step,
+        "epochs_started": epoch + 1,
+        "decode_failures": decode_failures,
+        "seconds": round(seconds_before + time.monotonic() - start, 1),
+        "final": history[-1] if history else {},
+        "written": written,
+    }

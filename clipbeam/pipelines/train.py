@@ -1,0 +1,204 @@
+"""clipbeam train {clip,vqgan}: train a small CLIP (contrastive) or VQGAN (reconstruction) on a corpus.
+
+Reads any corpus `clipbeam embed` reads (webdataset shards, manifest tables,
+image folders; any fsspec URL). One process, CPU or GPU; not a Beam pipeline:
+training is one sequential loop. Writes into --output: checkpoints/last.pt
+(rerunning the same command resumes from it; --overwrite starts over),
+history.csv and loss.png (updated at every checkpoint), the trained model
+(clip: MODEL.pt + MODEL.json, loadable with `--model MODEL --pretrained
+OUT/MODEL.pt`; vqgan: vqgan.safetensors + vqgan.yaml, loadable with
+`--vqgan OUT/vqgan.safetensors`), and train.json last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+from clipbeam import __version__
+from clipbeam.errors import UsageError
+from clipbeam.pipelines.common import Stopwatch, add_storage_arguments, print_summary, storage_options_from_args
+from clipbeam.storage import check_writable, get_fs, join, write_json
+from clipbeam.transforms.corpus_plan import FORMATS, ManifestColumns
+
+LOG = logging.getLogger(__name__)
+
+SUMMARY = "train.json"
+
+
+def _common(parser: argparse.ArgumentParser, batch_size: int, lr: float, weight_decay: float) -> None:
+    data = parser.add_argument_group("corpus")
+    data.add_argument("--corpus", action="append", required=True, metavar="URL",
+                      help="tar shards, manifest tables or image folders, as for embed; repeat for several")
+    data.add_argument("--format", default="auto", choices=FORMATS, help="corpus format (default: by suffix)")
+    data.add_argument("--image-column", default=None, help="manifest column with image paths/URLs or bytes")
+    data.add_argument("--caption-column", default=None, help="manifest column with captions")
+    data.add_argument("--shuffle-buffer", type=int, default=4096, help="records in the shuffle buffer")
+    add_storage_arguments(parser)
+    parser.add_argument("--output", required=True, help="output folder (any fsspec URL)")
+    parser.add_argument("--overwrite", action="store_true", help="start over instead of resuming from the output")
+    loop = parser.add_argument_group("loop")
+    length = loop.add_mutually_exclusive_group()
+    length.add_argument("--steps", type=int, help="optimizer steps in all (default: --epochs)")
+    length.add_argument("--epochs", type=float, help="passes over the corpus (default 1)")
+    loop.add_argument("--batch-size", type=int, default=batch_size, help="samples per step (default %(default)s)")
+    loop.add_argument("--lr", type=float, default=lr, help="peak AdamW learning rate (default %(default)s)")
+    loop.add_argument("--weight-decay", type=float, default=weight_decay, help="(default %(default)s)")
+    loop.add_argument("--warmup", type=int, default=50, help="linear warm-up steps (default %(default)s)")
+    loop.add_argument("--seed", type=int, default=0, help="initialisation and data-order seed (default 0)")
+    loop.add_argument("--device", default="auto", help="auto, cpu or cuda[:N] (default auto)")
+    loop.add_argument("--threads", type=int, default=0,
+                      help="CPU threads for torch (default 0: torch's choice; 1 is fastest on a busy machine)")
+    loop.add_argument("--log-every", type=int, default=20, help="steps between progress lines (default 20)")
+    loop.add_argument("--save-every", type=int, default=200, help="steps between checkpoints (default 200)")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="kind", metavar="{clip,vqgan}", parser_class=type(parser))
+    sub.required = True
+    clip = sub.add_parser("clip", help="contrastive training of an open_clip model")
+    _common(clip, batch_size=128, lr=1e-3, weight_decay=0.1)
+    clip.add_argument("--model", default="shapes-clip", help="open_clip architecture (default %(default)s)")
+    clip.add_argument("--pretrained", default="none",
+                      help="starting weights: none (seeded random), a checkpoint path, or a pretrained tag")
+    clip.add_argument("--export-precision", default="fp32", choices=("fp32", "fp16"),
+                      help="weight type in the written checkpoint (default fp32; fp16 halves the file)")
+    clip.add_argument("--no-augment", action="store_true", help="no random resized crops")
+    vqgan = sub.add_parser("vqgan", help="train a taming-compatible VQGAN")
+    _common(vqgan, batch_size=32, lr=1e-3, weight_decay=0.0)
+    vqgan.add_argument("--config", default="shapes-vqgan", metavar="YAML_OR_NAME",
+                       help="taming YAML of the model, or a preset name (default %(default)s)")
+    vqgan.add_argument("--crop", type=int, default=None,
+                       help="train on random CROPxCROP windows (default: the config's resolution)")
+    vqgan.add_argument("--restart-dead-codes", type=int, default=20, metavar="N",
+                       help="every N steps, re-seed codes no input used (0: never; default %(default)s)")
+    vqgan.add_argument("--autoencoder-steps", type=int, default=0, metavar="N",
+                       help="first N steps without quantization, then seed the codebook from encoder outputs")
+    vqgan.add_argument("--codebook-weight", type=float, default=0.75,
+                       help="extra weight of the codebook term on top of taming's 0.25 (default %(default)s)")
+
+
+def _check_common(args: argparse.Namespace) -> None:
+    for name in ("batch_size", "log_every", "save_every"):
+        if getattr(args, name) <= 0:
+            raise UsageError(f"--{name.replace('_', '-')} must be positive")
+    if args.batch_size < 2:
+        raise UsageError("--batch-size must be at least 2")
+    if args.steps is not None and args.steps <= 0:
+        raise UsageError("--steps must be positive")
+    if args.epochs is not None and args.epochs <= 0:
+        raise UsageError("--epochs must be positive")
+    if args.lr <= 0 or args.weight_decay < 0 or args.warmup < 0 or args.threads < 0:
+        raise UsageError("--lr must be positive; --weight-decay, --warmup and --threads must not be negative")
+
+
+def _vqgan_config(value: str, storage_options: dict):
+    from clipbeam.models.train_vqgan import PRESETS, preset_config
+    from clipbeam.models.vqgan import config_from_yaml
+
+    if value in PRESETS:
+        return preset_config(value)
+    fs, path = get_fs(value, storage_options)
+    if not fs.isfile(path):
+        raise UsageError(f"--config {value} is neither a preset ({', '.join(PRESETS)}) nor a YAML file")
+    with fs.open(path, "rb") as handle:
+        text = handle.read().decode("utf-8")
+    try:
+        return config_from_yaml(text)
+    except ValueError as exc:
+        raise UsageError(f"--config {value}: {exc}") from None
+
+
+def run(args: argparse.Namespace, beam_args: list[str]) -> int:
+    import torch
+
+    from clipbeam.models import train_common
+    from clipbeam.models.clip import resolve_device
+    from clipbeam.transforms.train_data import CorpusSamples
+
+    if beam_args:
+        raise UsageError(f"unrecognized arguments: {' '.join(beam_args)}")
+    _check_common(args)
+    so = storage_options_from_args(args)
+    device = resolve_device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    settings = {"kind": args.kind, "corpus": sorted(args.corpus), "format": args.format,
+                "batch_size": args.batch_size, "seed": args.seed}
+
+    if args.kind == "clip":
+        from clipbeam.models.clip import ClipSpec, validate_spec
+
+        spec = ClipSpec(args.model, args.pretrained, seed=args.seed, device=device, precision="fp32")
+        validate_spec(spec, so)
+        settings.update(model=args.model, pretrained=args.pretrained, augment=not args.no_augment)
+    else:
+        config = _vqgan_config(args.config, so)
+        if config.gumbel:
+            raise UsageError("--config: training a GumbelVQ is not supported; use a VQModel config")
+        crop = args.crop or int(config.ddconfig["resolution"])
+        if crop % config.factor or crop > int(config.ddconfig["resolution"]) or crop <= 0:
+            raise UsageError(f"--crop must be a positive multiple of {config.factor}, at most the config's "
+                             f"resolution {config.ddconfig['resolution']}")
+        if args.restart_dead_codes < 0 or args.codebook_weight < 0 or args.autoencoder_steps < 0:
+            raise UsageError("--restart-dead-codes, --codebook-weight and --autoencoder-steps must not be negative")
+        settings.update(config=config.to_yaml_dict(), crop=crop, autoencoder_steps=args.autoencoder_steps)
+
+    source = CorpusSamples(args.corpus, args.format, so, need_caption=args.kind == "clip",
+                           shuffle_buffer=args.shuffle_buffer,
+                           columns=ManifestColumns(args.image_column, args.caption_column))
+    if args.steps is not None:
+        total_steps = args.steps
+    else:
+        usable = source.count()
+        per_epoch = usable // args.batch_size
+        if per_epoch == 0:
+            raise UsageError(f"the corpus has {usable} usable samples, fewer than --batch-size {args.batch_size}")
+        total_steps = max(1, round((args.epochs or 1.0) * per_epoch))
+        LOG.info("%d usable samples: %d steps per epoch, %d steps in all", usable, per_epoch, total_steps)
+    check_writable(args.output, so)
+    fs, root = get_fs(args.output, so)
+    resuming = not args.overwrite and train_common.checkpoint_exists(args.output, so)
+    if args.overwrite:
+        for name in (train_common.CHECKPOINT, train_common.HISTORY, train_common.PLOT, SUMMARY):
+            if fs.exists(join(root, name)):
+                fs.rm(join(root, name))
+    elif resuming:
+        train_common.check_resume_settings(train_common.read_checkpoint_settings(args.output, so), settings)
+
+    if args.kind == "clip":
+        from clipbeam.models.train_clip import ClipTask
+
+        task = ClipTask(spec, augment=not args.no_augment, export_precision=args.export_precision,
+                        storage_options=so, settings=settings)
+    else:
+        from clipbeam.models.train_vqgan import VQGANTask
+
+        task = VQGANTask(config, device, crop=crop, restart_every=args.restart_dead_codes,
+                         codebook_weight=args.codebook_weight, autoencoder_steps=args.autoencoder_steps,
+                         start_step=train_common.read_checkpoint_step(args.output, so) if resuming else 0,
+                         settings=settings)
+    loop = train_common.LoopConfig(
+        output=args.output, total_steps=total_steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+        weight_decay=args.weight_decay, warmup_steps=min(args.warmup, max(0, total_steps - 1)),
+        log_every=args.log_every, save_every=args.save_every, storage_options=so)
+    clock = Stopwatch()
+    summary = train_common.run_training(task, source, loop, device)
+    if source.skipped:
+        LOG.warning("records skipped: %s", ", ".join(f"{k}: {v}" for k, v in source.skipped.items()))
+    record = dict(summary, settings=settings, lr=args.lr, weight_decay=args.weight_decay, warmup=loop.warmup_steps,
+                  total_steps=total_steps, device=device, clipbeam_version=__version__,
+                  skipped=dict(source.skipped))
+    write_json(join(args.output, SUMMARY), record, so)
+    final = summary["final"]
+    print_summary(f"clipbeam train {args.kind}", [
+        ("output", args.output),
+        ("steps", summary["steps"]),
+        ("final loss", f"{final.get('loss', float('nan')):.4f}"),
+        ("decode failures", summary["decode_failures"]),
+        ("seconds (this run)", f"{clock.seconds:.1f}"),
+        ("wrote", ", ".join(summary["written"])),
+    ])
+    for url in summary["written"]:
+        print(url)
+    return 0
