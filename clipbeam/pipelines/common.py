@@ -112,8 +112,8 @@ def _all_option_classes(cls=PipelineOptions):
         yield from _all_option_classes(sub)
 
 
-def unknown_beam_args(beam_args: list[str]) -> list[str]:
-    """The pass-through flags that no Beam options class knows (typos, ours misspelt)."""
+def beam_option_parser() -> argparse.ArgumentParser:
+    """An argparse parser that knows every flag of every Beam options class."""
     parser = argparse.ArgumentParser(allow_abbrev=False, add_help=False)
     seen = set()
     for cls in _all_option_classes():
@@ -124,7 +124,12 @@ def unknown_beam_args(beam_args: list[str]) -> list[str]:
             cls._add_argparse_args(parser)
         except argparse.ArgumentError:
             pass  # the same flag defined by two classes
-    _, unknown = parser.parse_known_args(beam_args)
+    return parser
+
+
+def unknown_beam_args(beam_args: list[str]) -> list[str]:
+    """The pass-through flags that no Beam options class knows (typos, ours misspelt)."""
+    _, unknown = beam_option_parser().parse_known_args(beam_args)
     return [a for a in unknown if a.startswith("-")]
 
 
