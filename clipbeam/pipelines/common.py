@@ -144,11 +144,6 @@ def beam_options(beam_args: list[str], **overrides) -> PipelineOptions:
     return PipelineOptions(args, **overrides)
 
 
-def is_local_runner(options: PipelineOptions) -> bool:
-    runner = options.get_all_options().get("runner") or "DirectRunner"
-    return runner in ("DirectRunner", "direct", "BundleBasedDirectRunner", "SwitchingDirectRunner")
-
-
 class Stopwatch:
     """Wall seconds since creation."""
 

@@ -14,7 +14,7 @@ import posixpath
 from dataclasses import dataclass, field
 
 from clipbeam.errors import UsageError
-from clipbeam.storage import expand_braces, get_fs, has_magic
+from clipbeam.storage import expand_braces, get_fs, has_magic, unstrip
 
 LOG = logging.getLogger(__name__)
 
@@ -73,14 +73,10 @@ def expand_inputs(inputs: list[str], storage_options: dict | None) -> list[str]:
                 matches = sorted(fs.glob(path))
                 if not matches:
                     raise UsageError(f"--input {given}: no files match {pattern}")
-                urls.extend(_with_protocol(fs, pattern, m) for m in matches)
+                urls.extend(unstrip(fs, pattern, m) for m in matches)
             else:
                 urls.append(pattern)
     return sorted(dict.fromkeys(urls))
-
-
-def _with_protocol(fs, original: str, path: str) -> str:
-    return fs.unstrip_protocol(path) if "://" in original else path
 
 
 def detect_format(url: str, is_dir: bool) -> str:
@@ -191,10 +187,10 @@ def plan_parts(
             tars = sorted(p for p in fs.find(path) if p.lower().endswith(TAR_SUFFIXES))
             if not tars:
                 raise UsageError(f"--input {url}: folder holds no .tar shards")
-            sources.extend((_with_protocol(fs, url, p), "webdataset") for p in tars)
+            sources.extend((unstrip(fs, url, p), "webdataset") for p in tars)
         elif is_dir and kind == "folder" and fmt == "auto" and _holds_only_tars(fs, path):
             tars = sorted(p for p in fs.find(path) if p.lower().endswith(TAR_SUFFIXES))
-            sources.extend((_with_protocol(fs, url, p), "webdataset") for p in tars)
+            sources.extend((unstrip(fs, url, p), "webdataset") for p in tars)
         else:
             sources.append((url, kind))
     if missing and len(missing) == len(urls):
