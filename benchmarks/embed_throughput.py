@@ -128,8 +128,10 @@ def main() -> None:
         small = os.path.join(tmp, "x1")
         pattern = make_corpus(small, args.n, args.shard_size, args.size)
         bare = run_child("bare", small, args.model, str(args.batch_size))
+        print(f"bare loop: {bare}", file=sys.stderr, flush=True)
         pipe = run_child("pipeline", os.path.join(small, pattern.rsplit("/", 1)[1]), args.model,
                          str(args.batch_size), os.path.join(tmp, "out1"))
+        print(f"pipeline: {pipe}", file=sys.stderr, flush=True)
         rows = [("bare loop (decode+preprocess+forward)", bare), ("clipbeam embed (end to end)", pipe)]
         big = None
         if not args.no_4x:

@@ -11,11 +11,11 @@ from __future__ import annotations
 import pytest
 
 from clipbeam.models.clip import ASSETS_DIR, SHIPPED_CHECKPOINTS, ClipSpec, load_clip
-from clipbeam.models.shapes import heldout_set
+from clipbeam.models.shapes import COLORS, heldout_set
 from clipbeam.models.shapes_eval import evaluate_clip, nearest_color, saturated_mean_hue
 
 # Measured with benchmarks/shipped_models_quality.py (see clipbeam/assets/MODELS.md); the test allows 25% more.
-DOCUMENTED_VQGAN_MSE = 0.0188  # heldout_set(4, seed=20240); 0.0188 on 50 per class, seed 1234
+DOCUMENTED_VQGAN_MSE = 0.00124  # heldout_set(4, seed=20240); 0.00117 in the benchmark (240 images, seed 1234)
 HELD_OUT_SEED = 20240
 
 
@@ -65,9 +65,6 @@ def test_vqgan_reconstructs_held_out_images(vqgan):
     assert error["mse"] <= DOCUMENTED_VQGAN_MSE * 1.25, error
 
 
-@pytest.mark.xfail(strict=False, reason="the shipped VQGAN (300 CPU steps) decodes nearly every code to gray or "
-                   "brown-orange, so renders cannot take the prompt's color: measured 1/6 colors nearest their own hue "
-                   "(see clipbeam/assets/MODELS.md)")
 def test_renders_of_colored_circles_have_their_color(clip, vqgan):
     from clipbeam.models.prompts import Prompt
     from clipbeam.models.vqgan_clip import Renderer, RenderSettings
@@ -76,15 +73,18 @@ def test_renders_of_colored_circles_have_their_color(clip, vqgan):
     nearest = {}
     for color in RENDER_COLORS:
         result = renderer.render([Prompt(f"a {color} circle")], seed=0, steps=RENDER_STEPS, width=64, height=64,
-                                 settings=RenderSettings(cutn=4))
+                                 settings=RenderSettings(cutn=4, lr=RENDER_LR))
         h = saturated_mean_hue(result.image)
         nearest[color] = None if h is None else nearest_color(h)
     hits = sum(nearest[c] == c for c in RENDER_COLORS)
-    assert hits >= 2, nearest
+    assert hits >= 4, nearest
 
 
-RENDER_STEPS = 12  # a short loop keeps the test fast; the benchmark runs 60 steps for all 6 colors
-RENDER_COLORS = ("red", "green", "blue")
+# A short loop keeps the test fast (about 10 s on a CPU core); it takes larger steps than generate's default
+# lr 0.1 to get there. 5 of 6 colors measured (seeds 0-3; red drifts to yellow); the benchmark runs 100 steps.
+RENDER_STEPS = 16
+RENDER_LR = 0.3
+RENDER_COLORS = tuple(COLORS)
 
 
 def test_embed_by_shipped_name_gives_embeddings_that_match_their_captions(tmp_path, clip):

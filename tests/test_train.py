@@ -147,7 +147,8 @@ def test_vqgan_loss_falls_and_generate_can_load_it(tmp_path, corpus):
     config.write_text(yaml.safe_dump(TINY_VQGAN))
     out = str(tmp_path / "vq")
     assert main(["train", "vqgan", "--corpus", corpus, "--output", out, "--config", str(config), "--steps", "24",
-                 "--batch-size", "8", "--crop", "16", "--lr", "5e-3", "--restart-dead-codes", "5", *FAST]) == 0
+                 "--batch-size", "8", "--crop", "16", "--lr", "5e-3", "--restart-dead-codes", "5", "--l2-weight", "1",
+                 *FAST]) == 0
     rows = history(out)
     assert sum(r["l1"] for r in rows[-3:]) / 3 < 0.9 * rows[0]["l1"], rows
     assert {"vqgan.safetensors", "vqgan.yaml", "loss.png", "train.json"} <= set(os.listdir(out))
@@ -178,3 +179,7 @@ def test_missing_corpus_and_bad_vqgan_crop(tmp_path, capsys):
     assert "no files match" in capsys.readouterr().err
     assert main(["train", "vqgan", "--corpus", str(tmp_path), "--output", str(tmp_path / "o"), "--crop", "30"]) == 2
     assert "--crop must be" in capsys.readouterr().err
+    assert main(["train", "vqgan", "--corpus", str(tmp_path), "--output", str(tmp_path / "o"),
+                 "--l2-weight", "-1"]) == 2
+    assert "--l2-weight must not be negative" in capsys.readouterr().err
+    assert not os.path.exists(tmp_path / "o")

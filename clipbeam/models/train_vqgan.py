@@ -2,11 +2,16 @@
 
 The objective is taming's first stage without its optional parts: an L1
 reconstruction loss plus the quantizer's codebook and commitment terms
-(VectorQuantizer2, straight-through gradients). The perceptual (LPIPS) and
-adversarial losses are left out: LPIPS needs downloaded VGG weights, and for
-flat synthetic images the pixel loss alone reconstructs well. Codes that no
-input chose for a while are restarted on random encoder outputs of the
-current batch, so a small corpus still uses the whole codebook.
+(VectorQuantizer2, straight-through gradients), optionally with a squared-error
+term beside the L1 (`l2_weight`). L1 pushes every pixel equally hard, so on
+images that are mostly flat background a small decoder long settles for the
+right outline in one average color; the squared error weighs the large errors
+of a wrongly colored shape more and makes it learn the colors much sooner.
+The perceptual (LPIPS) and adversarial losses are left out: LPIPS needs
+downloaded VGG weights, and for flat synthetic images the pixel losses alone
+reconstruct well. Codes that no input chose for a while are restarted on
+random encoder outputs of the current batch, so a small corpus still uses the
+whole codebook.
 
 Because the model is fully convolutional (no attention at the trained
 resolutions of the shipped config), it may train on random crops smaller than
@@ -32,7 +37,11 @@ LOG = logging.getLogger(__name__)
 
 # Named configs for `clipbeam train vqgan --config NAME` (a YAML path works too).
 PRESETS: dict[str, dict] = {
-    # 64x64 images -> 16x16 tokens from 256 codes of 8 dimensions; about 0.8 M parameters (3.2 MB in float32).
+    # 64x64 images -> 16x16 tokens from 256 codes of 8 dimensions; about 1.2 M parameters (4.9 MB in float32).
+    # Width 64, not 32: taming's GroupNorm has 32 groups, so at width 32 every group is one channel and each
+    # norm rescales every channel of an image on its own; a flat shape on a flat background then leaves a
+    # channel only its sign, and the decoder (whose last norm sits right before the RGB conv) learns colors
+    # very slowly. Two channels per group keep their ratio. ch_mult [1, 1, 1] keeps the cost per pixel low.
     "shapes-vqgan": {
         "model": {
             "target": "taming.models.vqgan.VQModel",
@@ -41,7 +50,7 @@ PRESETS: dict[str, dict] = {
                 "n_embed": 256,
                 "ddconfig": {
                     "double_z": False, "z_channels": 64, "resolution": 64, "in_channels": 3, "out_ch": 3,
-                    "ch": 32, "ch_mult": [1, 1, 2], "num_res_blocks": 1, "attn_resolutions": [], "dropout": 0.0,
+                    "ch": 64, "ch_mult": [1, 1, 1], "num_res_blocks": 1, "attn_resolutions": [], "dropout": 0.0,
                 },
             },
         }
@@ -75,7 +84,7 @@ class VQGANTask:
 
     def __init__(self, config: VQGANConfig, device: str, crop: int | None = None, restart_every: int = 20,
                  codebook_weight: float = 0.75, autoencoder_steps: int = 0, start_step: int = 0,
-                 settings: dict | None = None) -> None:
+                 settings: dict | None = None, l2_weight: float = 0.0) -> None:
         if config.gumbel:
             raise ValueError("training a GumbelVQ is not supported; use a VQModel config")
         self.config = config
@@ -92,6 +101,7 @@ class VQGANTask:
         self._steps_since_restart = 0
         self._crops = torch.Generator().manual_seed(int(self.settings.get("seed", 0)))
         self.codebook_weight = codebook_weight
+        self.l2_weight = l2_weight
         self.autoencoder_steps = autoencoder_steps
         self._step = start_step
         self._initialised = start_step > autoencoder_steps  # resumed after the codebook was seeded
@@ -112,14 +122,15 @@ class VQGANTask:
             l1 = (x - x_rec).abs().mean()
             with torch.no_grad():
                 mse = F.mse_loss(x_rec.clamp(-1, 1), x)
-            return l1, {"l1": float(l1.detach()), "mse": float(mse), "q_loss": 0.0, "perplexity": 0.0}
+            return self._reconstruction_loss(x, x_rec, l1), {"l1": float(l1.detach()), "mse": float(mse),
+                                                              "q_loss": 0.0, "perplexity": 0.0}
         if not self._initialised:
             self._seed_codebook(h, everything=True)
             self._initialised = True
         z_q, q_loss, (_, _, indices) = self.model.quantize(h)
         x_rec = self.model.decode(z_q)
         l1 = (x - x_rec).abs().mean()
-        loss = l1 + q_loss
+        loss = self._reconstruction_loss(x, x_rec, l1) + q_loss
         if isinstance(self.model.quantize, VectorQuantizer2) and self.codebook_weight:
             # taming's legacy quantizer weighs the codebook term by beta (0.25) and commitment by 1; the
             # codes then trail the encoder and a small codebook collapses. Pull the codes with full weight.
@@ -134,6 +145,12 @@ class VQGANTask:
             self._maybe_restart(h)
         return loss, {"l1": float(l1.detach()), "mse": float(mse), "q_loss": float(q_loss.detach()),
                       "perplexity": float(perplexity)}
+
+    def _reconstruction_loss(self, x: torch.Tensor, x_rec: torch.Tensor, l1: torch.Tensor) -> torch.Tensor:
+        """L1, plus l2_weight times the squared error (pixels in [-1, 1])."""
+        if not self.l2_weight:
+            return l1
+        return l1 + self.l2_weight * F.mse_loss(x_rec, x)
 
     def _seed_codebook(self, h: torch.Tensor, everything: bool = False) -> int:
         """Put codes (all, or those unused since the last restart) on random encoder outputs of this batch."""

@@ -76,6 +76,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        help="first N steps without quantization, then seed the codebook from encoder outputs")
     vqgan.add_argument("--codebook-weight", type=float, default=0.75,
                        help="extra weight of the codebook term on top of taming's 0.25 (default %(default)s)")
+    vqgan.add_argument("--l2-weight", type=float, default=0.0,
+                       help="weight of a squared-error term beside the L1 loss; it makes small models learn "
+                            "colors sooner (default %(default)s)")
 
 
 def _check_common(args: argparse.Namespace) -> None:
@@ -140,8 +143,9 @@ def run(args: argparse.Namespace, beam_args: list[str]) -> int:
         if crop % config.factor or crop > int(config.ddconfig["resolution"]) or crop <= 0:
             raise UsageError(f"--crop must be a positive multiple of {config.factor}, at most the config's "
                              f"resolution {config.ddconfig['resolution']}")
-        if args.restart_dead_codes < 0 or args.codebook_weight < 0 or args.autoencoder_steps < 0:
-            raise UsageError("--restart-dead-codes, --codebook-weight and --autoencoder-steps must not be negative")
+        if min(args.restart_dead_codes, args.codebook_weight, args.autoencoder_steps, args.l2_weight) < 0:
+            raise UsageError("--restart-dead-codes, --codebook-weight, --autoencoder-steps and --l2-weight must not "
+                             "be negative")
         settings.update(config=config.to_yaml_dict(), crop=crop, autoencoder_steps=args.autoencoder_steps)
 
     source = CorpusSamples(args.corpus, args.format, so, need_caption=args.kind == "clip",
@@ -176,6 +180,7 @@ def run(args: argparse.Namespace, beam_args: list[str]) -> int:
 
         task = VQGANTask(config, device, crop=crop, restart_every=args.restart_dead_codes,
                          codebook_weight=args.codebook_weight, autoencoder_steps=args.autoencoder_steps,
+                         l2_weight=args.l2_weight,
                          start_step=train_common.read_checkpoint_step(args.output, so) if resuming else 0,
                          settings=settings)
     loop = train_common.LoopConfig(
