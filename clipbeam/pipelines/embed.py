@@ -106,7 +106,7 @@ def build_pipeline(pipeline: beam.Pipeline, pending: list[tuple[int, PartSpec]],
                    columns: ManifestColumns, preprocess_cfg: dict, max_pixels: int, embed_text: bool,
                    batch_size: int, model_copies: int, dim: int, dtype: str, schema_meta: dict,
                    accelerator: str | None = None) -> None:
-    """read part -> decode/preprocess -> RunInference(CLIP) -> group by part -> write part."""
+    """read part -> decode/preprocess -> RunInference(CLIP) -> row fragments -> group by part -> write part."""
     read = (
         pipeline
         | "Parts" >> beam.Create(pending)
@@ -118,7 +118,8 @@ def build_pipeline(pipeline: beam.Pipeline, pending: list[tuple[int, PartSpec]],
         FAILURES, main="decoded")
     handler = ClipModelHandler(spec, storage_options, batch_size=batch_size, model_copies=model_copies)
     results = decoded.decoded | "Embed" >> with_accelerator(RunInference(handler), accelerator)
-    split = results | "Split" >> beam.ParDo(SplitResultsDoFn()).with_outputs(FAILURES, main="rows")
+    split = results | "Split" >> beam.ParDo(SplitResultsDoFn(output, dim, dtype, storage_options)).with_outputs(
+        FAILURES, main="rows")
 
     def as_failure(record: dict):
         return record["part"], ("fail", record)
@@ -133,7 +134,7 @@ def build_pipeline(pipeline: beam.Pipeline, pending: list[tuple[int, PartSpec]],
         )
         | "All" >> beam.Flatten()
         | "ByPart" >> beam.GroupByKey()
-        | "WritePart" >> beam.ParDo(WritePartDoFn(output, parts, dim, dtype, schema_meta, storage_options))
+        | "WritePart" >> beam.ParDo(WritePartDoFn(output, parts, schema_meta, storage_options))
     )
 
 

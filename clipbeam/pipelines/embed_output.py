@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from clipbeam.errors import UsageError
 from clipbeam.storage import get_fs, join, read_json, write_json
 from clipbeam.transforms.corpus_plan import PartSpec
-from clipbeam.transforms.parquet_sink import marker_path, part_name
+from clipbeam.transforms.parquet_sink import fragments_dir, marker_path, part_name
 
 LOG = logging.getLogger(__name__)
 
@@ -38,7 +38,7 @@ class EmbedOutput:
     def clear(self) -> None:
         """--overwrite: remove everything clipbeam wrote here (the folder stays)."""
         fs, root = self._fs()
-        for name in ("manifest.json", "_run.json", "embeddings", "failures", "_parts"):
+        for name in ("manifest.json", "_run.json", "embeddings", "failures", "_parts", "_fragments"):
             target = join(root, name)
             if fs.exists(target):
                 fs.rm(target, recursive=True)
@@ -87,12 +87,13 @@ class EmbedOutput:
         return done
 
     def forget(self, indexes: list[int]) -> None:
-        """Remove the markers of parts that will be redone (stale or partial)."""
+        """Remove the markers and row fragments of parts that will be redone (stale or partial)."""
         fs, _ = self._fs()
         for index in indexes:
-            _, path = get_fs(marker_path(self.url, index), self.storage_options)
-            if fs.exists(path):
-                fs.rm(path)
+            for url in (marker_path(self.url, index), fragments_dir(self.url, index)):
+                _, path = get_fs(url, self.storage_options)
+                if fs.exists(path):
+                    fs.rm(path, recursive=True)
 
     def remove_stale(self, markers: dict[int, dict]) -> list[str]:
         """Delete part files that no complete part claims (left by an earlier plan)."""
@@ -118,6 +119,9 @@ class EmbedOutput:
             if not fs.exists(path):
                 break
             fs.rm(path)
+        fragments = join(root, "_fragments")
+        if fs.exists(fragments):  # left by parts of a killed run that are no longer planned
+            fs.rm(fragments, recursive=True)
         if removed:
             LOG.info("removed %d part files left by an earlier run: %s", len(removed), ", ".join(removed[:5]))
         return removed

@@ -1,21 +1,40 @@
-"""The DoFns of the embed pipeline after inference: split results, write parts."""
+"""The DoFns of the embed pipeline after inference: embedded rows to fragments, fragments to parts."""
 
 from __future__ import annotations
 
 import apache_beam as beam
 from apache_beam.metrics import Metrics
+from apache_beam.transforms.window import GlobalWindow
+from apache_beam.utils.timestamp import MIN_TIMESTAMP
+from apache_beam.utils.windowed_value import WindowedValue
 
+from clipbeam.storage import get_fs
 from clipbeam.transforms.corpus_read import failure
 from clipbeam.transforms.embed_dofns import FAILURES, NAMESPACE
-from clipbeam.transforms.parquet_sink import write_part
+from clipbeam.transforms.parquet_sink import fragments_dir, merge_fragments, write_fragment, write_part
 
 
 class SplitResultsDoFn(beam.DoFn):
-    """PredictionResult -> (part, ("row", row)) or an embed-stage failure."""
+    """PredictionResults -> fragment files of embedded rows, or embed-stage failures.
 
-    def __init__(self) -> None:
+    Rows are buffered per part and written as a fragment every `flush_rows`
+    rows and at the end of each bundle; only (part, ("fragment", url)) goes on
+    to the shuffle, so memory stays flat whatever the corpus size.
+    """
+
+    def __init__(self, output: str, dim: int, dtype: str, storage_options: dict | None,
+                 flush_rows: int = 1024) -> None:
+        self._output = output
+        self._dim = dim
+        self._dtype = dtype
+        self._storage_options = storage_options
+        self._flush_rows = flush_rows
         self._embedded = Metrics.counter(NAMESPACE, "embedded")
         self._failed = Metrics.counter(NAMESPACE, "failed_embed")
+        self._buffers: dict[int, list[dict]] = {}
+
+    def start_bundle(self) -> None:
+        self._buffers = {}
 
     def process(self, result):
         sample, output = result.example, result.inference
@@ -25,7 +44,8 @@ class SplitResultsDoFn(beam.DoFn):
                                                              "embed", output["error"]))
             return
         self._embedded.inc()
-        row = {
+        buffer = self._buffers.setdefault(sample["part"], [])
+        buffer.append({
             "id": sample["id"],
             "source": sample["source"],
             "caption": sample["caption"],
@@ -35,35 +55,47 @@ class SplitResultsDoFn(beam.DoFn):
             "height": sample["height"],
             "sha256": sample["sha256"],
             "meta": sample.get("meta") or {},
-        }
-        yield sample["part"], ("row", row)
+        })
+        if len(buffer) >= self._flush_rows:
+            yield self._flush(sample["part"])
+
+    def finish_bundle(self):
+        for part in list(self._buffers):
+            yield WindowedValue(self._flush(part), MIN_TIMESTAMP, [GlobalWindow()])
+
+    def _flush(self, part: int):
+        rows = self._buffers.pop(part)
+        url = write_fragment(self._output, part, rows, self._dim, self._dtype, self._storage_options)
+        return part, ("fragment", url)
 
 
 class WritePartDoFn(beam.DoFn):
-    """(part, [("row", r) | ("fail", f) | ("count", n)]) -> the part's files and marker."""
+    """(part, [("fragment", url) | ("fail", f) | ("count", n)]) -> the part's files and marker."""
 
-    def __init__(self, output: str, parts: dict[int, tuple[str, str]], dim: int, dtype: str,
-                 schema_meta: dict[str, str], storage_options: dict | None) -> None:
+    def __init__(self, output: str, parts: dict[int, tuple[str, str]], schema_meta: dict[str, str],
+                 storage_options: dict | None) -> None:
         self._output = output
         self._parts = parts
-        self._dim = dim
-        self._dtype = dtype
         self._schema_meta = schema_meta
         self._storage_options = storage_options
         self._written = Metrics.counter(NAMESPACE, "parts_written")
 
     def process(self, element):
         index, items = element
-        rows, failures, samples_in = [], [], 0
+        fragments, failures, samples_in = [], [], 0
         for kind, value in items:
-            if kind == "row":
-                rows.append(value)
+            if kind == "fragment":
+                fragments.append(value)
             elif kind == "fail":
                 failures.append(value)
             else:
                 samples_in += value
         source, fingerprint = self._parts[index]
-        marker = write_part(self._output, index, source, fingerprint, rows, failures, samples_in, self._dim,
-                            self._dtype, self._schema_meta, self._storage_options)
+        table = merge_fragments(fragments, self._storage_options)
+        marker = write_part(self._output, index, source, fingerprint, table, failures, samples_in,
+                            self._schema_meta, self._storage_options)
+        fs, folder = get_fs(fragments_dir(self._output, index), self._storage_options)
+        if fs.exists(folder):
+            fs.rm(folder, recursive=True)
         self._written.inc()
         yield marker

@@ -1,6 +1,9 @@
 """Writing one embed part: the embeddings Parquet, the failures Parquet, the done-marker.
 
-Files follow the Embeddings contract of DESIGN.md. Each file is written under
+Files follow the Embeddings contract of DESIGN.md. Embedded rows reach the
+part writer as fragment files (`_fragments/part-NNNNN/*.parquet`, written per
+bundle), not through the shuffle, so that no runner holds a run's rows in
+memory. Each file is written under
 a temporary name and renamed; the marker `_parts/part-NNNNN.json` is written
 last, so a part counts as done only when all of its files are in place.
 """
@@ -8,13 +11,14 @@ last, so a part counts as done only when all of its files are in place.
 from __future__ import annotations
 
 import json
+import uuid
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from clipbeam.storage import atomic_open, join, write_json
+from clipbeam.storage import atomic_open, join, open_input, write_json
 
 RESERVED = ("id", "source", "caption", "image_embedding", "text_embedding", "width", "height", "sha256")
 FAILURE_SCHEMA = pa.schema([("id", pa.string()), ("source", pa.string()), ("stage", pa.string()),
@@ -35,6 +39,10 @@ def failures_path(out: str, index: int) -> str:
 
 def marker_path(out: str, index: int) -> str:
     return join(out, "_parts", part_name(index) + ".json")
+
+
+def fragments_dir(out: str, index: int) -> str:
+    return join(out, "_fragments", part_name(index))
 
 
 def _meta_value(value: Any) -> Any:
@@ -94,21 +102,50 @@ def write_table(table: pa.Table, url: str, storage_options: dict | None) -> None
         pq.write_table(table, handle, compression="zstd")
 
 
-def write_part(out: str, index: int, source: str, fingerprint: str, rows: list[dict], failures: list[dict],
-               samples_in: int, dim: int, dtype: str, schema_meta: dict[str, str],
+def write_fragment(out: str, index: int, rows: list[dict], dim: int, dtype: str,
+                   storage_options: dict | None) -> str:
+    """A bundle's rows of one part, written so that they need not wait in memory for the rest."""
+    url = join(fragments_dir(out, index), f"{uuid.uuid4().hex}.parquet")
+    write_table(embedding_table(rows, dim, dtype, {}), url, storage_options)
+    return url
+
+
+def merge_fragments(urls: list[str], storage_options: dict | None) -> pa.Table | None:
+    """One part's fragments as one table sorted by id; rows repeated by a retried bundle dropped."""
+    tables = []
+    for url in sorted(urls):
+        with open_input(url, storage_options) as handle:
+            tables.append(pq.read_table(handle))
+    if not tables:
+        return None
+    try:
+        table = pa.concat_tables(tables, promote_options="permissive")
+    except (pa.ArrowInvalid, pa.ArrowTypeError):  # a metadata field typed differently across fragments
+        tables = [t.cast(pa.schema([f if f.name in RESERVED else pa.field(f.name, pa.string())
+                                    for f in t.schema])) for t in tables]
+        table = pa.concat_tables(tables, promote_options="permissive")
+    table = table.sort_by("id")
+    ids = table.column("id").to_pylist()
+    keep = [i == 0 or ids[i] != ids[i - 1] for i in range(len(ids))]
+    return table if all(keep) else table.filter(pa.array(keep))
+
+
+def write_part(out: str, index: int, source: str, fingerprint: str, table: pa.Table | None,
+               failures: list[dict], samples_in: int, schema_meta: dict[str, str],
                storage_options: dict | None) -> dict:
     """Write a part's files and its marker; returns the marker's content."""
-    rows = sorted(rows, key=lambda r: r["id"])
+    rows = 0 if table is None else table.num_rows
     failures = sorted(failures, key=lambda r: (r["id"], r["stage"]))
-    if len(rows) + len(failures) != samples_in:
-        raise RuntimeError(f"part {index}: {samples_in} samples in but {len(rows)} embedded + "
+    if rows + len(failures) != samples_in:
+        raise RuntimeError(f"part {index}: {samples_in} samples in but {rows} embedded + "
                            f"{len(failures)} failed; refusing to write an inconsistent part")
     if rows:
-        write_table(embedding_table(rows, dim, dtype, schema_meta), embeddings_path(out, index), storage_options)
+        table = table.replace_schema_metadata({k.encode(): v.encode() for k, v in schema_meta.items()})
+        write_table(table, embeddings_path(out, index), storage_options)
     if failures:
-        table = pa.Table.from_pylist([{k: f[k] for k in FAILURE_SCHEMA.names} for f in failures],
-                                     schema=FAILURE_SCHEMA)
-        write_table(table, failures_path(out, index), storage_options)
+        failure_table = pa.Table.from_pylist([{k: f[k] for k in FAILURE_SCHEMA.names} for f in failures],
+                                             schema=FAILURE_SCHEMA)
+        write_table(failure_table, failures_path(out, index), storage_options)
     by_stage: dict[str, int] = {}
     for record in failures:
         by_stage[record["stage"]] = by_stage.get(record["stage"], 0) + 1
@@ -117,12 +154,12 @@ def write_part(out: str, index: int, source: str, fingerprint: str, rows: list[d
         "source": source,
         "fingerprint": fingerprint,
         "samples": samples_in,
-        "rows": len(rows),
+        "rows": rows,
         "failures": len(failures),
         "failed_by_stage": by_stage,
         "embeddings": f"embeddings/{part_name(index)}.parquet" if rows else None,
         "failures_file": f"failures/{part_name(index)}.parquet" if failures else None,
-        "text_rows": sum(1 for r in rows if r["text_embedding"] is not None),
+        "text_rows": 0 if table is None else rows - table.column("text_embedding").null_count,
     }
     write_json(marker_path(out, index), marker, storage_options)
     return marker
