@@ -142,6 +142,23 @@ def _local_checkpoint(pretrained: str, storage_options: dict | None) -> str:
     return str(local)
 
 
+def _weights_source(spec: ClipSpec, storage_options: dict | None) -> tuple[str | None, str]:
+    """(what open_clip's `pretrained` gets, the weights' label for manifests).
+
+    None means seeded random weights; a checkpoint (shipped, local or remote)
+    becomes a local path labelled by its sha256; anything else is a pretrained tag.
+    """
+    pretrained = spec.pretrained
+    if (spec.model, pretrained) in SHIPPED_CHECKPOINTS:
+        pretrained = str(ASSETS_DIR / SHIPPED_CHECKPOINTS[(spec.model, pretrained)])
+    if pretrained == "none":
+        return None, f"random(seed={spec.seed})"
+    if is_checkpoint_path(pretrained) or os.path.exists(pretrained):
+        local = _local_checkpoint(pretrained, storage_options)
+        return local, "sha256:" + file_sha256(local)
+    return pretrained, pretrained
+
+
 def load_clip(spec: ClipSpec, storage_options: dict | None = None) -> LoadedClip:
     """Build the model, load its weights, move it to its device, set eval mode."""
     import open_clip
@@ -149,19 +166,9 @@ def load_clip(spec: ClipSpec, storage_options: dict | None = None) -> LoadedClip
 
     register_configs()
     device = resolve_device(spec.device)
-    pretrained = spec.pretrained
-    if (spec.model, pretrained) in SHIPPED_CHECKPOINTS:
-        pretrained = str(ASSETS_DIR / SHIPPED_CHECKPOINTS[(spec.model, pretrained)])
-    if pretrained == "none":
+    tag, weights = _weights_source(spec, storage_options)
+    if tag is None:
         torch.manual_seed(spec.seed)
-        weights = f"random(seed={spec.seed})"
-        tag = None
-    elif is_checkpoint_path(pretrained) or os.path.exists(pretrained):
-        tag = _local_checkpoint(pretrained, storage_options)
-        weights = "sha256:" + file_sha256(tag)
-    else:
-        tag = pretrained
-        weights = pretrained
     try:
         model, _, preprocess = open_clip.create_model_and_transforms(
             spec.model, pretrained=tag, precision=spec.precision, device=device
@@ -250,27 +257,18 @@ def embedding_dim(spec: ClipSpec) -> int:
     return int(open_clip.get_model_config(spec.model)["embed_dim"])
 
 
-OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
-OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
-
-
 def image_normalisation(clip: LoadedClip) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """The (mean, std) the model's preprocessing applies to [0, 1] pixels; for code that builds its own
     pixel tensors (VQGAN+CLIP cutouts) instead of going through `preprocess`."""
+    from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
+
     cfg = getattr(clip.model.visual, "preprocess_cfg", None) or {}
-    mean = tuple(float(v) for v in cfg.get("mean", OPENAI_MEAN))
-    std = tuple(float(v) for v in cfg.get("std", OPENAI_STD))
+    mean = tuple(float(v) for v in cfg.get("mean", OPENAI_DATASET_MEAN))
+    std = tuple(float(v) for v in cfg.get("std", OPENAI_DATASET_STD))
     return mean, std
 
 
 def weights_label(spec: ClipSpec, storage_options: dict | None = None) -> str:
     """What `load_clip(spec).weights` will say, without building the model (for manifests written
     by a launcher whose workers do the loading)."""
-    pretrained = spec.pretrained
-    if (spec.model, pretrained) in SHIPPED_CHECKPOINTS:
-        pretrained = str(ASSETS_DIR / SHIPPED_CHECKPOINTS[(spec.model, pretrained)])
-    if pretrained == "none":
-        return f"random(seed={spec.seed})"
-    if is_checkpoint_path(pretrained) or os.path.exists(pretrained):
-        return "sha256:" + file_sha256(_local_checkpoint(pretrained, storage_options))
-    return pretrained
+    return _weights_source(spec, storage_options)[1]

@@ -26,6 +26,7 @@ from clipbeam.models.clip import (
     load_clip,
     preprocess_config,
     validate_spec,
+    weights_label,
 )
 from clipbeam.pipelines.common import (
     Stopwatch,
@@ -93,12 +94,10 @@ def _check_args(args: argparse.Namespace) -> None:
 def _model_identity(spec: ClipSpec, storage_options: dict) -> tuple[str, int]:
     """(weights identity, dim). Checkpoints are loaded once here, so that an
     unreadable one is reported before any work starts."""
-    if spec.pretrained == "none":
-        return f"random(seed={spec.seed})", embedding_dim(spec)
     if (spec.model, spec.pretrained) in SHIPPED_CHECKPOINTS or is_checkpoint_path(spec.pretrained):
         clip = load_clip(spec.replace(device="cpu", precision="fp32"), storage_options)
         return clip.weights, clip.dim
-    return spec.pretrained, embedding_dim(spec)
+    return weights_label(spec, storage_options), embedding_dim(spec)
 
 
 def build_pipeline(pipeline: beam.Pipeline, pending: list[tuple[int, PartSpec]], *, output: str,

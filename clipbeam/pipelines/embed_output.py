@@ -114,11 +114,11 @@ class EmbedOutput:
                 if stale or (name.startswith(".") and ".tmp-" in name):  # left by a killed run
                     fs.rm(path)
                     removed.append(f"{folder}/{name}")
-        for index in range(len(markers), 10**6):
-            _, path = get_fs(marker_path(self.url, index), self.storage_options)
-            if not fs.exists(path):
-                break
-            fs.rm(path)
+        planned = {get_fs(marker_path(self.url, index), self.storage_options)[1] for index in markers}
+        fs.invalidate_cache(join(root, "_parts"))
+        for path in fs.ls(join(root, "_parts"), detail=False):
+            if path not in planned:  # markers of parts an earlier, larger plan had
+                fs.rm(path)
         fragments = join(root, "_fragments")
         if fs.exists(fragments):  # left by parts of a killed run that are no longer planned
             fs.rm(fragments, recursive=True)

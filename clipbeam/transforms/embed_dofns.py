@@ -61,15 +61,11 @@ class DecodeDoFn(beam.DoFn):
         try:
             image = decode_image(data, self._max_pixels)
             pixels = self._preprocess(image).numpy()
-        except DecodeError as exc:
-            self._failed.inc()
-            yield beam.pvalue.TaggedOutput(FAILURES, failure(sample["part"], sample["id"], sample["source"],
-                                                             "decode", str(exc)))
-            return
         except Exception as exc:  # a transform error on a decodable image is still a decode failure
             self._failed.inc()
+            reason = str(exc) if isinstance(exc, DecodeError) else f"{exc.__class__.__name__}: {exc}"
             yield beam.pvalue.TaggedOutput(FAILURES, failure(sample["part"], sample["id"], sample["source"],
-                                                             "decode", f"{exc.__class__.__name__}: {exc}"))
+                                                             "decode", reason))
             return
         caption, note = decode_caption(sample.get("caption"))
         sample["caption"] = caption
