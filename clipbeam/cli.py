@@ -1,6 +1,6 @@
 """The `clipbeam` command: one sub-command per job.
 
-Each job lives in its own module under clipbeam.pipelines and exposes
+Each job lives in its own module under clipbeam.commands and exposes
 `add_arguments(parser)` and `run(args, beam_args) -> int`. Modules are imported
 only when their command runs, so `clipbeam --help` stays fast. Arguments that
 argparse does not know are handed to Beam unchanged (`--runner`,
@@ -18,15 +18,15 @@ from clipbeam import __version__
 from clipbeam.errors import UsageError
 
 COMMANDS: list[tuple[str, str, str]] = [
-    ("embed", "clipbeam.pipelines.embed", "image-text corpora -> CLIP embeddings in Parquet"),
-    ("index", "clipbeam.pipelines.index_build", "embeddings -> sharded FAISS index with measured recall"),
-    ("search", "clipbeam.pipelines.search", "query a sharded index with text, an image or vectors"),
-    ("classify", "clipbeam.pipelines.classify", "zero-shot labels from stored image embeddings"),
-    ("export", "clipbeam.pipelines.export", "embeddings -> clip-retrieval / autofaiss layout"),
-    ("generate", "clipbeam.pipelines.generate", "render prompt lists with VQGAN+CLIP"),
-    ("convert-vqgan", "clipbeam.pipelines.convert_vqgan", "taming .ckpt -> .safetensors, without pytorch_lightning"),
-    ("synth-corpus", "clipbeam.pipelines.synth_corpus", "write a synthetic shapes corpus as webdataset shards"),
-    ("train", "clipbeam.pipelines.train", "train a small CLIP or VQGAN on a corpus"),
+    ("embed", "clipbeam.commands.embed", "image-text corpora -> CLIP embeddings in Parquet"),
+    ("index", "clipbeam.commands.index_build", "embeddings -> sharded FAISS index with measured recall"),
+    ("search", "clipbeam.commands.search", "query a sharded index with text, an image or vectors"),
+    ("classify", "clipbeam.commands.classify", "zero-shot labels from stored image embeddings"),
+    ("export", "clipbeam.commands.export", "embeddings -> clip-retrieval / autofaiss layout"),
+    ("generate", "clipbeam.commands.generate", "render prompt lists with VQGAN+CLIP"),
+    ("convert-vqgan", "clipbeam.commands.convert_vqgan", "taming .ckpt -> .safetensors, without pytorch_lightning"),
+    ("synth-corpus", "clipbeam.commands.synth_corpus", "write a synthetic shapes corpus as webdataset shards"),
+    ("train", "clipbeam.commands.train", "train a small CLIP or VQGAN on a corpus"),
 ]
 
 

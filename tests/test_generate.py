@@ -26,7 +26,7 @@ from clipbeam.models.vqgan_clip import (
     quantize_straight_through,
     spherical_distance,
 )
-from clipbeam.pipelines.generate import PromptRow, plan_renders, slugify
+from clipbeam.commands.generate import PromptRow, plan_renders, slugify
 from vqganhelpers import save_tiny_vqgan, tiny_config, tiny_vqgan
 
 CLIP = ["--model", "clipbeam-tiny", "--pretrained", "none"]

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from clipbeam.cli import COMMANDS
-from clipbeam.pipelines.common import beam_option_parser
+from clipbeam.commands.common import beam_option_parser
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 MODULES = {name: module for name, module, _ in COMMANDS}

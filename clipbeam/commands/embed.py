@@ -28,7 +28,7 @@ from clipbeam.models.clip import (
     validate_spec,
     weights_label,
 )
-from clipbeam.pipelines.common import (
+from clipbeam.commands.common import (
     Stopwatch,
     add_accelerator_argument,
     add_model_arguments,
@@ -41,8 +41,8 @@ from clipbeam.pipelines.common import (
     storage_options_from_args,
     with_accelerator,
 )
-from clipbeam.pipelines.embed_output import EmbedOutput
-from clipbeam.pipelines.progress import MarkerProgress
+from clipbeam.commands.embed_output import EmbedOutput
+from clipbeam.commands.progress import MarkerProgress
 from clipbeam.storage import absolute_url, check_writable
 from clipbeam.transforms.clip_handler import ClipModelHandler
 from clipbeam.transforms.corpus_plan import FORMATS, ManifestColumns, PartSpec, plan_parts

@@ -17,7 +17,7 @@ import logging
 
 from clipbeam import __version__
 from clipbeam.errors import UsageError
-from clipbeam.pipelines.common import Stopwatch, add_storage_arguments, print_summary, storage_options_from_args
+from clipbeam.commands.common import Stopwatch, add_storage_arguments, print_summary, storage_options_from_args
 from clipbeam.storage import check_writable, get_fs, join, write_json
 from clipbeam.transforms.corpus_plan import FORMATS, ManifestColumns
 

@@ -19,8 +19,8 @@ from clipbeam import storage
 from clipbeam.errors import UsageError
 from clipbeam.index import ShardedIndex
 from clipbeam.index.manifest import query_model
-from clipbeam.pipelines.common import add_storage_arguments, storage_options_from_args
-from clipbeam.pipelines.query_model import add_query_model_arguments, load_query_model, query_spec
+from clipbeam.commands.common import add_storage_arguments, storage_options_from_args
+from clipbeam.commands.query_model import add_query_model_arguments, load_query_model, query_spec
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

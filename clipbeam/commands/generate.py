@@ -43,7 +43,7 @@ from clipbeam.transforms.render import (
     RenderDoFn,
     RenderJob,
 )
-from clipbeam.pipelines.common import (
+from clipbeam.commands.common import (
     Stopwatch,
     add_accelerator_argument,
     add_model_arguments,

@@ -24,7 +24,7 @@ import pyarrow.parquet as pq
 from clipbeam import __version__, storage
 from clipbeam.errors import UsageError
 from clipbeam.index.inputs import InputFile, resolve_embeddings, to_matrix
-from clipbeam.pipelines.common import (
+from clipbeam.commands.common import (
     Stopwatch,
     add_output_arguments,
     add_storage_arguments,

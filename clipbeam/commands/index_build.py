@@ -40,7 +40,7 @@ from clipbeam.index.inputs import EmbeddingsInput, InputFile, describe, iter_bat
 from clipbeam.index.plan import ShardPlan, plan_sample, plan_shards, query_count, rows_by_file, shard_count
 from clipbeam.index.topk import ExactTopK, merge_topk
 from clipbeam.index.tune import tune
-from clipbeam.pipelines.common import (
+from clipbeam.commands.common import (
     Stopwatch,
     add_output_arguments,
     add_storage_arguments,

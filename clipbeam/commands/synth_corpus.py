@@ -18,7 +18,7 @@ import apache_beam as beam
 from clipbeam import __version__
 from clipbeam.errors import UsageError
 from clipbeam.models.shapes import COLORS, IMAGE_SIZE, SHAPES, class_prompts
-from clipbeam.pipelines.common import (
+from clipbeam.commands.common import (
     Stopwatch,
     add_output_arguments,
     add_storage_arguments,

@@ -22,7 +22,7 @@ import pyarrow.parquet as pq
 from clipbeam import __version__, storage
 from clipbeam.errors import UsageError
 from clipbeam.index.inputs import InputFile, iter_batches, resolve_embeddings
-from clipbeam.pipelines.common import (
+from clipbeam.commands.common import (
     Stopwatch,
     add_output_arguments,
     add_storage_arguments,
@@ -30,7 +30,7 @@ from clipbeam.pipelines.common import (
     print_summary,
     storage_options_from_args,
 )
-from clipbeam.pipelines.query_model import add_query_model_arguments, load_query_model, query_spec
+from clipbeam.commands.query_model import add_query_model_arguments, load_query_model, query_spec
 
 LOG = logging.getLogger(__name__)
 DEFAULT_TEMPLATE = "a photo of a {}."

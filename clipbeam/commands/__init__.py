@@ -1,0 +1,1 @@
+"""The clipbeam commands: one module per command (parse, validate, build, commit)."""

@@ -1,1 +1,0 @@
-"""Beam pipelines and the clipbeam command: one module per job."""
