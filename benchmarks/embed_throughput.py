@@ -51,7 +51,7 @@ def child_bare(corpus_root: str, model: str, batch_size: int) -> dict:
     import torch
 
     from clipbeam.models.clip import ClipSpec, encode_images, encode_texts, load_clip
-    from clipbeam.transforms.decode import decode_image
+    from clipbeam.models.images import decode_image
 
     clip = load_clip(ClipSpec(model, "none"))
     start = time.monotonic()

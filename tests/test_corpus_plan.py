@@ -7,7 +7,7 @@ import pytest
 from clipbeam.errors import UsageError
 from clipbeam.storage import expand_braces
 from clipbeam.transforms.corpus_plan import cut_ranges, pair_captions, plan_parts, unique_labels
-from clipbeam.transforms.decode import DecodeError, decode_caption, decode_image
+from clipbeam.models.images import DecodeError, decode_caption, decode_image
 
 import imagefactory as imgs
 

@@ -46,7 +46,7 @@ from clipbeam.commands.progress import MarkerProgress
 from clipbeam.storage import absolute_url, check_writable
 from clipbeam.transforms.clip_handler import ClipModelHandler
 from clipbeam.transforms.corpus_plan import FORMATS, ManifestColumns, PartSpec, plan_parts
-from clipbeam.transforms.decode import DEFAULT_MAX_PIXELS
+from clipbeam.models.images import DEFAULT_MAX_PIXELS
 from clipbeam.transforms.embed_dofns import COUNTS, FAILURES, DecodeDoFn, ReadPartDoFn
 from clipbeam.transforms.embed_write import SplitResultsDoFn, WritePartDoFn
 

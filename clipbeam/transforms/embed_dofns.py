@@ -13,7 +13,7 @@ from apache_beam.metrics import Metrics
 from clipbeam.models.clip import build_preprocess
 from clipbeam.transforms.corpus_plan import PartSpec
 from clipbeam.transforms.corpus_read import failure, read_part
-from clipbeam.transforms.decode import DecodeError, decode_caption, decode_image, sha256_hex
+from clipbeam.models.images import DecodeError, decode_caption, decode_image, sha256_hex
 
 NAMESPACE = "clipbeam.embed"
 FAILURES = "failures"

@@ -1,4 +1,4 @@
-"""Turning image bytes into the RGB picture CLIP expects, or a clear reason why not.
+"""Image and caption bytes -> what CLIP expects, or a clear reason why not (no Beam: queries, renders and corpora share it).
 
 Handles what real corpora hold: EXIF orientation, CMYK, 16-bit and float
 images, palettes, alpha (composited on white, not dropped to black), animated
