@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: venv browser test demo clean
+.PHONY: venv browser lint test demo clean
 
 SUDO := $(shell [ "$$(id -u)" -eq 0 ] || echo sudo)
 
@@ -26,7 +26,11 @@ browser:
 	  $(SUDO) apt-get update -qq && \
 	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq chromium chromium-driver >/dev/null; }
 
-test: $(STAMP) browser
+# The lint gate runs before the tests and fails the build (rules in pyproject.toml).
+lint: $(STAMP)
+	$(BIN)/ruff check clipbeam tests benchmarks
+
+test: $(STAMP) browser lint
 	$(BIN)/python -m pytest -q tests
 
 demo: $(STAMP)
