@@ -48,22 +48,23 @@ def _load_vectors(url: str, storage_options: dict) -> np.ndarray:
 
 
 def _encode_images(clip, urls: list[str], storage_options: dict) -> np.ndarray:
+    """Query images -> vectors, decoded and preprocessed exactly as `clipbeam embed` does corpus images."""
     import torch
-    from PIL import Image, UnidentifiedImageError
 
-    from clipbeam.models.clip import encode_images, preprocess_image
+    from clipbeam.models.clip import encode_images, image_preprocessor, preprocess_config
+    from clipbeam.models.images import DecodeError, load_image
 
+    preprocess = image_preprocessor(preprocess_config(clip.spec))
     pixels = []
     for url in urls:
         try:
-            with storage.open_input(url, storage_options) as handle:
-                image = Image.open(io.BytesIO(handle.read())).convert("RGB")
+            image = load_image(url, storage_options)
         except FileNotFoundError:
             raise UsageError(f"--image {url} does not exist") from None
-        except (UnidentifiedImageError, OSError) as exc:
+        except DecodeError as exc:
             raise UsageError(f"--image {url} is not a readable image: {exc}") from None
-        pixels.append(preprocess_image(clip, image))
-    return encode_images(clip, torch.stack(pixels))
+        pixels.append(preprocess(image))
+    return encode_images(clip, torch.from_numpy(np.stack(pixels)))
 
 
 def queries_from_args(args: argparse.Namespace, index: ShardedIndex, storage_options: dict) -> tuple[list[str], np.ndarray]:

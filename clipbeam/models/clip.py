@@ -249,6 +249,21 @@ def build_preprocess(cfg: dict):
     return image_transform_v2(PreprocessCfg(**cfg), is_train=False)
 
 
+def image_preprocessor(cfg: dict):
+    """A function: decoded RGB PIL image -> one model input row (numpy), for these settings.
+
+    The one "image -> model input" path: embed's decode step and search's query
+    images both use it, and `encode_images` takes its rows stacked, so a query
+    image and the same image inside a corpus give the same vector.
+    """
+    transform = build_preprocess(cfg)
+
+    def preprocess(image) -> np.ndarray:
+        return transform(image).numpy()
+
+    return preprocess
+
+
 def embedding_dim(spec: ClipSpec) -> int:
     """The embedding width from the model config (no weights needed)."""
     import open_clip

@@ -48,6 +48,22 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Ima
         return to_rgb(image)
 
 
+def load_image(url: str, storage_options: dict | None = None,
+               max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """A single image file (a search query, an init image, an image prompt) -> RGB.
+
+    Decoded by `decode_image`, exactly as corpus images are, so a query photo
+    and the same photo inside a corpus give the same pixels (EXIF orientation,
+    alpha on white, the pixel cap). Raises FileNotFoundError for a missing
+    file and DecodeError for bytes that are not a usable image.
+    """
+    from clipbeam.storage import open_input
+
+    with open_input(url, storage_options) as handle:
+        data = handle.read()
+    return decode_image(data, max_pixels)
+
+
 def to_rgb(image: Image.Image) -> Image.Image:
     """Any PIL mode -> 8-bit RGB, without losing images to odd modes."""
     mode = image.mode

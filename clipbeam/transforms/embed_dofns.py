@@ -10,7 +10,7 @@ from __future__ import annotations
 import apache_beam as beam
 from apache_beam.metrics import Metrics
 
-from clipbeam.models.clip import build_preprocess
+from clipbeam.models.clip import image_preprocessor
 from clipbeam.transforms.corpus_plan import PartSpec
 from clipbeam.transforms.corpus_read import failure, read_part
 from clipbeam.models.images import DecodeError, decode_caption, decode_image, sha256_hex
@@ -54,13 +54,13 @@ class DecodeDoFn(beam.DoFn):
         self._preprocess = None
 
     def setup(self) -> None:
-        self._preprocess = build_preprocess(self._cfg)
+        self._preprocess = image_preprocessor(self._cfg)
 
     def process(self, sample: dict):
         data = sample.pop("image")
         try:
             image = decode_image(data, self._max_pixels)
-            pixels = self._preprocess(image).numpy()
+            pixels = self._preprocess(image)
         except Exception as exc:  # a transform error on a decodable image is still a decode failure
             self._failed.inc()
             reason = str(exc) if isinstance(exc, DecodeError) else f"{exc.__class__.__name__}: {exc}"
