@@ -121,6 +121,15 @@ def write_json(url: str, value: Any, storage_options: dict | None = None) -> Non
         handle.write(data)
 
 
+def read_bytes(url: str, storage_options: dict | None = None, start: int | None = None,
+               size: int | None = None) -> bytes:
+    """A whole file, or `size` bytes from `start` with one range request (one sample inside a tar shard)."""
+    fs, path = get_fs(url, storage_options)
+    if start is None:
+        return fs.cat_file(path)
+    return fs.cat_file(path, start=start, end=start + (size or 0))
+
+
 def read_json(url: str, storage_options: dict | None = None) -> Any:
     fs, path = get_fs(url, storage_options)
     with fs.open(path, "rb") as handle:

@@ -150,7 +150,7 @@ class EmbedOutput:
         manifest = dict(settings)
         manifest.update({
             "format": "clipbeam.embeddings",
-            "format_version": 1,
+            "format_version": 2,  # 2: source_offset / source_size columns
             "samples": sum(e["samples"] for e in entries),
             "rows": sum(e["rows"] for e in entries),
             "failures": sum(e["failures"] for e in entries),

@@ -62,7 +62,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--column", default="image_embedding", help="vector column (default %(default)s)")
     parser.add_argument("--id-column", default="id", help="id column (default %(default)s)")
     parser.add_argument("--keep-columns", default=None,
-                        help="comma-separated columns copied into the shard id tables (default: caption,source)")
+                        help="comma-separated columns copied into the shard id tables "
+                             "(default: caption,source,source_offset,source_size where present)")
     parser.add_argument("--shards", type=int, default=None, help="number of shards (default 1)")
     parser.add_argument("--shard-size", type=int, default=None, help="rows per shard, instead of --shards")
     parser.add_argument("--index-factory", default="auto", help="auto, or any faiss factory string (default auto)")

@@ -26,6 +26,8 @@ from clipbeam.index.errors import IndexInputError
 LOG = logging.getLogger(__name__)
 EMBED_MANIFEST = "manifest.json"
 DIM_METADATA_KEY = b"clipbeam.dim"
+# What a search result shows, and where its image bytes lie (so `fetch_image` needs one range read).
+DEFAULT_KEEP_COLUMNS = ("caption", "source", "source_offset", "source_size")
 
 
 @dataclass(frozen=True)
@@ -90,7 +92,7 @@ def resolve_embeddings(url: str, column: str = "image_embedding", id_column: str
                        first_id: int = 0) -> EmbeddingsInput:
     """Check an input up front (files, columns, dimension, non-empty) and assign global id ranges.
 
-    `metadata_columns=None` keeps `caption` and `source` where present; named columns must exist.
+    `metadata_columns=None` keeps DEFAULT_KEEP_COLUMNS where present; named columns must exist.
     """
     urls, manifest = list_parquet(url, storage_options)
     if not urls:
@@ -123,7 +125,7 @@ def resolve_embeddings(url: str, column: str = "image_embedding", id_column: str
     if dim is None:
         dim = _dim_from_rows(files[0].url, column, storage_options)
     if metadata_columns is None:
-        metadata_columns = [c for c in ("caption", "source") if c in schema.names]
+        metadata_columns = [c for c in DEFAULT_KEEP_COLUMNS if c in schema.names]
     return EmbeddingsInput(url, files, dim, column, id_column, list(metadata_columns), manifest, schema)
 
 

@@ -2,6 +2,8 @@
 
 Samples are plain dicts so that they pickle cheaply between Beam stages:
   {"id", "part", "source", "image": bytes, "caption": bytes|str|None, "meta": dict}
+plus, for tar samples, "source_offset" and "source_size": where the image
+member's bytes lie in an uncompressed shard (None in a compressed one).
 Failures are {"id", "part", "source", "stage", "error"}. A part that cannot be
 read at all (missing object, truncated tar) yields failure records and never
 raises: the run goes on with the other parts.
@@ -70,11 +72,15 @@ def _read_tar(index: int, spec: PartSpec, storage_options: dict | None) -> Itera
             "image": group["image"],
             "caption": group["caption"],
             "meta": group["meta"],
+            "source_offset": group["offset"],
+            "source_size": group["size"],
         }
 
     try:
         fs, path = get_fs(source, storage_options)
         with fs.open(path, "rb") as handle, tarfile.open(fileobj=handle, mode="r|*") as tar:
+            # Offsets into a compressed stream cannot be range-read, so only plain tars record them.
+            plain = getattr(tar.fileobj, "comptype", None) == "tar"
             for member in tar:
                 if not member.isfile():
                     continue
@@ -88,12 +94,15 @@ def _read_tar(index: int, spec: PartSpec, storage_options: dict | None) -> Itera
                     yield finish(pending)
                     pending = None
                 if pending is None:
-                    pending = {"key": key, "image": None, "caption": None, "meta": {}, "exts": set()}
+                    pending = {"key": key, "image": None, "caption": None, "meta": {}, "exts": set(),
+                               "offset": None, "size": None}
                 pending["exts"].add(ext)
                 handle_member = tar.extractfile(member)
                 data = handle_member.read() if handle_member is not None else b""
                 if ext in IMAGE_EXTS and pending["image"] is None:
                     pending["image"] = data
+                    if plain:
+                        pending["offset"], pending["size"] = member.offset_data, member.size
                 elif ext == "txt":
                     pending["caption"] = data
                 elif ext == "json":

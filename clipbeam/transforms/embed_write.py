@@ -54,6 +54,8 @@ class SplitResultsDoFn(beam.DoFn):
             "width": sample["width"],
             "height": sample["height"],
             "sha256": sample["sha256"],
+            "source_offset": sample.get("source_offset"),
+            "source_size": sample.get("source_size"),
             "meta": sample.get("meta") or {},
         })
         if len(buffer) >= self._flush_rows:

@@ -20,7 +20,8 @@ import pyarrow.parquet as pq
 
 from clipbeam.storage import atomic_open, join, open_input, write_json
 
-RESERVED = ("id", "source", "caption", "image_embedding", "text_embedding", "width", "height", "sha256")
+RESERVED = ("id", "source", "caption", "image_embedding", "text_embedding", "width", "height", "sha256",
+            "source_offset", "source_size")
 FAILURE_SCHEMA = pa.schema([("id", pa.string()), ("source", pa.string()), ("stage", pa.string()),
                             ("error", pa.string())])
 
@@ -80,6 +81,9 @@ def embedding_table(rows: list[dict], dim: int, dtype: str, schema_meta: dict[st
         "width": pa.array([r["width"] for r in rows], pa.int32()),
         "height": pa.array([r["height"] for r in rows], pa.int32()),
         "sha256": pa.array([r["sha256"] for r in rows], pa.string()),
+        # Where the image bytes lie in a tar shard (null for manifests, folders, compressed tars).
+        "source_offset": pa.array([r.get("source_offset") for r in rows], pa.int64()),
+        "source_size": pa.array([r.get("source_size") for r in rows], pa.int64()),
     }
     meta_keys: list[str] = []
     for row in rows:
