@@ -400,8 +400,11 @@ def config_path_for(weights_url: str) -> str:
 
 
 def save_state_dict(state: dict[str, torch.Tensor], config: VQGANConfig, url: str,
-                    storage_options: dict | None = None) -> tuple[str, str]:
-    """Write weights as .safetensors (config embedded in its metadata) and the YAML beside it."""
+                    storage_options: dict | None = None, write_config: bool = True) -> tuple[str, str]:
+    """Write weights as .safetensors (config embedded in its metadata) and the YAML beside it.
+
+    write_config=False keeps a YAML that is already there (the caller checked that it holds this config).
+    """
     import safetensors.torch
 
     from clipbeam import __version__
@@ -417,8 +420,9 @@ def save_state_dict(state: dict[str, torch.Tensor], config: VQGANConfig, url: st
     }
     data = safetensors.torch.save(tensors, metadata=metadata)
     config_url = config_path_for(url)
-    with atomic_open(config_url, "wb", storage_options) as handle:
-        handle.write(config_to_yaml(config).encode("utf-8"))
+    if write_config:
+        with atomic_open(config_url, "wb", storage_options) as handle:
+            handle.write(config_to_yaml(config).encode("utf-8"))
     with atomic_open(url, "wb", storage_options) as handle:
         handle.write(data)
     return url, config_url
