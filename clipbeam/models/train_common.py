@@ -25,6 +25,7 @@ from typing import Any, Iterator, Protocol, Sequence
 import torch
 
 from clipbeam.errors import UsageError
+from clipbeam.models.torch_files import load_weights_only
 from clipbeam.storage import atomic_open, get_fs, join
 
 LOG = logging.getLogger(__name__)
@@ -85,10 +86,14 @@ def save_torch(obj: Any, url: str, storage_options: dict | None) -> None:
 
 
 def load_torch(url: str, storage_options: dict | None) -> Any:
-    fs, path = get_fs(url, storage_options)
-    with fs.open(path, "rb") as handle:
-        data = io.BytesIO(handle.read())
-    return torch.load(data, map_location="cpu", weights_only=False)
+    """Read a training checkpoint with `weights_only=True`.
+
+    Output folders live in shared buckets, so `last.pt` is as untrusted as any
+    downloaded file: a pickle that names a callable is refused (one line) and
+    nothing in it runs. A checkpoint holds only tensors, dicts, lists, numbers
+    and strings, so no extra safe globals are needed.
+    """
+    return load_weights_only(url, storage_options, safe_globals=(), what="training checkpoint")
 
 
 def checkpoint_exists(output: str, storage_options: dict | None) -> bool:

@@ -35,6 +35,7 @@ from typing import Any
 import torch
 
 from clipbeam.errors import UsageError
+from clipbeam.models.torch_files import refuse_torchscript
 from clipbeam.models.vqgan import VQGANConfig, VQModel, build_vqgan, config_from_dict, config_from_yaml, config_to_yaml
 
 LOG = logging.getLogger(__name__)
@@ -184,6 +185,7 @@ def load_raw_checkpoint(url: str, storage_options: dict | None = None) -> Any:
     local = "://" not in url or url.startswith("file://")
     try:
         if local and zipfile.is_zipfile(path):
+            refuse_torchscript(path, url)  # torch.load would hand a TorchScript archive to torch.jit.load
             try:  # mmap: validating a 1 GB checkpoint's keys should not read 1 GB
                 return torch.load(path, map_location="cpu", pickle_module=restricted_pickle, weights_only=False,
                                   mmap=True)
@@ -191,6 +193,7 @@ def load_raw_checkpoint(url: str, storage_options: dict | None = None) -> Any:
                 LOG.debug("mmap load of %s failed; reading it whole", url)
         with fs.open(path, "rb") as handle:
             data = io.BytesIO(handle.read())
+        refuse_torchscript(data, url)
         return torch.load(data, map_location="cpu", pickle_module=restricted_pickle, weights_only=False)
     except RefusedGlobal as exc:
         raise UsageError(

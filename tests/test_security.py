@@ -1,0 +1,122 @@
+"""Hostile files (issue 12): no code runs from a checkpoint, clean one-line refusals, nothing created."""
+
+from __future__ import annotations
+
+import os
+import pickle
+from typing import List
+
+import pytest
+import torch
+import yaml
+
+from clipbeam.cli import main
+from clipbeam.errors import UsageError
+from clipbeam.models import train_common
+from clipbeam.models.torch_files import load_weights_only, refuse_torchscript, torchscript_entries
+from clipbeam.models.vqgan_checkpoint import load_raw_checkpoint
+from vqganhelpers import tiny_config
+
+
+class _WritesAFile(torch.nn.Module):
+    """A TorchScript module whose __setstate__ writes 8 bytes to a path: the issue's evil.ckpt."""
+
+    def __init__(self, path: str) -> None:
+        super().__init__()
+        self.path = path
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+    @torch.jit.export
+    def __getstate__(self) -> List[str]:
+        return [self.path]
+
+    @torch.jit.export
+    def __setstate__(self, state: List[str]) -> None:
+        self.training = False
+        written = torch.from_file(state[0], shared=True, size=8, dtype=torch.uint8)
+        written.fill_(65)
+        self.path = state[0] + str(int(written[0]))  # used, so TorchScript keeps the write
+
+
+def evil_archive(path, marker) -> str:
+    """Save the TorchScript archive; the marker appears only if something loads it."""
+    with pytest.warns(FutureWarning):
+        torch.jit.save(torch.jit.script(_WritesAFile(str(marker))), str(path))
+    assert not os.path.exists(marker)
+    return str(path)
+
+
+def one_error_line(capsys) -> str:
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1, captured.err
+    return lines[0]
+
+
+def test_torchscript_checkpoint_is_refused_before_any_loader(tmp_path, capsys):
+    marker = tmp_path / "pwned"
+    ckpt = evil_archive(tmp_path / "evil.ckpt", marker)
+    (tmp_path / "evil.yaml").write_text(yaml.safe_dump(tiny_config().to_yaml_dict()))
+    out = tmp_path / "out.safetensors"
+    assert main(["convert-vqgan", ckpt, str(out)]) == 2
+    assert "TorchScript archive" in one_error_line(capsys)
+    assert main(["generate", "--vqgan", ckpt, "--prompt", "a cat", "--output", str(tmp_path / "renders"),
+                 "--model", "clipbeam-tiny", "--pretrained", "none", "--size", "32", "32"]) == 2
+    assert "TorchScript archive" in one_error_line(capsys)
+    with pytest.raises(UsageError, match="TorchScript"):
+        load_raw_checkpoint(ckpt)
+    assert not marker.exists() and not out.exists() and not (tmp_path / "renders").exists()
+
+
+def test_torchscript_is_recognised_by_its_entries_only(tmp_path):
+    assert torchscript_entries(["evil/data.pkl", "evil/constants.pkl"]) == ["evil/constants.pkl"]
+    assert torchscript_entries(["code/__torch__.py", "data.pkl"]) == ["code/__torch__.py"]
+    assert torchscript_entries(["archive/data.pkl", "archive/data/0", "archive/version"]) == []
+    plain = tmp_path / "plain.pt"
+    torch.save({"w": torch.ones(2)}, plain)
+    refuse_torchscript(str(plain), str(plain))  # an ordinary torch.save zip passes
+    assert load_weights_only(str(plain), None)["w"].tolist() == [1.0, 1.0]
+
+
+class _RunsCode:
+    def __init__(self, marker) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_malicious_training_checkpoint_is_refused_and_creates_nothing(tmp_path, capsys):
+    marker = tmp_path / "pwned"
+    out = tmp_path / "run"
+    (out / "checkpoints").mkdir(parents=True)
+    torch.save({"settings": {"kind": "clip"}, "step": 1, "payload": _RunsCode(marker)}, out / "checkpoints/last.pt")
+    corpus = tmp_path / "corpus"
+    assert main(["synth-corpus", "--output", str(corpus), "--n", "8", "--seed", "0", "--shard-size", "8"]) == 0
+    capsys.readouterr()
+    before = sorted(p.name for p in out.rglob("*"))
+    code = main(["train", "clip", "--corpus", str(corpus / "*.tar"), "--output", str(out), "--steps", "1",
+                 "--model", "clipbeam-tiny", "--batch-size", "4", "--threads", "1"])
+    assert code == 2
+    assert "refusing to load training checkpoint" in one_error_line(capsys)
+    assert not marker.exists()
+    assert sorted(p.name for p in out.rglob("*")) == before
+    with pytest.raises(UsageError, match="refusing"):
+        train_common.read_checkpoint_settings(str(out), None)
+    # The TorchScript route is closed for last.pt too.
+    evil_archive(out / "checkpoints/last.pt", marker)
+    with pytest.raises(UsageError, match="TorchScript"):
+        train_common.read_checkpoint_step(str(out), None)
+    assert not marker.exists()
+
+
+def test_plain_pickle_as_training_checkpoint_is_refused(tmp_path):
+    marker = tmp_path / "pwned"
+    path = tmp_path / "last.pt"
+    with open(path, "wb") as handle:
+        pickle.dump(_RunsCode(marker), handle, protocol=2)
+    with pytest.raises(UsageError, match="refusing to load"):
+        train_common.load_torch(str(path), None)
+    assert not marker.exists()
