@@ -88,6 +88,89 @@ def exists(url: str, storage_options: dict | None = None) -> bool:
     return fs.exists(path)
 
 
+def remove_if_present(url: str, storage_options: dict | None = None, recursive: bool = False) -> bool:
+    """Delete a file (or, with recursive, a folder) if it is there; True when something went.
+
+    Stands for the `fs = get_fs(...); if fs.exists(p): fs.rm(p)` sequence, so
+    that every job removes things the same way (and a missing name is no error).
+    """
+    fs, path = get_fs(url, storage_options)
+    if not fs.exists(path):
+        return False
+    try:
+        fs.rm(path, recursive=recursive)
+    except FileNotFoundError:  # removed meanwhile by someone else: the outcome is the same
+        return False
+    return True
+
+
+def list_names(url: str, storage_options: dict | None = None) -> list[str]:
+    """The sorted entry names (not paths) of a folder; [] when it does not exist.
+
+    The listing cache is dropped first: object stores list what other
+    processes (Beam workers) wrote since, not what this process saw before.
+    """
+    fs, path = get_fs(url, storage_options)
+    fs.invalidate_cache(path)
+    try:
+        if not fs.isdir(path):
+            return []
+        entries = fs.ls(path, detail=False)
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+    return sorted({entry.rstrip("/").rsplit("/", 1)[-1] for entry in entries})
+
+
+def require_readable_file(url: str, storage_options: dict | None = None, what: str = "file") -> None:
+    """Raise UsageError (one line) unless `url` is an existing file that can be opened."""
+    try:
+        fs, path = get_fs(url, storage_options)
+        if not fs.isfile(path):
+            raise UsageError(f"{what} {url} does not exist or is not a file")
+        with fs.open(path, "rb") as handle:
+            handle.read(1)
+    except UsageError:
+        raise
+    except Exception as exc:  # permissions, bad protocol, bad options
+        raise UsageError(f"cannot read {what} {url}: {exc.__class__.__name__}: {exc}") from None
+
+
+def remove_temporaries(folder: str, storage_options: dict | None = None) -> list[str]:
+    """Delete the hidden `.NAME.tmp-*` files that atomic_open leaves when a process is killed mid-write.
+
+    Those names belong to clipbeam alone (atomic_open makes them), so removing them never touches a user file.
+    """
+    gone = [name for name in list_names(folder, storage_options) if name.startswith(".") and ".tmp-" in name]
+    for name in gone:
+        remove_if_present(join(folder, name), storage_options)
+    return gone
+
+
+def create_exclusive(url: str, data: bytes, storage_options: dict | None = None) -> bool:
+    """Write `data` to `url` only if nothing is there yet; False when something was.
+
+    Local disks use O_EXCL; object stores use a conditional write (`If-None-Match: *`,
+    which S3, moto and s3fs support). Stores without one fall back to check-then-write,
+    which is best effort: two writers racing within one round trip can both succeed.
+    """
+    fs, path = get_fs(url, storage_options)
+    parent = path.rsplit("/", 1)[0] if "/" in path else ""
+    if parent:
+        fs.makedirs(parent, exist_ok=True)
+    try:
+        with fs.open(path, "xb") as handle:
+            handle.write(data)
+        return True
+    except FileExistsError:
+        return False
+    except (ValueError, NotImplementedError):  # the store has no exclusive mode
+        if fs.exists(path):
+            return False
+        with atomic_open(url, "wb", storage_options) as handle:
+            handle.write(data)
+        return True
+
+
 @contextlib.contextmanager
 def atomic_open(url: str, mode: str = "wb", storage_options: dict | None = None) -> Iterator[Any]:
     """Open `url` for writing under a temporary name; rename on success.

@@ -8,6 +8,7 @@ Prism runner binary).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import sys
 import time
@@ -142,6 +143,29 @@ def beam_options(beam_args: list[str], **overrides) -> PipelineOptions:
     if not any(a == "--runner" or a.startswith("--runner=") for a in args):
         args = ["--runner", "DirectRunner"] + args
     return PipelineOptions(args, **overrides)
+
+
+EXIT_UNFINISHED = 1
+
+
+def run_pipeline(pipeline, command: str, watch: contextlib.AbstractContextManager | None = None) -> int:
+    """Run a built Beam pipeline to the end; 0, or EXIT_UNFINISHED after one line on stderr.
+
+    A worker failure (a lost worker, a full disk, a lease taken over) is not a
+    bad argument and not a bug to show as a traceback: every job exits 1 and
+    says that rerunning the same command resumes. `watch` (e.g. a progress
+    display) runs while the pipeline does.
+    """
+    try:
+        with watch or contextlib.nullcontext():
+            pipeline.run().wait_until_finish()
+    except Exception as exc:
+        LOG.error("pipeline failed: %s", exc)
+        first = (str(exc).strip().splitlines() or [""])[0]
+        sys.stderr.write(f"clipbeam {command}: the run did not finish ({exc.__class__.__name__}: {first}); "
+                         "rerun the same command to resume\n")
+        return EXIT_UNFINISHED
+    return 0
 
 
 class Stopwatch:
