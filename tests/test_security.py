@@ -120,3 +120,42 @@ def test_plain_pickle_as_training_checkpoint_is_refused(tmp_path):
     with pytest.raises(UsageError, match="refusing to load"):
         train_common.load_torch(str(path), None)
     assert not marker.exists()
+
+
+def test_torchscript_clip_checkpoint_is_refused(tmp_path):
+    from clipbeam.models.clip import ClipSpec, load_clip
+
+    marker = tmp_path / "pwned"
+    ckpt = evil_archive(tmp_path / "evil.pt", marker)
+    with pytest.raises(UsageError, match="TorchScript"):
+        load_clip(ClipSpec("clipbeam-tiny", ckpt))
+    assert not marker.exists()
+
+
+def test_remote_clip_checkpoint_cache_is_private_and_revalidated(tmp_path, s3_server, monkeypatch):
+    import s3fs
+
+    from clipbeam.models.clip import ClipSpec, load_clip
+
+    monkeypatch.setenv("CLIPBEAM_CACHE_DIR", str(tmp_path / "cache"))
+    so = s3_server["storage_options"]
+    fs = s3fs.S3FileSystem(**so)
+    url = f"s3://{s3_server['bucket']}/weights/tiny.pt"
+    first = load_clip(ClipSpec("clipbeam-tiny", "none", seed=1)).model.state_dict()
+    torch.save(first, tmp_path / "a.pt")
+    fs.put(str(tmp_path / "a.pt"), url)
+    spec = ClipSpec("clipbeam-tiny", url)
+    loaded = load_clip(spec, so)
+    folder = tmp_path / "cache" / "checkpoints"
+    assert oct(folder.stat().st_mode & 0o777) == "0o700"
+    assert len(list(folder.iterdir())) == 1
+    assert load_clip(spec, so).weights == loaded.weights  # a second load reuses the copy
+    # The object changes under the same URL: the next load sees the new weights.
+    second = load_clip(ClipSpec("clipbeam-tiny", "none", seed=2)).model.state_dict()
+    torch.save(second, tmp_path / "b.pt")
+    fs.put(str(tmp_path / "b.pt"), url)
+    reloaded = load_clip(spec, so)
+    assert reloaded.weights != loaded.weights
+    key = "visual.conv1.weight" if "visual.conv1.weight" in second else next(iter(second))
+    assert torch.equal(reloaded.model.state_dict()[key], second[key])
+    assert len(list(folder.iterdir())) == 1  # the stale copy is gone

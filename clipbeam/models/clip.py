@@ -12,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -126,20 +125,21 @@ def file_sha256(path: str) -> str:
 
 
 def _local_checkpoint(pretrained: str, storage_options: dict | None) -> str:
-    """A local path for a checkpoint; remote URLs are copied to a temp file once."""
-    if "://" not in pretrained or pretrained.startswith("file://"):
-        return pretrained[len("file://"):] if pretrained.startswith("file://") else pretrained
-    from clipbeam.storage import get_fs
+    """A local path for a checkpoint; remote URLs go through the private, revalidated cache.
 
-    fs, path = get_fs(pretrained, storage_options)
-    suffix = Path(path).suffix or ".pt"
-    key = hashlib.sha1(pretrained.encode()).hexdigest()[:16]
-    local = Path(tempfile.gettempdir()) / f"clipbeam-ckpt-{key}{suffix}"
-    if not local.exists():
-        tmp = local.with_suffix(local.suffix + f".{os.getpid()}.part")
-        fs.get(path, str(tmp))
-        os.replace(tmp, local)
-    return str(local)
+    Torch files are checked for TorchScript here, before open_clip's loader sees them.
+    """
+    if "://" not in pretrained or pretrained.startswith("file://"):
+        local = pretrained[len("file://"):] if pretrained.startswith("file://") else pretrained
+    else:
+        from clipbeam.models.checkpoint_cache import cached_copy
+
+        local = cached_copy(pretrained, storage_options)
+    if not local.endswith(".safetensors"):
+        from clipbeam.models.torch_files import refuse_torchscript
+
+        refuse_torchscript(local, pretrained)
+    return local
 
 
 def _weights_source(spec: ClipSpec, storage_options: dict | None) -> tuple[str | None, str]:
