@@ -8,6 +8,7 @@ embeddings contract says, or as plain Parquet with a fixed_size_list column.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 
@@ -88,3 +89,23 @@ def write_plain_parquet(folder: str, vectors: np.ndarray, files: int = 2, column
                           "source": pa.array([f"file{f}"] * (hi - lo))})
         pq.write_table(table, os.path.join(folder, f"data-{f:03d}.parquet"))
     return [str(i) for i in range(n)]
+
+
+@contextlib.contextmanager
+def unreadable_pages(path: str):
+    """Garble a Parquet file's first data page while the block lasts (its footer still reads).
+
+    Up-front checks (schema, row counts) pass, and the failure comes from
+    inside the pipeline, where reading the rows fails: a worker failure.
+    """
+    with open(path, "rb") as handle:
+        original = handle.read()
+    garbled = bytearray(original)
+    garbled[4:104] = b"\xff" * 100
+    with open(path, "wb") as handle:
+        handle.write(bytes(garbled))
+    try:
+        yield
+    finally:
+        with open(path, "wb") as handle:
+            handle.write(original)
