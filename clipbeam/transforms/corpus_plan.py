@@ -30,6 +30,8 @@ class PartSpec:
 
     kind: "tar" (a whole shard), "manifest" (rows [start, stop) of a table) or
     "folder" (a list of image files with optional caption sidecars).
+    duplicates: manifest rows of this part whose --id-column value an earlier
+    row already has, with the reason; the reader records them as read failures.
     """
 
     kind: str
@@ -38,6 +40,7 @@ class PartSpec:
     start: int = 0
     stop: int = 0
     files: tuple[tuple[str, str | None], ...] = field(default=())
+    duplicates: tuple[tuple[int, str], ...] = field(default=())
 
     @property
     def source(self) -> str:
@@ -142,17 +145,64 @@ def pair_captions(files: list[str]) -> list[tuple[str, str | None]]:
     return pairs
 
 
-def count_manifest_rows(url: str, storage_options: dict | None) -> int:
-    from clipbeam.transforms.manifest_table import read_manifest_table
+def check_manifest(url: str, storage_options: dict | None, columns: ManifestColumns | None) -> int:
+    """A manifest's row count, after checking that it parses and has the columns asked for.
 
-    lower = url.lower()
-    if lower.endswith(".parquet"):
-        import pyarrow.parquet as pq
+    Runs before any pipeline starts, so a corrupt Parquet file, a malformed
+    CSV or a missing --image-column is one line and exit 2, not a run that
+    writes a failure row for every sample.
+    """
+    from clipbeam.transforms.manifest_table import choose_columns, count_rows, manifest_schema
 
-        fs, path = get_fs(url, storage_options)
-        with fs.open(path, "rb") as handle:
-            return pq.ParquetFile(handle).metadata.num_rows
-    return read_manifest_table(url, storage_options).num_rows
+    columns = columns or ManifestColumns()
+    try:
+        choose_columns(manifest_schema(url, storage_options), columns.image, columns.caption, columns.id, url)
+        return count_rows(url, storage_options)
+    except UsageError:
+        raise
+    except Exception as exc:  # ArrowInvalid, OSError, UnicodeDecodeError: the file is not a readable table
+        first = (str(exc).strip().splitlines() or [""])[0][:300]
+        raise UsageError(f"cannot read manifest {url}: {exc.__class__.__name__}: {first}") from None
+
+
+def duplicate_ids(manifests: list[tuple[str, str]], id_column: str, storage_options: dict | None
+                  ) -> dict[str, dict[int, str]]:
+    """{url: {row: reason}} for every manifest row whose id an earlier row (of any manifest) already has.
+
+    The first row with an id keeps it; each later one becomes a read failure
+    "duplicate id X, first at row N of LABEL", so that ids stay unique and a
+    rerun can finish. Only the id column is read (projected).
+    """
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    from clipbeam.transforms.manifest_table import read_column
+
+    ids, owners = [], []
+    for number, (url, _) in enumerate(manifests):
+        column = pc.cast(read_column(url, storage_options, id_column), pa.string())
+        ids.append(column)
+        owners.append(pa.array([number] * len(column), pa.int32()))
+    if not ids:
+        return {}
+    table = pa.table({"id": pa.chunked_array([c for col in ids for c in col.chunks], pa.string()),
+                      "owner": pa.chunked_array(owners),
+                      "row": pa.chunked_array([pa.array(range(len(col)), pa.int64()) for col in ids])})
+    table = table.filter(pc.is_valid(table["id"]))
+    counts = table.group_by("id").aggregate([("id", "count")])
+    repeated = counts.filter(pc.greater(counts["id_count"], 1))["id"]
+    out: dict[str, dict[int, str]] = {}
+    first: dict[str, tuple[int, int]] = {}
+    for row in table.filter(pc.is_in(table["id"], value_set=repeated)).to_pylist():
+        where = (row["owner"], row["row"])
+        if row["id"] not in first:
+            first[row["id"]] = where
+            continue
+        owner, first_row = first[row["id"]]
+        url = manifests[row["owner"]][0]
+        out.setdefault(url, {})[row["row"]] = (
+            f"duplicate id {row['id']}, first at row {first_row} of {manifests[owner][1]}")
+    return out
 
 
 def plan_parts(
@@ -160,9 +210,11 @@ def plan_parts(
     fmt: str = "auto",
     storage_options: dict | None = None,
     rows_per_part: int = 10_000,
+    columns: ManifestColumns | None = None,
 ) -> list[PartSpec]:
     """Every part of the run, sorted by source. Raises UsageError for inputs that
-    do not exist or whose format cannot be told."""
+    do not exist, whose format cannot be told, or manifests that cannot be read
+    or lack the `columns` asked for."""
     if fmt not in FORMATS:
         raise UsageError(f"--format must be one of {', '.join(FORMATS)}")
     sources: list[tuple[str, str]] = []  # (url, format)
@@ -198,14 +250,19 @@ def plan_parts(
     for url in missing:
         LOG.warning("shard %s does not exist; its samples will be recorded as failed", url)
     labels = unique_labels([url for url, _ in sources])
+    manifests = sorted((url, labels[url]) for url, kind in sources if kind == "manifest")
+    totals = {url: check_manifest(url, storage_options, columns) for url, _ in manifests}
+    repeated = duplicate_ids(manifests, columns.id, storage_options) if columns and columns.id else {}
     parts: list[PartSpec] = []
     for url, kind in sources:
         label = labels[url]
         if kind == "webdataset":
             parts.append(PartSpec("tar", url, label))
         elif kind == "manifest":
-            total = count_manifest_rows(url, storage_options)
-            parts.extend(PartSpec("manifest", url, label, a, b) for a, b in cut_ranges(total, rows_per_part))
+            total, dups = totals[url], repeated.get(url, {})
+            parts.extend(PartSpec("manifest", url, label, a, b,
+                                  duplicates=tuple((r, dups[r]) for r in range(a, b) if r in dups))
+                         for a, b in cut_ranges(total, rows_per_part))
             if total == 0:
                 LOG.warning("manifest %s has no rows", url)
         else:

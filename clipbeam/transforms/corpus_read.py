@@ -19,7 +19,8 @@ import logging
 import posixpath
 import re
 import tarfile
-from typing import Iterator
+from dataclasses import dataclass
+from typing import Any, Iterator
 
 from clipbeam.storage import get_fs, join
 from clipbeam.transforms.corpus_plan import IMAGE_SUFFIXES, PartSpec
@@ -32,18 +33,38 @@ IMAGE_EXTS = {s.lstrip(".") for s in IMAGE_SUFFIXES}
 _KEY_EXT = re.compile(r"^((?:.*/|)[^./]+)\.([^/]*)$")
 
 
+DEFAULT_MAX_MEMBER_BYTES = 256 * 1024 * 1024
+_INT64 = 2 ** 63
+
+
+@dataclass(frozen=True)
+class ReadLimits:
+    """What a reader refuses to do with hostile input (see README, "Security and failure model").
+
+    max_member_bytes: a tar member, manifest image or folder file larger than
+    this fails as a read failure before a byte of it is read (tar bombs, GNU
+    sparse members that expand to gigabytes). allow_any_path: let a manifest
+    name images outside its own filesystem (another scheme, or an absolute
+    local path named by a remote manifest).
+    """
+
+    max_member_bytes: int = DEFAULT_MAX_MEMBER_BYTES
+    allow_any_path: bool = False
+
+
 def failure(part: int, sample_id: str, source: str, stage: str, error: str) -> dict:
     return {"id": sample_id, "part": part, "source": source, "stage": stage, "error": error[:2000]}
 
 
-def read_part(index: int, spec: PartSpec, storage_options: dict | None, columns=None) -> Iterator[dict]:
+def read_part(index: int, spec: PartSpec, storage_options: dict | None, columns=None,
+              limits: ReadLimits = ReadLimits()) -> Iterator[dict]:
     """Yield samples and failures of one part; every sample goes out as exactly one of them."""
     if spec.kind == "tar":
-        yield from _read_tar(index, spec, storage_options)
+        yield from _read_tar(index, spec, storage_options, limits)
     elif spec.kind == "manifest":
-        yield from _read_manifest(index, spec, storage_options, columns)
+        yield from _read_manifest(index, spec, storage_options, columns, limits)
     elif spec.kind == "folder":
-        yield from _read_folder(index, spec, storage_options)
+        yield from _read_folder(index, spec, storage_options, limits)
     else:  # pragma: no cover - plan_parts never makes another kind
         raise ValueError(f"unknown part kind {spec.kind}")
 
@@ -52,7 +73,7 @@ def _error(exc: BaseException) -> str:
     return f"{exc.__class__.__name__}: {exc}"
 
 
-def _read_tar(index: int, spec: PartSpec, storage_options: dict | None) -> Iterator[dict]:
+def _read_tar(index: int, spec: PartSpec, storage_options: dict | None, limits: ReadLimits) -> Iterator[dict]:
     source = spec.url
     seen: set[str] = set()
     pending: dict | None = None
@@ -62,6 +83,8 @@ def _read_tar(index: int, spec: PartSpec, storage_options: dict | None) -> Itera
         if group["key"] in seen:
             return failure(index, sample_id, source, "read", "duplicate key in shard (members not contiguous)")
         seen.add(group["key"])
+        if group["error"]:
+            return failure(index, sample_id, source, "read", group["error"])
         if group["image"] is None:
             found = ", ".join(sorted(group["exts"])) or "nothing"
             return failure(index, sample_id, source, "read", f"no image member for this key (found: {found})")
@@ -95,18 +118,8 @@ def _read_tar(index: int, spec: PartSpec, storage_options: dict | None) -> Itera
                     pending = None
                 if pending is None:
                     pending = {"key": key, "image": None, "caption": None, "meta": {}, "exts": set(),
-                               "offset": None, "size": None}
-                pending["exts"].add(ext)
-                handle_member = tar.extractfile(member)
-                data = handle_member.read() if handle_member is not None else b""
-                if ext in IMAGE_EXTS and pending["image"] is None:
-                    pending["image"] = data
-                    if plain:
-                        pending["offset"], pending["size"] = member.offset_data, member.size
-                elif ext == "txt":
-                    pending["caption"] = data
-                elif ext == "json":
-                    pending["meta"] = _parse_json_meta(data)
+                               "offset": None, "size": None, "error": None}
+                _add_member(pending, tar, member, ext, plain, limits.max_member_bytes)
             if pending is not None:
                 yield finish(pending)
                 pending = None
@@ -119,18 +132,93 @@ def _read_tar(index: int, spec: PartSpec, storage_options: dict | None) -> Itera
         LOG.warning("shard %s could not be read to the end: %s", source, message)
 
 
-def _parse_json_meta(data: bytes) -> dict:
-    """Top-level fields of a sample's JSON; unparseable metadata is kept as text."""
+def _add_member(group: dict, tar: tarfile.TarFile, member: tarfile.TarInfo, ext: str, plain: bool,
+                max_bytes: int) -> None:
+    """Read one tar member into its sample's group.
+
+    What is wrong with one member (over the size cap, unparseable metadata)
+    marks only its own sample; only errors of the tar stream itself (a
+    truncated or corrupt shard) reach the caller. The size is checked from the
+    header before a byte is read: a GNU sparse member or a compressed bomb
+    never reaches memory, and the stream skips its data in bounded blocks.
+    """
+    group["exts"].add(ext)
+    if member.size > max_bytes:
+        group["error"] = group["error"] or (
+            f"tar member {member.name} is {member.size} bytes, over --max-member-bytes {max_bytes}")
+        return
+    if group["error"]:
+        return
+    handle = tar.extractfile(member)
+    data = handle.read() if handle is not None else b""
+    if ext in IMAGE_EXTS and group["image"] is None:
+        group["image"] = data
+        if plain:
+            group["offset"], group["size"] = member.offset_data, member.size
+    elif ext == "txt":
+        group["caption"] = data
+    elif ext == "json":
+        group["meta"] = parse_json_meta(data)
+
+
+def parse_json_meta(data: bytes) -> dict:
+    """Top-level fields of a sample's JSON sidecar; metadata that cannot be used is kept as text.
+
+    Any failure to parse (bad UTF-8, bad JSON, an integer over Python's
+    4300-digit limit, nesting deep enough for RecursionError) keeps the raw
+    text in `json_raw` and fails nothing: the sample is still embedded and the
+    shard goes on. Integers beyond int64 become strings, so that one sample
+    cannot break its part's Parquet column.
+    """
     try:
         value = json.loads(data.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError):
+    except Exception:  # ValueError, RecursionError, MemoryError: all the sample's own
         return {"json_raw": data.decode("utf-8", errors="replace")}
-    return value if isinstance(value, dict) else {"json_value": value}
+    if not isinstance(value, dict):
+        return {"json_value": _parquet_safe(value)}
+    return {str(k): _parquet_safe(v) for k, v in value.items()}
 
 
-def _read_manifest(index: int, spec: PartSpec, storage_options: dict | None, columns) -> Iterator[dict]:
+def _parquet_safe(value: Any) -> Any:
+    if isinstance(value, int) and not isinstance(value, bool) and not -_INT64 <= value < _INT64:
+        return str(value)
+    return value
+
+
+def _scheme(url: str) -> str:
+    return url.split("://", 1)[0].lower() if "://" in url and not url.startswith("file://") else "file"
+
+
+def image_url(value: str, manifest_url: str, allow_any_path: bool = False) -> str:
+    """Where a manifest row's image lives; ValueError for one outside the manifest's own filesystem.
+
+    Relative paths are joined to the manifest's folder. An absolute path or a
+    URL is read only when it has the manifest's scheme (a local manifest may
+    name local files, an s3:// manifest s3:// objects): a manifest from a shared
+    bucket must not make workers read `/etc/...` or `file:///...` into an
+    output its author can read. `--allow-any-path` lifts this.
+    """
+    if "://" not in value and not value.startswith("/"):
+        base = manifest_url.rsplit("/", 1)[0] if "/" in manifest_url else "."
+        return join(base, value)
+    if allow_any_path or _scheme(value) == _scheme(manifest_url):
+        return value
+    raise ValueError(f"image path {value!r} is outside the manifest's filesystem ({_scheme(manifest_url)}); "
+                     "pass --allow-any-path to read it")
+
+
+def read_capped(fs, path: str, max_bytes: int) -> bytes:
+    """A file's bytes, or ValueError once it proves longer than max_bytes (at most max_bytes + 1 are read)."""
+    with fs.open(path, "rb") as handle:
+        data = handle.read(max_bytes + 1)
+    if len(data) > max_bytes:
+        raise ValueError(f"{path} is larger than --max-member-bytes {max_bytes}")
+    return data
+
+
+def _read_manifest(index: int, spec: PartSpec, storage_options: dict | None, columns,
+                   limits: ReadLimits) -> Iterator[dict]:
     source = spec.url
-    base = spec.url.rsplit("/", 1)[0] if "/" in spec.url else "."
     try:
         table = read_manifest_table(spec.url, storage_options, spec.start, spec.stop)
         image_col, caption_col, id_col = choose_columns(
@@ -142,8 +230,12 @@ def _read_manifest(index: int, spec: PartSpec, storage_options: dict | None, col
         return
     rows = table.to_pylist()
     skip = {image_col, caption_col, id_col}
+    duplicates = dict(spec.duplicates)
     for offset, row in enumerate(rows):
         number = spec.start + offset
+        if number in duplicates:  # the first row with this id keeps it (corpus_plan.duplicate_ids)
+            yield failure(index, f"{spec.label}/{number}", source, "read", duplicates[number])
+            continue
         sample_id = str(row[id_col]) if id_col and row.get(id_col) is not None else f"{spec.label}/{number}"
         value = row.get(image_col)
         meta = {k: v for k, v in row.items() if k not in skip}
@@ -151,11 +243,11 @@ def _read_manifest(index: int, spec: PartSpec, storage_options: dict | None, col
         if isinstance(value, (bytes, bytearray)):
             image, image_source = bytes(value), source
         elif isinstance(value, str) and value:
-            image_source = value if "://" in value or value.startswith("/") else join(base, value)
+            image_source = value
             try:
+                image_source = image_url(value, spec.url, limits.allow_any_path)
                 fs, path = get_fs(image_source, storage_options)
-                with fs.open(path, "rb") as handle:
-                    image = handle.read()
+                image = read_capped(fs, path, limits.max_member_bytes)
             except Exception as exc:
                 yield failure(index, sample_id, image_source, "read", _error(exc))
                 continue
@@ -166,7 +258,7 @@ def _read_manifest(index: int, spec: PartSpec, storage_options: dict | None, col
                "meta": meta}
 
 
-def _read_folder(index: int, spec: PartSpec, storage_options: dict | None) -> Iterator[dict]:
+def _read_folder(index: int, spec: PartSpec, storage_options: dict | None, limits: ReadLimits) -> Iterator[dict]:
     try:
         fs, root = get_fs(spec.url, storage_options)
     except Exception as exc:
@@ -177,12 +269,10 @@ def _read_folder(index: int, spec: PartSpec, storage_options: dict | None) -> It
         sample_id = f"{spec.label}/{image}"
         source = join(spec.url, image)
         try:
-            with fs.open(posixpath.join(root, image), "rb") as handle:
-                data = handle.read()
+            data = read_capped(fs, posixpath.join(root, image), limits.max_member_bytes)
             caption = None
             if caption_path is not None:
-                with fs.open(posixpath.join(root, caption_path), "rb") as handle:
-                    caption = handle.read()
+                caption = read_capped(fs, posixpath.join(root, caption_path), limits.max_member_bytes)
         except Exception as exc:
             yield failure(index, sample_id, source, "read", _error(exc))
             continue

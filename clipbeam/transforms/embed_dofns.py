@@ -12,7 +12,7 @@ from apache_beam.metrics import Metrics
 
 from clipbeam.models.clip import image_preprocessor
 from clipbeam.transforms.corpus_plan import PartSpec
-from clipbeam.transforms.corpus_read import failure, read_part
+from clipbeam.transforms.corpus_read import ReadLimits, failure, read_part
 from clipbeam.models.images import DecodeError, decode_caption, decode_image, sha256_hex
 
 NAMESPACE = "clipbeam.embed"
@@ -23,16 +23,17 @@ COUNTS = "counts"
 class ReadPartDoFn(beam.DoFn):
     """(part index, PartSpec) -> raw samples; read failures and the part's sample count tagged."""
 
-    def __init__(self, storage_options: dict | None, columns=None) -> None:
+    def __init__(self, storage_options: dict | None, columns=None, limits: ReadLimits = ReadLimits()) -> None:
         self._storage_options = storage_options
         self._columns = columns
+        self._limits = limits
         self._read = Metrics.counter(NAMESPACE, "samples_read")
         self._failed = Metrics.counter(NAMESPACE, "failed_read")
 
     def process(self, element: tuple[int, PartSpec]):
         index, spec = element
         count = 0
-        for record in read_part(index, spec, self._storage_options, self._columns):
+        for record in read_part(index, spec, self._storage_options, self._columns, self._limits):
             count += 1
             if "stage" in record:
                 self._failed.inc()
