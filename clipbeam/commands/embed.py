@@ -1,8 +1,11 @@
 """clipbeam embed: image-text corpora -> CLIP embeddings in Parquet, every sample accounted for.
 
 Reads webdataset tar shards, manifest tables or folders of images from any
-fsspec URL, runs open_clip through Beam's RunInference, and writes one Parquet
-part per input part, failure parts, and manifest.json last. Reruns resume.
+fsspec URL, runs open_clip through Beam's RunInference (transforms.embed_corpus),
+and writes one Parquet part per input part, failure parts, and manifest.json
+last, through the shared output lifecycle (clipbeam.layout). Reruns resume,
+and a grown input costs only its new parts. Reads: parse -> validate into one
+frozen EmbedJob -> build the pipeline from transforms -> commit.
 Exit codes: 0 all samples embedded; 3 finished, but some samples failed (see
 failures/); 1 the run did not finish; 2 bad arguments.
 """
@@ -12,12 +15,30 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from dataclasses import dataclass
 
 import apache_beam as beam
-from apache_beam.ml.inference.base import RunInference
 
 from clipbeam import __version__
+from clipbeam.commands.common import (
+    EXIT_UNFINISHED,
+    Stopwatch,
+    add_accelerator_argument,
+    add_model_arguments,
+    add_output_arguments,
+    add_storage_arguments,
+    beam_options,
+    check_accelerator,
+    clip_spec_from_args,
+    print_summary,
+    run_pipeline,
+    storage_options_from_args,
+)
+from clipbeam.commands.progress import MarkerProgress
 from clipbeam.errors import UsageError
+from clipbeam.layout import Mode, OutputFolder, open_output
+from clipbeam.layout.embeddings import EMBEDDINGS, PartPlan, build_manifest, embeddings_file, failures_file
+from clipbeam.layout.embeddings import fragments_dir, part_name, plan_numbers
 from clipbeam.models.clip import (
     SHIPPED_CHECKPOINTS,
     ClipSpec,
@@ -28,27 +49,11 @@ from clipbeam.models.clip import (
     validate_spec,
     weights_label,
 )
-from clipbeam.commands.common import (
-    Stopwatch,
-    add_accelerator_argument,
-    add_model_arguments,
-    add_output_arguments,
-    add_storage_arguments,
-    beam_options,
-    check_accelerator,
-    clip_spec_from_args,
-    print_summary,
-    storage_options_from_args,
-    with_accelerator,
-)
-from clipbeam.commands.embed_output import EmbedOutput
-from clipbeam.commands.progress import MarkerProgress
-from clipbeam.storage import absolute_url, check_writable
-from clipbeam.transforms.clip_handler import ClipModelHandler
-from clipbeam.transforms.corpus_plan import FORMATS, ManifestColumns, PartSpec, plan_parts
 from clipbeam.models.images import DEFAULT_MAX_PIXELS
-from clipbeam.transforms.embed_dofns import COUNTS, FAILURES, DecodeDoFn, ReadPartDoFn
-from clipbeam.transforms.embed_write import SplitResultsDoFn, WritePartDoFn
+from clipbeam.storage import absolute_url, join, remove_if_present, remove_temporaries
+from clipbeam.transforms.corpus_plan import FORMATS, ManifestColumns, PartSpec, plan_parts
+from clipbeam.transforms.embed_corpus import EmbedCorpus, EmbedCorpusConfig
+from clipbeam.transforms.embed_write import PartInfo
 
 LOG = logging.getLogger(__name__)
 
@@ -77,18 +82,58 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_accelerator_argument(parser)
     parser.add_argument("--no-text", action="store_true", help="do not embed captions")
     parser.add_argument("--no-progress", action="store_true", help="no progress display")
+    parser.add_argument("--prune", action="store_true",
+                        help="drop the parts whose source is no longer in the input (default: keep them)")
 
 
-def _check_args(args: argparse.Namespace) -> None:
-    if args.batch_size <= 0:
-        raise UsageError("--batch-size must be positive")
-    if args.model_copies <= 0:
-        raise UsageError("--model-copies must be positive")
-    if args.rows_per_part <= 0:
-        raise UsageError("--rows-per-part must be positive")
-    if args.max_pixels <= 0:
-        raise UsageError("--max-pixels must be positive")
+@dataclass(frozen=True)
+class EmbedJob:
+    """One embed run's validated arguments."""
+
+    inputs: tuple[str, ...]
+    fmt: str
+    output: str
+    storage_options: dict
+    spec: ClipSpec
+    columns: ManifestColumns
+    max_pixels: int
+    rows_per_part: int
+    dtype: str
+    embed_text: bool
+    batch_size: int
+    model_copies: int
+    accelerator: str | None
+    overwrite: bool
+    prune: bool
+    progress: bool
+
+    def settings(self, weights: str, dim: int) -> dict:
+        """The resume fingerprint: every setting that changes what a part holds (not the input list,
+        which may grow, nor batch sizes or workers, which change only speed)."""
+        return {
+            "model": self.spec.model, "pretrained": self.spec.pretrained, "weights": weights,
+            "seed": self.spec.seed, "precision": self.spec.precision, "dtype": self.dtype, "dim": dim,
+            "embed_text": self.embed_text, "format": self.fmt, "image_column": self.columns.image,
+            "caption_column": self.columns.caption, "id_column": self.columns.id,
+            "max_pixels": self.max_pixels, "rows_per_part": self.rows_per_part,
+        }
+
+
+def job_from_args(args: argparse.Namespace) -> EmbedJob:
+    """Validate the arguments (UsageError: one line, exit 2) into one frozen EmbedJob."""
+    for flag in ("batch_size", "model_copies", "rows_per_part", "max_pixels"):
+        if getattr(args, flag) <= 0:
+            raise UsageError(f"--{flag.replace('_', '-')} must be positive")
     check_accelerator(args.accelerator)
+    return EmbedJob(
+        inputs=tuple(args.input), fmt=args.format, output=args.output,
+        storage_options=storage_options_from_args(args), spec=clip_spec_from_args(args),
+        columns=ManifestColumns(args.image_column, args.caption_column, args.id_column),
+        max_pixels=args.max_pixels, rows_per_part=args.rows_per_part, dtype=args.dtype,
+        embed_text=not args.no_text, batch_size=args.batch_size, model_copies=args.model_copies,
+        accelerator=args.accelerator, overwrite=args.overwrite, prune=args.prune,
+        progress=not args.no_progress,
+    )
 
 
 def _model_identity(spec: ClipSpec, storage_options: dict) -> tuple[str, int]:
@@ -100,120 +145,102 @@ def _model_identity(spec: ClipSpec, storage_options: dict) -> tuple[str, int]:
     return weights_label(spec, storage_options), embedding_dim(spec)
 
 
-def build_pipeline(pipeline: beam.Pipeline, pending: list[tuple[int, PartSpec]], *, output: str,
-                   parts: dict[int, tuple[str, str]], spec: ClipSpec, storage_options: dict,
-                   columns: ManifestColumns, preprocess_cfg: dict, max_pixels: int, embed_text: bool,
-                   batch_size: int, model_copies: int, dim: int, dtype: str, schema_meta: dict,
-                   accelerator: str | None = None) -> None:
-    """read part -> decode/preprocess -> RunInference(CLIP) -> row fragments -> group by part -> write part."""
-    read = (
-        pipeline
-        | "Parts" >> beam.Create(pending)
-        | "SpreadParts" >> beam.Reshuffle()
-        | "ReadPart" >> beam.ParDo(ReadPartDoFn(storage_options, columns)).with_outputs(
-            FAILURES, COUNTS, main="samples")
-    )
-    decoded = read.samples | "Decode" >> beam.ParDo(DecodeDoFn(preprocess_cfg, max_pixels, embed_text)).with_outputs(
-        FAILURES, main="decoded")
-    handler = ClipModelHandler(spec, storage_options, batch_size=batch_size, model_copies=model_copies)
-    results = decoded.decoded | "Embed" >> with_accelerator(RunInference(handler), accelerator)
-    split = results | "Split" >> beam.ParDo(SplitResultsDoFn(output, dim, dtype, storage_options)).with_outputs(
-        FAILURES, main="rows")
+def start_parts(out: OutputFolder, parts: list[PartSpec]) -> PartPlan:
+    """Number the input parts by source, clear what the pending ones left, claim their file names."""
+    markers = out.ledger.markers()
+    complete = set(out.done_units())
+    plan = plan_numbers(parts, out.previous_manifest, {n: m for n, m in markers.items() if n in complete})
+    keep = {part_name(n) for n in (*plan.done, *plan.gone)}
+    out.ledger.forget([name for name in markers if name not in keep])  # stale or partial
+    pending = [number for number, _ in plan.pending]
+    out.claim([name for n in pending for name in (embeddings_file(n), failures_file(n))])
+    for number in pending:  # files a killed run of these parts may have left
+        for name in (embeddings_file(number), failures_file(number)):
+            remove_if_present(out.path(name), out.storage_options)
+        remove_if_present(fragments_dir(out.url, number), out.storage_options, recursive=True)
+    sys.stderr.write(f"clipbeam embed: {len(plan.done)} parts done already, {len(pending)} to run\n")
+    return plan
 
-    def as_failure(record: dict):
-        return record["part"], ("fail", record)
 
-    (
-        (
-            split.rows,
-            read[FAILURES] | "ReadFailures" >> beam.Map(as_failure),
-            decoded[FAILURES] | "DecodeFailures" >> beam.Map(as_failure),
-            split[FAILURES] | "EmbedFailures" >> beam.Map(as_failure),
-            read[COUNTS] | "Counts" >> beam.Map(lambda kv: (kv[0], ("count", kv[1]))),
-        )
-        | "All" >> beam.Flatten()
-        | "ByPart" >> beam.GroupByKey()
-        | "WritePart" >> beam.ParDo(WritePartDoFn(output, parts, schema_meta, storage_options))
+def build_pipeline(pipeline: beam.Pipeline, pending: list[tuple[int, PartSpec]],
+                   config: EmbedCorpusConfig) -> None:
+    """The whole embed pipeline: the pending parts into EmbedCorpus."""
+    _ = pipeline | "Parts" >> beam.Create(pending) | "EmbedCorpus" >> EmbedCorpus(config)
+
+
+def corpus_config(job: EmbedJob, out: OutputFolder, plan: PartPlan, weights: str, dim: int) -> EmbedCorpusConfig:
+    schema_meta = {"clipbeam.dim": str(dim), "clipbeam.model": job.spec.model, "clipbeam.weights": weights,
+                   "clipbeam.dtype": job.dtype, "clipbeam.version": __version__}
+    return EmbedCorpusConfig(
+        ledger=out.ledger, spec=job.spec, dim=dim, preprocess=preprocess_config(job.spec),
+        parts={n: PartInfo(p.source, p.fingerprint) for n, p in plan.pending}, columns=job.columns,
+        max_pixels=job.max_pixels, embed_text=job.embed_text, batch_size=job.batch_size,
+        model_copies=job.model_copies, dtype=job.dtype, schema_meta=schema_meta, accelerator=job.accelerator,
     )
+
+
+def _drop_gone(out: OutputFolder, plan: PartPlan) -> None:
+    """--prune: remove the files and markers of the parts whose source left the input."""
+    for number, marker in sorted(plan.gone.items()):
+        for name in marker.get("files", []):
+            remove_if_present(out.path(name), out.storage_options)
+        out.ledger.forget([part_name(number)])
+        LOG.info("pruned part %d (%s)", number, marker["source"])
+
+
+def commit(out: OutputFolder, job: EmbedJob, plan: PartPlan, seconds: float) -> dict | None:
+    """Check every input part is done, drop or keep the gone parts, write the manifest last."""
+    done = {int(m["part"]): m for m in out.done_units().values()}
+    missing = [n for n in plan.numbered if n not in done]
+    if missing:
+        sys.stderr.write(f"clipbeam embed: {len(missing)} of {len(plan.numbered)} parts did not complete; "
+                         "rerun the same command to resume\n")
+        return None
+    if job.prune:
+        _drop_gone(out, plan)
+    listed = {n: m for n, m in done.items() if n in plan.numbered or (n in plan.gone and not job.prune)}
+    for folder in ("embeddings", "failures"):  # files left half-written by a killed run
+        remove_temporaries(join(out.url, folder), out.storage_options)
+    remove_if_present(out.path("_fragments"), out.storage_options, recursive=True)
+    extra = {"clipbeam_version": __version__, "inputs": list(job.inputs), "seconds_last_run": round(seconds, 3)}
+    return out.commit(build_manifest(out.settings, listed, set(plan.numbered), extra))
+
+
+def print_embed_summary(job: EmbedJob, plan: PartPlan, manifest: dict, seconds: float) -> None:
+    ran = sum(p["samples"] for p in manifest["parts"] if p["part"] not in plan.done and p["in_input"])
+    rows = [
+        ("output", job.output),
+        ("parts", f"{len(plan.numbered)} ({len(plan.done)} skipped as done)"),
+    ]
+    if plan.gone:
+        what = "dropped (--prune)" if job.prune else "kept (--prune drops them)"
+        rows.append(("not in input", f"{len(plan.gone)} parts {what}"))
+    rows += [("samples in", manifest["samples"]), ("embedded", manifest["rows"]), ("failed", manifest["failures"])]
+    rows += [(f"  failed at {stage}", count) for stage, count in sorted(manifest["failed_by_stage"].items())]
+    rows += [("seconds", f"{seconds:.1f}"), ("samples/s", f"{ran / seconds:.1f}" if seconds > 0 else "-")]
+    print_summary("clipbeam embed: done", rows)
 
 
 def run(args: argparse.Namespace, beam_args: list[str]) -> int:
-    _check_args(args)
-    storage_options = storage_options_from_args(args)
+    job = job_from_args(args)
     options = beam_options(beam_args)
-    spec = clip_spec_from_args(args)
-    validate_spec(spec, storage_options)
-    parts = plan_parts(args.input, args.format, storage_options, args.rows_per_part)
+    validate_spec(job.spec, job.storage_options)
+    parts = plan_parts(list(job.inputs), job.fmt, job.storage_options, job.rows_per_part)
     if not parts:
         raise UsageError("the inputs hold no samples")
-    weights, dim = _model_identity(spec, storage_options)
-    check_writable(args.output, storage_options)
-
-    out = EmbedOutput(args.output, storage_options)
-    if args.overwrite:
-        out.clear()
-    settings = {
-        "clipbeam_version": __version__,
-        "model": spec.model,
-        "pretrained": spec.pretrained,
-        "weights": weights,
-        "seed": spec.seed,
-        "precision": spec.precision,
-        "dtype": args.dtype,
-        "dim": dim,
-        "embed_text": not args.no_text,
-        "inputs": list(args.input),
-        "format": args.format,
-    }
-    out.prepare(settings)
-    done = out.done_parts(parts)
-    pending = [(i, p) for i, p in enumerate(parts) if i not in done]
-    out.forget([i for i, _ in pending])
-    LOG.info("%d parts planned, %d already done, %d to run", len(parts), len(done), len(pending))
-
-    clock = Stopwatch()
-    if pending:
-        schema_meta = {"clipbeam.dim": str(dim), "clipbeam.model": spec.model, "clipbeam.weights": weights,
-                       "clipbeam.dtype": args.dtype, "clipbeam.version": __version__}
-        pipeline = beam.Pipeline(options=options)
-        build_pipeline(
-            pipeline, pending, output=args.output,
-            parts={i: (p.source, p.fingerprint) for i, p in pending}, spec=spec,
-            storage_options=storage_options,
-            columns=ManifestColumns(args.image_column, args.caption_column, args.id_column),
-            preprocess_cfg=preprocess_config(spec), max_pixels=args.max_pixels, embed_text=not args.no_text,
-            batch_size=args.batch_size, model_copies=args.model_copies, dim=dim, dtype=args.dtype,
-            schema_meta=schema_meta, accelerator=args.accelerator)
-        try:
-            if args.no_progress:
-                pipeline.run().wait_until_finish()
-            else:
-                with MarkerProgress(args.output, len(pending), storage_options):
-                    pipeline.run().wait_until_finish()
-        except Exception as exc:
-            LOG.error("pipeline failed: %s", exc)
-            sys.stderr.write(f"clipbeam embed: the run did not finish ({exc.__class__.__name__}: {exc}); "
-                             "rerun the same command to resume\n")
-            return 1
-
-    markers = out.done_parts(parts)
-    missing = [i for i in range(len(parts)) if i not in markers]
-    if missing:
-        sys.stderr.write(f"clipbeam embed: {len(missing)} of {len(parts)} parts did not complete; "
-                         "rerun the same command to resume\n")
-        return 1
-    out.remove_stale(markers)
-    manifest = out.write_manifest(settings, parts, markers, clock.seconds)
-    ran = sum(markers[i]["samples"] for i, _ in pending)
-    rows = [
-        ("output", args.output),
-        ("parts", f"{len(parts)} ({len(done)} skipped as done)"),
-        ("samples in", manifest["samples"]),
-        ("embedded", manifest["rows"]),
-        ("failed", manifest["failures"]),
-    ]
-    rows += [(f"  failed at {stage}", count) for stage, count in sorted(manifest["failed_by_stage"].items())]
-    rows += [("seconds", f"{clock.seconds:.1f}"),
-             ("samples/s", f"{ran / clock.seconds:.1f}" if clock.seconds > 0 else "-")]
-    print_summary("clipbeam embed: done", rows)
+    weights, dim = _model_identity(job.spec, job.storage_options)
+    settings = job.settings(weights, dim)
+    with open_output(job.output, EMBEDDINGS, settings, Mode.from_flags(job.overwrite), job.storage_options) as out:
+        plan = start_parts(out, parts)
+        clock = Stopwatch()
+        if plan.pending:
+            pipeline = beam.Pipeline(options=options)
+            build_pipeline(pipeline, plan.pending, corpus_config(job, out, plan, weights, dim))
+            watch = MarkerProgress(job.output, len(plan.pending), job.storage_options) if job.progress else None
+            if run_pipeline(pipeline, "embed", watch):
+                return EXIT_UNFINISHED
+        manifest = commit(out, job, plan, clock.seconds)
+        if manifest is None:
+            return EXIT_UNFINISHED
+    print_embed_summary(job, plan, manifest, clock.seconds)
     return 3 if manifest["failures"] else 0

@@ -8,12 +8,11 @@ logged every `log_every` seconds.
 
 from __future__ import annotations
 
-import json
 import sys
 import threading
 import time
 
-from clipbeam.storage import get_fs, join
+from clipbeam.storage import join, list_names, read_json
 
 
 class MarkerProgress:
@@ -23,7 +22,7 @@ class MarkerProgress:
                  interval: float = 1.0, log_every: float = 15.0, stream=None) -> None:
         self._dir = join(output, "_parts")
         self._total = total_parts
-        self._so = storage_options
+        self._storage_options = storage_options
         self._label = label
         self._interval = interval
         self._log_every = log_every
@@ -47,20 +46,16 @@ class MarkerProgress:
 
     def _list(self) -> list[str]:
         try:
-            fs, path = get_fs(self._dir, self._so)
-            fs.invalidate_cache(path)
-            return [p for p in fs.ls(path, detail=False) if p.endswith(".json")]
-        except (FileNotFoundError, OSError):
+            return [name for name in list_names(self._dir, self._storage_options) if name.endswith(".json")]
+        except OSError:
             return []
 
     def _poll(self) -> None:
-        fs, _ = get_fs(self._dir, self._so)
-        for path in self._list():
-            if path in self._seen or path in self._baseline:
+        for name in self._list():
+            if name in self._seen or name in self._baseline:
                 continue
             try:
-                with fs.open(path, "rb") as handle:
-                    self._seen[path] = json.loads(handle.read())
+                self._seen[name] = read_json(join(self._dir, name), self._storage_options)
             except (OSError, ValueError):
                 continue
 

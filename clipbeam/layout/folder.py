@@ -58,6 +58,7 @@ class OutputKind:
     markers: str = "_done"
     scratch: tuple[str, ...] = ()  # folders the job alone writes (fragments, temp work), removed whole
     manifest_files: Callable[[dict], list[str]] = _files_listed  # the files a manifest lists
+    legacy_records: tuple[str, ...] = ()  # run records of older versions: they mark the folder as ours
 
 
 def settings_fingerprint(settings: dict) -> str:
@@ -142,6 +143,8 @@ def _check_ownership(url: str, kind: OutputKind, record: dict | None, manifest: 
     if record is not None or (manifest is not None and manifest.get("format") == kind.name):
         return True
     others = [n for n in list_names(url, storage_options) if n != LEASE_FILE]
+    if any(name in others for name in kind.legacy_records):
+        return True
     if others:
         shown = ", ".join(others[:3]) + (", ..." if len(others) > 3 else "")
         raise UsageError(f"{url} is not empty ({shown}) and holds no {kind.name} output; "
@@ -171,7 +174,7 @@ def clear_owned(out: OutputFolder, record: dict | None) -> None:
         names.update(marker.get("files", []))
     for name in sorted(names):
         remove_if_present(out.path(name), so)
-    for folder in (kind.markers, *kind.scratch):
+    for folder in (kind.markers, *kind.scratch, *kind.legacy_records):
         remove_if_present(out.path(folder), so, recursive=True)
     for parent in sorted({posixpath.dirname(n) for n in names if posixpath.dirname(n)}, key=len, reverse=True):
         remove_temporaries(out.path(parent), so)

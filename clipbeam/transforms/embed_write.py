@@ -1,6 +1,14 @@
-"""The DoFns of the embed pipeline after inference: embedded rows to fragments, fragments to parts."""
+"""The DoFns of the embed pipeline after inference: embedded rows to fragments, fragments to parts.
+
+What travels through the shuffle to a part's writer are small typed records
+(PartItem): a fragment file's URL, one failed sample, or the number of
+samples a part's reader saw. Never embeddings: those wait in fragment files.
+"""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Union
 
 import apache_beam as beam
 from apache_beam.metrics import Metrics
@@ -8,18 +16,51 @@ from apache_beam.transforms.window import GlobalWindow
 from apache_beam.utils.timestamp import MIN_TIMESTAMP
 from apache_beam.utils.windowed_value import WindowedValue
 
-from clipbeam.storage import get_fs
+from clipbeam.layout.embeddings import fragments_dir, part_name
+from clipbeam.layout.ledger import UnitLedger
+from clipbeam.storage import remove_if_present
 from clipbeam.transforms.corpus_read import failure
 from clipbeam.transforms.embed_dofns import FAILURES, NAMESPACE
-from clipbeam.transforms.parquet_sink import fragments_dir, merge_fragments, write_fragment, write_part
+from clipbeam.transforms.parquet_sink import merge_fragments, write_fragment, write_part
+
+
+@dataclass(frozen=True)
+class FragmentFile:
+    """A bundle's embedded rows of one part, waiting in a Parquet file."""
+
+    url: str
+
+
+@dataclass(frozen=True)
+class FailedSample:
+    """A failure row (id, source, stage, error), as corpus_read.failure makes it."""
+
+    row: dict
+
+
+@dataclass(frozen=True)
+class SampleCount:
+    """How many samples the part's reader saw (one per part): the accounting check's left side."""
+
+    samples: int
+
+
+PartItem = Union[FragmentFile, FailedSample, SampleCount]
+
+
+@dataclass(frozen=True)
+class PartInfo:
+    """What the writer records about a part besides its counts (both go into its done-marker)."""
+
+    source: str
+    fingerprint: str
 
 
 class SplitResultsDoFn(beam.DoFn):
-    """PredictionResults -> fragment files of embedded rows, or embed-stage failures.
+    """PredictionResults -> (part, FragmentFile) for embedded rows, or embed-stage failure rows.
 
     Rows are buffered per part and written as a fragment every `flush_rows`
-    rows and at the end of each bundle; only (part, ("fragment", url)) goes on
-    to the shuffle, so memory stays flat whatever the corpus size.
+    rows and at the end of each bundle, so memory stays flat whatever the corpus size.
     """
 
     def __init__(self, output: str, dim: int, dtype: str, storage_options: dict | None,
@@ -45,19 +86,7 @@ class SplitResultsDoFn(beam.DoFn):
             return
         self._embedded.inc()
         buffer = self._buffers.setdefault(sample["part"], [])
-        buffer.append({
-            "id": sample["id"],
-            "source": sample["source"],
-            "caption": sample["caption"],
-            "image_embedding": output["image"],
-            "text_embedding": output["text"],
-            "width": sample["width"],
-            "height": sample["height"],
-            "sha256": sample["sha256"],
-            "source_offset": sample.get("source_offset"),
-            "source_size": sample.get("source_size"),
-            "meta": sample.get("meta") or {},
-        })
+        buffer.append(embedded_row(sample, output))
         if len(buffer) >= self._flush_rows:
             yield self._flush(sample["part"])
 
@@ -65,39 +94,53 @@ class SplitResultsDoFn(beam.DoFn):
         for part in list(self._buffers):
             yield WindowedValue(self._flush(part), MIN_TIMESTAMP, [GlobalWindow()])
 
-    def _flush(self, part: int):
+    def _flush(self, part: int) -> tuple[int, FragmentFile]:
         rows = self._buffers.pop(part)
         url = write_fragment(self._output, part, rows, self._dim, self._dtype, self._storage_options)
-        return part, ("fragment", url)
+        return part, FragmentFile(url)
+
+
+def embedded_row(sample: dict, output: dict) -> dict:
+    """One row of the embeddings contract from a decoded sample and its inference."""
+    return {
+        "id": sample["id"],
+        "source": sample["source"],
+        "caption": sample["caption"],
+        "image_embedding": output["image"],
+        "text_embedding": output["text"],
+        "width": sample["width"],
+        "height": sample["height"],
+        "sha256": sample["sha256"],
+        "source_offset": sample.get("source_offset"),
+        "source_size": sample.get("source_size"),
+        "meta": sample.get("meta") or {},
+    }
 
 
 class WritePartDoFn(beam.DoFn):
-    """(part, [("fragment", url) | ("fail", f) | ("count", n)]) -> the part's files and marker."""
+    """(part, [PartItem, ...]) -> the part's files, then its done-marker (which checks the lease)."""
 
-    def __init__(self, output: str, parts: dict[int, tuple[str, str]], schema_meta: dict[str, str],
-                 storage_options: dict | None) -> None:
-        self._output = output
+    def __init__(self, ledger: UnitLedger, parts: dict[int, PartInfo], schema_meta: dict[str, str]) -> None:
+        self._ledger = ledger
         self._parts = parts
         self._schema_meta = schema_meta
-        self._storage_options = storage_options
         self._written = Metrics.counter(NAMESPACE, "parts_written")
 
-    def process(self, element):
-        index, items = element
-        fragments, failures, samples_in = [], [], 0
-        for kind, value in items:
-            if kind == "fragment":
-                fragments.append(value)
-            elif kind == "fail":
-                failures.append(value)
-            else:
-                samples_in += value
-        source, fingerprint = self._parts[index]
-        table = merge_fragments(fragments, self._storage_options)
-        marker = write_part(self._output, index, source, fingerprint, table, failures, samples_in,
-                            self._schema_meta, self._storage_options)
-        fs, folder = get_fs(fragments_dir(self._output, index), self._storage_options)
-        if fs.exists(folder):
-            fs.rm(folder, recursive=True)
+    def process(self, element: tuple[int, list[PartItem]]):
+        number, items = element
+        fragments = [item.url for item in items if isinstance(item, FragmentFile)]
+        failures = [item.row for item in items if isinstance(item, FailedSample)]
+        samples_in = sum(item.samples for item in items if isinstance(item, SampleCount))
+        out, so = self._ledger.root, self._ledger.storage_options
+        table = merge_fragments(fragments, so)
+        files = write_part(out, number, table, failures, samples_in, self._schema_meta, so)
+        info = self._parts[number]
+        marker = self._ledger.mark_done(part_name(number), {
+            "part": number, "source": info.source, "fingerprint": info.fingerprint,
+            "samples": files.samples, "rows": files.rows, "failures": files.failures,
+            "failed_by_stage": files.failed_by_stage, "embeddings": files.embeddings,
+            "failures_file": files.failures_file, "text_rows": files.text_rows,
+        }, files.files)
+        remove_if_present(fragments_dir(out, number), so, recursive=True)
         self._written.inc()
         yield marker

@@ -1,49 +1,31 @@
 """Writing one embed part: the embeddings Parquet, the failures Parquet, the done-marker.
 
-Files follow the Embeddings contract of DESIGN.md. Embedded rows reach the
-part writer as fragment files (`_fragments/part-NNNNN/*.parquet`, written per
-bundle), not through the shuffle, so that no runner holds a run's rows in
-memory. Each file is written under
-a temporary name and renamed; the marker `_parts/part-NNNNN.json` is written
-last, so a part counts as done only when all of its files are in place.
+Files follow the Embeddings contract of DESIGN.md; their names come from
+clipbeam.layout.embeddings. Embedded rows reach the part writer as fragment
+files (`_fragments/part-NNNNN/*.parquet`, written per bundle), not through the
+shuffle, so that no runner holds a run's rows in memory. Each file is written
+under a temporary name and renamed; the caller writes the done-marker after
+them, so a part counts as done only when all of its files are in place.
 """
 
 from __future__ import annotations
 
 import json
 import uuid
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from clipbeam.storage import atomic_open, join, open_input, write_json
+from clipbeam.layout.embeddings import embeddings_file, failures_file, fragments_dir
+from clipbeam.storage import atomic_open, join, open_input
 
 RESERVED = ("id", "source", "caption", "image_embedding", "text_embedding", "width", "height", "sha256",
             "source_offset", "source_size")
 FAILURE_SCHEMA = pa.schema([("id", pa.string()), ("source", pa.string()), ("stage", pa.string()),
                             ("error", pa.string())])
-
-
-def part_name(index: int) -> str:
-    return f"part-{index:05d}"
-
-
-def embeddings_path(out: str, index: int) -> str:
-    return join(out, "embeddings", part_name(index) + ".parquet")
-
-
-def failures_path(out: str, index: int) -> str:
-    return join(out, "failures", part_name(index) + ".parquet")
-
-
-def marker_path(out: str, index: int) -> str:
-    return join(out, "_parts", part_name(index) + ".json")
-
-
-def fragments_dir(out: str, index: int) -> str:
-    return join(out, "_fragments", part_name(index))
 
 
 def _meta_value(value: Any) -> Any:
@@ -106,10 +88,10 @@ def write_table(table: pa.Table, url: str, storage_options: dict | None) -> None
         pq.write_table(table, handle, compression="zstd")
 
 
-def write_fragment(out: str, index: int, rows: list[dict], dim: int, dtype: str,
+def write_fragment(out: str, number: int, rows: list[dict], dim: int, dtype: str,
                    storage_options: dict | None) -> str:
     """A bundle's rows of one part, written so that they need not wait in memory for the rest."""
-    url = join(fragments_dir(out, index), f"{uuid.uuid4().hex}.parquet")
+    url = join(fragments_dir(out, number), f"{uuid.uuid4().hex}.parquet")
     write_table(embedding_table(rows, dim, dtype, {}), url, storage_options)
     return url
 
@@ -134,36 +116,48 @@ def merge_fragments(urls: list[str], storage_options: dict | None) -> pa.Table |
     return table if all(keep) else table.filter(pa.array(keep))
 
 
-def write_part(out: str, index: int, source: str, fingerprint: str, table: pa.Table | None,
-               failures: list[dict], samples_in: int, schema_meta: dict[str, str],
-               storage_options: dict | None) -> dict:
-    """Write a part's files and its marker; returns the marker's content."""
+@dataclass(frozen=True)
+class PartFiles:
+    """What write_part wrote for one part: the counts a done-marker records, and the file names."""
+
+    samples: int
+    rows: int
+    text_rows: int
+    failed_by_stage: dict
+    embeddings: str | None  # relative to the output folder; None when no row was embedded
+    failures_file: str | None
+
+    @property
+    def failures(self) -> int:
+        return sum(self.failed_by_stage.values())
+
+    @property
+    def files(self) -> list[str]:
+        return [name for name in (self.embeddings, self.failures_file) if name]
+
+
+def write_part(out: str, number: int, table: pa.Table | None, failures: list[dict], samples_in: int,
+               schema_meta: dict[str, str], storage_options: dict | None) -> PartFiles:
+    """Write a part's embeddings and failures files; refuse a part whose counts do not add up."""
     rows = 0 if table is None else table.num_rows
     failures = sorted(failures, key=lambda r: (r["id"], r["stage"]))
     if rows + len(failures) != samples_in:
-        raise RuntimeError(f"part {index}: {samples_in} samples in but {rows} embedded + "
+        raise RuntimeError(f"part {number}: {samples_in} samples in but {rows} embedded + "
                            f"{len(failures)} failed; refusing to write an inconsistent part")
     if rows:
         table = table.replace_schema_metadata({k.encode(): v.encode() for k, v in schema_meta.items()})
-        write_table(table, embeddings_path(out, index), storage_options)
+        write_table(table, join(out, embeddings_file(number)), storage_options)
     if failures:
         failure_table = pa.Table.from_pylist([{k: f[k] for k in FAILURE_SCHEMA.names} for f in failures],
                                              schema=FAILURE_SCHEMA)
-        write_table(failure_table, failures_path(out, index), storage_options)
+        write_table(failure_table, join(out, failures_file(number)), storage_options)
     by_stage: dict[str, int] = {}
     for record in failures:
         by_stage[record["stage"]] = by_stage.get(record["stage"], 0) + 1
-    marker = {
-        "part": index,
-        "source": source,
-        "fingerprint": fingerprint,
-        "samples": samples_in,
-        "rows": rows,
-        "failures": len(failures),
-        "failed_by_stage": by_stage,
-        "embeddings": f"embeddings/{part_name(index)}.parquet" if rows else None,
-        "failures_file": f"failures/{part_name(index)}.parquet" if failures else None,
-        "text_rows": 0 if table is None else rows - table.column("text_embedding").null_count,
-    }
-    write_json(marker_path(out, index), marker, storage_options)
-    return marker
+    return PartFiles(
+        samples=samples_in, rows=rows,
+        text_rows=0 if table is None else rows - table.column("text_embedding").null_count,
+        failed_by_stage=by_stage,
+        embeddings=embeddings_file(number) if rows else None,
+        failures_file=failures_file(number) if failures else None,
+    )

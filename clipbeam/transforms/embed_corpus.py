@@ -1,0 +1,103 @@
+"""EmbedCorpus: the core of `clipbeam embed` as one composite PTransform.
+
+(part number, PartSpec) -> read -> decode/preprocess -> RunInference(CLIP) ->
+row fragments -> group by part -> write the part's files and done-marker.
+The output is the done-markers of the parts written. Everything the steps need
+comes in one frozen EmbedCorpusConfig, so the transform can be built and
+tested without the command line.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import apache_beam as beam
+from apache_beam.ml.inference.base import RunInference
+
+from clipbeam.layout.ledger import UnitLedger
+from clipbeam.models.clip import ClipSpec
+from clipbeam.transforms.clip_handler import ClipModelHandler
+from clipbeam.transforms.corpus_plan import ManifestColumns
+from clipbeam.transforms.embed_dofns import COUNTS, FAILURES, DecodeDoFn, ReadPartDoFn
+from clipbeam.transforms.embed_write import (
+    FailedSample,
+    PartInfo,
+    SampleCount,
+    SplitResultsDoFn,
+    WritePartDoFn,
+)
+
+
+@dataclass(frozen=True)
+class EmbedCorpusConfig:
+    """Everything the embed pipeline's steps need (the command validates it before building)."""
+
+    ledger: UnitLedger                 # the output folder, its storage options and the run's lease
+    spec: ClipSpec
+    dim: int
+    preprocess: dict                   # models.clip.preprocess_config(spec)
+    parts: dict[int, PartInfo]         # part number -> source and fingerprint, for the markers
+    columns: ManifestColumns = ManifestColumns()
+    max_pixels: int = 0
+    embed_text: bool = True
+    batch_size: int = 64
+    model_copies: int = 1
+    dtype: str = "float16"
+    schema_meta: dict = field(default_factory=dict)
+    accelerator: str | None = None
+
+    @property
+    def output(self) -> str:
+        return self.ledger.root
+
+    @property
+    def storage_options(self) -> dict | None:
+        return self.ledger.storage_options
+
+
+def _failed(record: dict) -> tuple[int, FailedSample]:
+    return record["part"], FailedSample(record)
+
+
+def _counted(kv: tuple[int, int]) -> tuple[int, SampleCount]:
+    return kv[0], SampleCount(kv[1])
+
+
+class EmbedCorpus(beam.PTransform):
+    """PCollection[(part number, PartSpec)] -> PCollection[done-marker dict], one per part written."""
+
+    def __init__(self, config: EmbedCorpusConfig) -> None:
+        super().__init__()
+        self._config = config
+
+    def expand(self, parts):
+        cfg = self._config
+        read = (
+            parts
+            | "SpreadParts" >> beam.Reshuffle()
+            | "ReadPart" >> beam.ParDo(ReadPartDoFn(cfg.storage_options, cfg.columns)).with_outputs(
+                FAILURES, COUNTS, main="samples")
+        )
+        decoded = read.samples | "Decode" >> beam.ParDo(
+            DecodeDoFn(cfg.preprocess, cfg.max_pixels, cfg.embed_text)).with_outputs(FAILURES, main="decoded")
+        handler = ClipModelHandler(cfg.spec, cfg.storage_options, batch_size=cfg.batch_size,
+                                   model_copies=cfg.model_copies)
+        inference = RunInference(handler)
+        if cfg.accelerator:
+            inference = inference.with_resource_hints(accelerator=cfg.accelerator)
+        split = (decoded.decoded
+                 | "Embed" >> inference
+                 | "Split" >> beam.ParDo(SplitResultsDoFn(cfg.output, cfg.dim, cfg.dtype, cfg.storage_options))
+                 .with_outputs(FAILURES, main="rows"))
+        return (
+            (
+                split.rows,
+                read[FAILURES] | "ReadFailures" >> beam.Map(_failed),
+                decoded[FAILURES] | "DecodeFailures" >> beam.Map(_failed),
+                split[FAILURES] | "EmbedFailures" >> beam.Map(_failed),
+                read[COUNTS] | "Counts" >> beam.Map(_counted),
+            )
+            | "All" >> beam.Flatten()
+            | "ByPart" >> beam.GroupByKey()
+            | "WritePart" >> beam.ParDo(WritePartDoFn(cfg.ledger, cfg.parts, cfg.schema_meta))
+        )
