@@ -21,6 +21,7 @@ COMMANDS: list[tuple[str, str, str]] = [
     ("embed", "clipbeam.commands.embed", "image-text corpora -> CLIP embeddings in Parquet"),
     ("index", "clipbeam.commands.index_build", "embeddings -> sharded FAISS index with measured recall"),
     ("search", "clipbeam.commands.search", "query a sharded index with text, an image or vectors"),
+    ("serve", "clipbeam.commands.serve", "search an index from a browser or over HTTP"),
     ("classify", "clipbeam.commands.classify", "zero-shot labels from stored image embeddings"),
     ("export", "clipbeam.commands.export", "embeddings -> clip-retrieval / autofaiss layout"),
     ("generate", "clipbeam.commands.generate", "render prompt lists with VQGAN+CLIP"),

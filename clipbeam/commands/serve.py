@@ -1,0 +1,103 @@
+"""Search an index from a browser or over HTTP (`clipbeam serve`).
+
+Loads the index (shards memory-mapped) and the CLIP that made its vectors
+once, then serves the search page, POST /search, GET /image/ID (bytes read
+straight from the shards), clip-retrieval's /knn-service, /healthz and
+/stats with uvicorn. It has no authentication: it binds 127.0.0.1 unless
+--host says otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import logging
+import posixpath
+
+from clipbeam import storage
+from clipbeam.commands.common import add_storage_arguments, storage_options_from_args
+from clipbeam.commands.query_model import add_query_model_arguments, load_query_model, query_spec
+from clipbeam.errors import UsageError
+from clipbeam.index import IndexInputError, ShardedIndex
+from clipbeam.index.manifest import query_model
+from clipbeam.serve.queries import Limits
+
+LOG = logging.getLogger(__name__)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--index", required=True, type=storage.absolute_url,
+                        help="index folder written by `clipbeam index` (any fsspec URL)")
+    parser.add_argument("--host", default="127.0.0.1",
+                        help="address to bind (default %(default)s; there is no authentication)")
+    parser.add_argument("--port", type=int, default=8765, help="port (default %(default)s)")
+    parser.add_argument("--name", default=None, help="index name for clip-retrieval clients (default: folder name)")
+    parser.add_argument("--max-k", type=int, default=1000, help="largest k a request may ask for (default %(default)s)")
+    parser.add_argument("--max-body-bytes", type=int, default=16 * 1024 * 1024,
+                        help="largest request body, uploads included (default %(default)s)")
+    parser.add_argument("--max-pixels", type=int, default=Limits.max_pixels,
+                        help="larger uploaded images are refused as decompression bombs (default %(default)s)")
+    parser.add_argument("--allow-origin", action="append", default=[], metavar="ORIGIN",
+                        help="let pages on ORIGIN call the API (CORS), e.g. a clip-retrieval front; repeatable")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch and faiss threads for the query worker (default %(default)s)")
+    add_storage_arguments(parser)
+    add_query_model_arguments(parser)
+
+
+def _check(args: argparse.Namespace) -> Limits:
+    if not 0 < args.port < 65536:
+        raise UsageError(f"--port must be between 1 and 65535, not {args.port}")
+    for flag in ("max_k", "max_body_bytes", "max_pixels", "threads"):
+        if getattr(args, flag) < 1:
+            raise UsageError(f"--{flag.replace('_', '-')} must be at least 1, not {getattr(args, flag)}")
+    return Limits(max_k=args.max_k, max_body_bytes=args.max_body_bytes, max_pixels=args.max_pixels)
+
+
+def build_engine(args: argparse.Namespace):
+    """The SearchEngine for the arguments: the index opened, the recorded model loaded (if any)."""
+    import faiss
+    import torch
+
+    from clipbeam.serve.engine import SearchEngine
+
+    limits = _check(args)
+    torch.set_num_threads(args.threads)
+    faiss.omp_set_num_threads(args.threads)
+    so = storage_options_from_args(args)
+    try:
+        index = ShardedIndex.open(args.index, so)
+    except IndexInputError as exc:
+        raise UsageError(str(exc)) from None
+    recorded = query_model(index.manifest)
+    clip = None
+    if recorded or args.model:
+        clip = load_query_model(query_spec(args, recorded), index.dim, so)
+    else:
+        LOG.warning("the index records no model and --model is not given: only vector queries will work")
+    name = args.name or posixpath.basename(args.index.rstrip("/")) or "index"
+    return SearchEngine(index, clip, limits, name, so)
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
+def run(args: argparse.Namespace, beam_args: list[str]) -> int:
+    if beam_args:
+        raise UsageError(f"unrecognized arguments: {' '.join(beam_args)}")
+    import uvicorn
+
+    from clipbeam.serve.app import create_app
+
+    engine = build_engine(args)
+    if not _is_loopback(args.host):
+        LOG.warning("listening on %s: anyone who can reach it can search this index and read its images "
+                    "(there is no authentication)", args.host)
+    app = create_app(engine, tuple(args.allow_origin))
+    LOG.info("serving %s (%d vectors) on http://%s:%d/", engine.name, engine.index.ntotal, args.host, args.port)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning", access_log=False)
+    return 0

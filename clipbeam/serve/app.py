@@ -1,0 +1,214 @@
+"""The Starlette app: routes, the body cap, and one-line JSON errors.
+
+Every client mistake (bad JSON, a wrong vector dimension, an unknown id, an
+oversized upload, a route that does not exist) is answered with a 4xx and
+`{"error": "one line"}`; none of them reaches the 500 handler or stops the
+server. Images are served by faiss id only: a client can never name a path.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from dataclasses import dataclass
+from importlib import resources
+from typing import Any
+
+from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from clipbeam.serve import knn
+from clipbeam.serve.batcher import Batcher
+from clipbeam.serve.engine import Hit, SearchEngine, image_type
+from clipbeam.serve.queries import ApiError, Query, parse_json, parse_search
+from clipbeam.serve.stats import QueryStats
+
+STATIC = {"index.html": "text/html; charset=utf-8", "app.js": "text/javascript; charset=utf-8",
+          "style.css": "text/css; charset=utf-8"}
+PAGE_HEADERS = {"Content-Security-Policy": "default-src 'self'; img-src 'self' data: blob:; object-src 'none'",
+                "X-Content-Type-Options": "nosniff", "Cache-Control": "no-cache"}
+IMAGE_HEADERS = {"X-Content-Type-Options": "nosniff", "Content-Security-Policy": "default-src 'none'",
+                 "Cache-Control": "public, max-age=3600"}
+THUMBNAIL_SIZES = (16, 1024)
+
+
+@dataclass
+class ServeState:
+    engine: SearchEngine
+    batcher: Batcher[Query]
+    stats: QueryStats
+    static: dict[str, bytes]
+
+    async def answer(self, query: Query) -> list[Hit]:
+        found = await self.batcher.submit(query)
+        if isinstance(found, ApiError):
+            raise found
+        return found
+
+
+def _state(request: Request) -> ServeState:
+    return request.app.state.serve
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request body, refused with a 413 as soon as it passes `limit` bytes."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise ApiError(413, f"the body is {declared} bytes; the limit is {limit}")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise ApiError(413, f"the body is over the limit of {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def jsonable(value: Any) -> Any:
+    """Id-table values as JSON can carry them (bytes as text, NaN as null)."""
+    if isinstance(value, bytes):
+        return value.decode("utf-8", errors="replace")
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [jsonable(v) for v in value]
+    return value if value is None or isinstance(value, (str, int, float, bool)) else str(value)
+
+
+def hit_json(hit: Hit) -> dict[str, Any]:
+    return {"faiss_id": hit.faiss_id, "id": jsonable(hit.row.get("id")), "score": round(hit.score, 6),
+            "caption": jsonable(hit.row.get("caption")), "source": jsonable(hit.row.get("source")),
+            "image_url": f"/image/{hit.faiss_id}"}
+
+
+async def search(request: Request) -> Response:
+    state = _state(request)
+    started = time.perf_counter()
+    body = parse_json(await read_body(request, state.engine.limits.max_body_bytes))
+    query = parse_search(body, state.engine.limits, state.engine.index.dim)
+    hits = await state.answer(query)
+    took = time.perf_counter() - started
+    state.stats.record(query.kind, took)
+    return JSONResponse({"results": [hit_json(h) for h in hits], "took_ms": round(took * 1000, 3)})
+
+
+async def knn_service(request: Request) -> Response:
+    state = _state(request)
+    started = time.perf_counter()
+    engine = state.engine
+    body = parse_json(await read_body(request, engine.limits.max_body_bytes))
+    modality = "text" if engine.column == "text_embedding" else "image"
+    query, num_images = knn.parse_knn(body, engine.limits, engine.index.dim, engine.name, modality)
+    hits = await state.answer(query)
+    state.stats.record(query.kind, time.perf_counter() - started)
+    return JSONResponse(knn.knn_results(hits, num_images, str(request.base_url)))
+
+
+async def metadata(request: Request) -> Response:
+    state = _state(request)
+    body = parse_json(await read_body(request, state.engine.limits.max_body_bytes))
+    ids = knn.parse_metadata_ids(body, state.engine.limits, state.engine.name)
+    rows = await run_in_threadpool(lambda: [state.engine.item(i) for i in ids])
+    base = str(request.base_url)
+    return JSONResponse([{"id": i, "metadata": jsonable(knn.metadata(row, i, base))}
+                         for i, row in zip(ids, rows, strict=True)])
+
+
+async def indices_list(request: Request) -> Response:
+    return JSONResponse([_state(request).engine.name])
+
+
+async def image(request: Request) -> Response:
+    engine = _state(request).engine
+    faiss_id = request.path_params["faiss_id"]
+    size = request.query_params.get("size")
+    if size is None:
+        data = await run_in_threadpool(engine.image_bytes, faiss_id)
+        return Response(data, media_type=image_type(data), headers=IMAGE_HEADERS)
+    lo, hi = THUMBNAIL_SIZES
+    if not size.isdigit() or not lo <= int(size) <= hi:
+        raise ApiError(400, f"size must be an integer between {lo} and {hi}")
+    data = await run_in_threadpool(engine.thumbnail, faiss_id, int(size))
+    return Response(data, media_type="image/jpeg", headers=IMAGE_HEADERS)
+
+
+async def item(request: Request) -> Response:
+    engine = _state(request).engine
+    faiss_id = request.path_params["faiss_id"]
+    row = await run_in_threadpool(engine.item, faiss_id)
+    return JSONResponse({**jsonable(row), "faiss_id": faiss_id, "image_url": f"/image/{faiss_id}"})
+
+
+async def healthz(request: Request) -> Response:
+    return JSONResponse({"status": "ok"})
+
+
+async def stats(request: Request) -> Response:
+    state = _state(request)
+    manifest = state.engine.index.manifest
+    return JSONResponse({
+        "index": state.engine.name, "vectors": state.engine.index.ntotal, "shards": len(manifest["shards"]),
+        "dim": state.engine.index.dim, "factory": manifest["factory"], "metric": manifest["metric"],
+        "search_params": state.engine.default_params, "recall_at_10": manifest.get("recall_at_10"),
+        "model": None if state.engine.clip is None else state.engine.clip.spec.model,
+        **state.stats.summary(),
+    })
+
+
+async def page(request: Request) -> Response:
+    return Response(_state(request).static["index.html"], media_type=STATIC["index.html"], headers=PAGE_HEADERS)
+
+
+async def static(request: Request) -> Response:
+    name = request.path_params["name"]
+    if name not in STATIC or name == "index.html":
+        raise ApiError(404, f"no static file {name[:100]!r}")
+    return Response(_state(request).static[name], media_type=STATIC[name], headers=PAGE_HEADERS)
+
+
+async def api_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, ApiError)
+    _state(request).stats.reject(exc.status)
+    return JSONResponse({"error": exc.message}, status_code=exc.status)
+
+
+async def http_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    _state(request).stats.reject(exc.status_code)
+    message = {404: f"no route {request.url.path[:200]}", 405: f"{request.method} is not allowed here"}
+    return JSONResponse({"error": message.get(exc.status_code, str(exc.detail))}, status_code=exc.status_code,
+                        headers=exc.headers)
+
+
+def create_app(engine: SearchEngine, allow_origins: tuple[str, ...] = ()) -> Starlette:
+    """The app for one engine; `allow_origins` lets pages on those origins (clip-retrieval's front) call it."""
+    files = resources.files("clipbeam.serve") / "static"
+    state = ServeState(engine, Batcher(engine.run), QueryStats(),
+                       {name: (files / name).read_bytes() for name in STATIC})
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette):
+        yield
+        state.batcher.close()
+
+    routes = [
+        Route("/", page), Route("/static/{name}", static), Route("/healthz", healthz), Route("/stats", stats),
+        Route("/search", search, methods=["POST"]), Route("/image/{faiss_id:int}", image),
+        Route("/item/{faiss_id:int}", item), Route("/knn-service", knn_service, methods=["POST"]),
+        Route("/metadata", metadata, methods=["POST"]), Route("/indices-list", indices_list),
+    ]
+    middleware = [Middleware(CORSMiddleware, allow_origins=list(allow_origins), allow_methods=["GET", "POST"],
+                             allow_headers=["*"])] if allow_origins else []
+    app = Starlette(routes=routes, middleware=middleware, lifespan=lifespan,
+                    exception_handlers={ApiError: api_error, HTTPException: http_error})
+    app.state.serve = state
+    return app

@@ -1,0 +1,201 @@
+"""The model and the index of one server, and what a batch of queries costs them.
+
+A SearchEngine is plain Python (no HTTP): the app hands it batches of typed
+queries from one worker thread, so torch and faiss never run two calls at
+once (per-request search parameters can then be set and restored on the
+shared shards safely). Texts of a batch are encoded in one model call.
+
+"More like this" searches by a sample's stored embedding, read exactly from
+the embeddings part that index.json says the faiss id came from (one row
+group of the vector column): faiss cannot give it back exactly, since shards
+may be PQ-compressed and IDMap shards do not reconstruct by id.
+"""
+
+from __future__ import annotations
+
+import functools
+import io
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from clipbeam.index import IndexInputError, ShardedIndex
+from clipbeam.index.fetch import ImageUnavailable, fetch_image
+from clipbeam.index.inputs import InputFile, read_rows
+from clipbeam.serve.queries import ApiError, Limits, Query
+
+
+@dataclass(frozen=True)
+class Hit:
+    """One result: the global faiss id, its score and its id-table row (id, caption, source, ...)."""
+
+    faiss_id: int
+    score: float
+    row: dict[str, Any]
+
+
+class SearchEngine:
+    """An opened index, the CLIP that made its vectors (None: vector and like queries only), and limits."""
+
+    def __init__(self, index: ShardedIndex, clip: Any, limits: Limits, name: str,
+                 storage_options: dict | None = None, thumbnail_cache: int = 2048) -> None:
+        self.index = index
+        self.clip = clip
+        self.limits = limits
+        self.name = name
+        self.storage_options = storage_options or {}
+        self.default_params = index.search_params
+        self._preprocess = None
+        if clip is not None:
+            from clipbeam.models.clip import image_preprocessor, preprocess_config
+
+            self._preprocess = image_preprocessor(preprocess_config(clip.spec))
+        self.thumbnail = functools.lru_cache(maxsize=thumbnail_cache)(self._thumbnail)
+        self.stored_vector = functools.lru_cache(maxsize=1024)(self._stored_vector)
+
+    @property
+    def column(self) -> str:
+        """The embeddings column the index was built from (image_embedding unless told otherwise)."""
+        return self.index.manifest.get("column") or "image_embedding"
+
+    def run(self, queries: list[Query]) -> list[list[Hit] | ApiError]:
+        """Encode and search a batch; a bad query gets its ApiError and the others go on."""
+        vectors = self._vectors(queries)
+        out: list[list[Hit] | ApiError | None] = [v if isinstance(v, ApiError) else None for v in vectors]
+        groups: dict[str | None, list[int]] = {}
+        for i, query in enumerate(queries):
+            if out[i] is None:
+                groups.setdefault(query.params, []).append(i)
+        for params, members in groups.items():
+            k = max(queries[i].k for i in members)
+            try:
+                found = self._search(np.concatenate([vectors[i] for i in members]), k, params)
+            except ApiError as exc:
+                found = [exc] * len(members)
+            for i, hits in zip(members, found, strict=True):
+                out[i] = hits if isinstance(hits, ApiError) else hits[: queries[i].k]
+        return out  # type: ignore[return-value]
+
+    def _vectors(self, queries: list[Query]) -> list[np.ndarray | ApiError]:
+        out: list[np.ndarray | ApiError] = []
+        texts = [q.text for q in queries if q.text is not None]
+        encoded = iter(self._encode_texts(texts) if texts and self.clip is not None else [])
+        for query in queries:
+            try:
+                if query.text is not None:
+                    if self.clip is None:
+                        raise ApiError(400, "this server has no model (the index records none): send a vector")
+                    out.append(next(encoded)[None, :])
+                elif query.image is not None:
+                    out.append(self._encode_image(query.image))
+                elif query.vector is not None:
+                    out.append(query.vector)
+                else:
+                    out.append(self.stored_vector(query.like))
+            except ApiError as exc:
+                out.append(exc)
+        return out
+
+    def _encode_texts(self, texts: list[str]) -> np.ndarray:
+        from clipbeam.models.clip import encode_texts
+
+        return encode_texts(self.clip, texts)
+
+    def _encode_image(self, data: bytes) -> np.ndarray:
+        """Uploaded bytes -> vector, decoded and preprocessed as embed does corpus images (same pixel cap)."""
+        import torch
+
+        from clipbeam.models.clip import encode_images
+        from clipbeam.models.images import DecodeError, decode_image
+
+        if self.clip is None:
+            raise ApiError(400, "this server has no model (the index records none): send a vector")
+        try:
+            image = decode_image(data, self.limits.max_pixels)
+        except DecodeError as exc:
+            status = 413 if "decompression bomb" in str(exc) else 400
+            raise ApiError(status, f"image: {exc}") from None
+        pixels = torch.from_numpy(np.stack([self._preprocess(image)]))
+        return encode_images(self.clip, pixels)
+
+    def _search(self, vectors: np.ndarray, k: int, params: str | None) -> list[list[Hit]]:
+        if params:
+            try:
+                self.index.set_search_params(params)
+            except IndexInputError:
+                self.index.set_search_params(self.default_params)
+                factory = self.index.manifest["factory"]
+                raise ApiError(400, f"search parameters {params!r} do not apply to this {factory} index") from None
+        try:
+            scores, ids = self.index.search(vectors, k)
+        finally:
+            if params:
+                self.index.set_search_params(self.default_params)
+        out = []
+        for row_scores, row_ids in zip(scores, ids, strict=True):
+            rows = self.index.lookup(row_ids)
+            out.append([Hit(int(i), float(s), row) for s, i, row in zip(row_scores, row_ids, rows, strict=True)
+                        if i >= 0 and row is not None])
+        return out
+
+    def item(self, faiss_id: int) -> dict[str, Any]:
+        """The id-table row of an indexed sample; ApiError 404 for an id the index does not hold."""
+        row = self.index.lookup([faiss_id])[0] if 0 <= faiss_id < 2**63 else None
+        if row is None:
+            raise ApiError(404, f"unknown id {faiss_id}")
+        return row
+
+    def image_bytes(self, faiss_id: int) -> bytes:
+        try:
+            return fetch_image(self.item(faiss_id), self.storage_options)
+        except ImageUnavailable as exc:
+            raise ApiError(404, f"image of id {faiss_id} is unavailable: {exc}") from None
+
+    def _thumbnail(self, faiss_id: int, size: int) -> bytes:
+        """A JPEG whose longest side is `size` (cached: thumbnails are asked for again and again)."""
+        from PIL import Image
+
+        from clipbeam.models.images import DecodeError, decode_image
+
+        try:
+            image = decode_image(self.image_bytes(faiss_id), self.limits.max_pixels)
+        except DecodeError as exc:
+            raise ApiError(404, f"image of id {faiss_id} does not decode: {exc}") from None
+        scale = size / max(image.size)
+        image = image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))),
+                             Image.Resampling.LANCZOS)
+        out = io.BytesIO()
+        image.save(out, format="JPEG", quality=85)
+        return out.getvalue()
+
+    def _stored_vector(self, faiss_id: int) -> np.ndarray:
+        self.item(faiss_id)
+        for source in self.index.manifest.get("embeddings", []):
+            for entry in source.get("files", []):
+                start, rows = int(entry["id_start"]), int(entry["rows"])
+                if start <= faiss_id < start + rows:
+                    return self._read_vector(InputFile(entry["url"], rows, start), source, faiss_id)
+        raise ApiError(404, f"index.json names no embeddings file for id {faiss_id}")
+
+    def _read_vector(self, file: InputFile, source: dict, faiss_id: int) -> np.ndarray:
+        column = source.get("column") or self.column
+        try:
+            vectors, _ = read_rows(file, column, self.index.dim, np.array([faiss_id - file.id_start]),
+                                   storage_options=self.storage_options)
+        except (OSError, ValueError, IndexInputError) as exc:
+            raise ApiError(404, f"stored embedding of id {faiss_id} is unavailable: {exc}") from None
+        if len(vectors) != 1:
+            raise ApiError(404, f"sample {faiss_id} has no stored vector")
+        return vectors
+
+
+def image_type(data: bytes) -> str:
+    """The MIME type of image bytes, from their header."""
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            return Image.MIME.get(image.format or "", "application/octet-stream")
+    except Exception:  # not an image PIL knows: let the browser decide nothing
+        return "application/octet-stream"
