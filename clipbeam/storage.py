@@ -8,7 +8,10 @@ reader never sees a half-written file under its final name.
 from __future__ import annotations
 
 import contextlib
+import functools
+import inspect
 import json
+import logging
 import os
 import re
 import uuid
@@ -18,6 +21,8 @@ import fsspec
 from fsspec.core import url_to_fs
 
 from clipbeam.errors import UsageError
+
+LOG = logging.getLogger(__name__)
 
 _BRACE_RANGE = re.compile(r"\{(\d+)\.\.(\d+)\}")
 _BRACE_LIST = re.compile(r"\{([^{}]*,[^{}]*)\}")
@@ -37,8 +42,63 @@ def parse_storage_options(text: str | None) -> dict:
 
 
 def get_fs(url: str, storage_options: dict | None = None):
-    """Return (filesystem, path) for a URL or local path."""
-    return url_to_fs(url, **(storage_options or {}))
+    """Return (filesystem, path) for a URL or local path.
+
+    An unknown protocol, a missing filesystem package or a --storage-options
+    key that the filesystem does not take is a UsageError (one line), not the
+    ValueError/ImportError/TypeError that fsspec raises, sometimes only at the
+    first request.
+    """
+    try:
+        fs, path = url_to_fs(url, **(storage_options or {}))
+    except (ValueError, ImportError) as exc:
+        raise UsageError(f"cannot open {url}: {exc}") from None
+    except TypeError as exc:
+        raise UsageError(f"--storage-options do not suit {url}: {exc}") from None
+    _check_option_keys(type(fs), tuple(sorted(storage_options or {})))
+    return fs, path
+
+
+# Keys every fsspec filesystem takes (AbstractFileSystem / DirCache), whatever its own __init__ names.
+_COMMON_OPTION_KEYS = {"use_listings_cache", "listings_expiry_time", "max_paths", "skip_instance_cache",
+                       "asynchronous", "loop"}
+# Not checked: HTTP hands unnamed options on to every request (headers, auth), and local and memory
+# filesystems ignore options, which one --storage-options shares with the remote side of a command
+# (s3:// inputs, a local --output).
+_PASS_THROUGH_PROTOCOLS = {"http", "https", "file", "local", "memory"}
+# Object stores: no real folders, and a makedirs at the top would create a bucket.
+_BUCKET_PROTOCOLS = {"s3", "s3a", "gs", "gcs", "abfs", "az", "adl", "oss"}
+
+
+@functools.lru_cache(maxsize=256)
+def _check_option_keys(fs_class: type, keys: tuple[str, ...]) -> None:
+    """Raise UsageError for --storage-options keys that `fs_class` does not take (checked once per class)."""
+    protocols = fs_class.protocol if isinstance(fs_class.protocol, (tuple, list)) else (fs_class.protocol,)
+    if not keys or _PASS_THROUGH_PROTOCOLS & set(protocols):
+        return
+    known = set(_COMMON_OPTION_KEYS)
+    for klass in fs_class.__mro__:
+        init = klass.__dict__.get("__init__")
+        if init is None:
+            continue
+        params = inspect.signature(init).parameters.values()
+        known |= {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)} - {"self"}
+    unknown = [k for k in keys if k not in known]
+    if unknown:
+        raise UsageError(f"unknown --storage-options key {unknown[0]!r} for {protocols[0]}:// "
+                         f"(known: {', '.join(sorted(known))})")
+
+
+def _is_bucket_store(fs) -> bool:
+    protocols = fs.protocol if isinstance(fs.protocol, (tuple, list)) else (fs.protocol,)
+    return bool(_BUCKET_PROTOCOLS & set(protocols))
+
+
+def make_parents(fs, path: str) -> None:
+    """Create the folder that will hold `path`, where folders exist; never a bucket."""
+    parent = path.rsplit("/", 1)[0] if "/" in path else ""
+    if parent and not _is_bucket_store(fs):
+        fs.makedirs(parent, exist_ok=True)
 
 
 def expand_braces(pattern: str) -> list[str]:
@@ -154,9 +214,7 @@ def create_exclusive(url: str, data: bytes, storage_options: dict | None = None)
     which is best effort: two writers racing within one round trip can both succeed.
     """
     fs, path = get_fs(url, storage_options)
-    parent = path.rsplit("/", 1)[0] if "/" in path else ""
-    if parent:
-        fs.makedirs(parent, exist_ok=True)
+    make_parents(fs, path)
     try:
         with fs.open(path, "xb") as handle:
             handle.write(data)
@@ -180,8 +238,7 @@ def atomic_open(url: str, mode: str = "wb", storage_options: dict | None = None)
     """
     fs, path = get_fs(url, storage_options)
     parent = path.rsplit("/", 1)[0] if "/" in path else ""
-    if parent:
-        fs.makedirs(parent, exist_ok=True)
+    make_parents(fs, path)
     name = path.rsplit("/", 1)[-1]
     # A hidden name that keeps no suffix of the final one: globbing readers
     # (`*.parquet`, pyarrow datasets, DuckDB) never pick up a half-written file.
@@ -236,18 +293,24 @@ def check_writable(url: str, storage_options: dict | None = None) -> None:
     """Raise UsageError unless `url` (a folder) can be created and written.
 
     Creates the folder, writes and removes a probe file; leaves an empty folder
-    at most, and nothing where the check fails.
+    at most, and nothing where the check fails. Never creates a bucket: on an
+    object store a missing bucket (a typo) is a UsageError.
     """
     try:
         fs, path = get_fs(url, storage_options)
+    except UsageError:
+        raise
     except Exception as exc:  # bad protocol, bad options
         raise UsageError(f"cannot open output {url}: {exc}") from None
+    if _is_bucket_store(fs):
+        _require_bucket(fs, path, url)
     created = not fs.exists(path)
     probe = join(path, f".probe-{uuid.uuid4().hex[:8]}")
     try:
         if fs.exists(path) and not fs.isdir(path):
             raise UsageError(f"output {url} exists and is not a folder")
-        fs.makedirs(path, exist_ok=True)
+        if not _is_bucket_store(fs):
+            fs.makedirs(path, exist_ok=True)
         with fs.open(probe, "wb") as handle:
             handle.write(b"")
         fs.rm(probe)
@@ -258,6 +321,17 @@ def check_writable(url: str, storage_options: dict | None = None) -> None:
             with contextlib.suppress(Exception):
                 fs.rm(path, recursive=True)
         raise UsageError(f"output {url} is not writable: {exc.__class__.__name__}: {exc}") from None
+
+
+def _require_bucket(fs, path: str, url: str) -> None:
+    bucket = path.strip("/").split("/", 1)[0]
+    try:
+        found = fs.exists(bucket)
+    except Exception as exc:  # no permission to look: the probe write below says more
+        LOG.debug("cannot check bucket %s: %s", bucket, exc)
+        return
+    if not found:
+        raise UsageError(f"output {url}: bucket {bucket!r} does not exist (clipbeam never creates buckets)")
 
 
 def local_path(url: str) -> str | None:

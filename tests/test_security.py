@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
 from typing import List
@@ -159,3 +160,39 @@ def test_remote_clip_checkpoint_cache_is_private_and_revalidated(tmp_path, s3_se
     key = "visual.conv1.weight" if "visual.conv1.weight" in second else next(iter(second))
     assert torch.equal(reloaded.model.state_dict()[key], second[key])
     assert len(list(folder.iterdir())) == 1  # the stale copy is gone
+
+
+def test_output_in_a_missing_bucket_is_refused_and_no_bucket_is_made(tmp_path, s3_server, capsys):
+    import boto3
+
+    from clipbeam.storage import check_writable
+
+    # A region other than us-east-1, where s3fs's mkdir would send a location constraint and succeed.
+    so = dict(s3_server["storage_options"], client_kwargs={"endpoint_url": s3_server["endpoint_url"],
+                                                           "region_name": "eu-west-1"})
+    client = boto3.client("s3", endpoint_url=s3_server["endpoint_url"], region_name="us-east-1")
+    before = {b["Name"] for b in client.list_buckets()["Buckets"]}
+    with pytest.raises(UsageError, match="does not exist .clipbeam never creates buckets"):
+        check_writable("s3://typo-bucket-x/emb", so)
+    corpus = tmp_path / "corpus"
+    assert main(["synth-corpus", "--output", str(corpus), "--n", "4", "--seed", "0", "--shard-size", "4"]) == 0
+    capsys.readouterr()
+    assert main(["embed", "--input", str(corpus / "*.tar"), "--output", "s3://typo-bucket-y/emb",
+                 "--storage-options", json.dumps(so), "--model", "clipbeam-tiny", "--pretrained", "none",
+                 "--no-progress"]) == 2
+    assert "never creates buckets" in one_error_line(capsys)
+    assert {b["Name"] for b in client.list_buckets()["Buckets"]} == before
+    check_writable(f"s3://{s3_server['bucket']}/emb", so)  # an existing bucket is fine
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--input", "nosuch://x/*.tar"], "cannot open nosuch://x"),
+    (["--input", "s3://b/x/*.tar", "--storage-options", '{"bogus": 1}'], "unknown --storage-options key 'bogus'"),
+])
+def test_bad_protocol_and_storage_options_are_one_line(tmp_path, capsys, argv, message):
+    out = tmp_path / "emb"
+    code = main(["embed", *argv, "--output", str(out), "--model", "clipbeam-tiny", "--pretrained", "none",
+                 "--no-progress"])
+    assert code == 2
+    assert message in one_error_line(capsys)
+    assert not out.exists()
