@@ -32,11 +32,15 @@ DEFAULT_KEEP_COLUMNS = ("caption", "source", "source_offset", "source_size")
 
 @dataclass(frozen=True)
 class InputFile:
-    """One Parquet file, its row count and the global id of its first row."""
+    """One Parquet file, its row count, the global id of its first row and its row-group sizes.
+
+    `row_groups` lets sampling pick whole row groups from the plan alone (empty: one group of `rows`).
+    """
 
     url: str
     rows: int
     id_start: int
+    row_groups: tuple[int, ...] = ()
 
 
 @dataclass
@@ -118,7 +122,8 @@ def resolve_embeddings(url: str, column: str = "image_embedding", id_column: str
         if dim is None:
             dim = _dim_from_schema(file_schema, column)
         if meta.num_rows:
-            files.append(InputFile(file_url, int(meta.num_rows), next_id))
+            groups = tuple(int(meta.row_group(g).num_rows) for g in range(meta.num_row_groups))
+            files.append(InputFile(file_url, int(meta.num_rows), next_id, groups))
             next_id += int(meta.num_rows)
     if not files:
         raise IndexInputError(f"embeddings input {url} is empty: {len(urls)} file(s), 0 rows")
@@ -227,17 +232,36 @@ def iter_batches(file: InputFile, column: str, id_column: str | None, metadata_c
 
 def read_rows(file: InputFile, column: str, dim: int, rows: np.ndarray, batch_rows: int = 65_536,
               storage_options: dict | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """The vectors at local row numbers `rows` (sorted) of one file, and their global ids (null rows dropped)."""
+    """The vectors at local row numbers `rows` (sorted) of one file, and their global ids (null rows dropped).
+
+    Sampling reads through here, so it is column-wise end to end: only the row groups that hold a
+    chosen row are decoded, only `column`, a batch at a time, and only the chosen rows are taken
+    out of each batch and converted to float32 in one step.
+    """
     rows = np.asarray(rows, dtype=np.int64)
     if len(rows) == 0:
         return np.zeros((0, dim), np.float32), np.zeros(0, np.int64)
     out_ids, out_vectors = [], []
-    for batch in iter_batches(file, column, None, [], dim, int(rows[0]), int(rows[-1]) + 1, batch_rows,
-                              storage_options):
-        local = batch.ids - file.id_start
-        take = np.isin(local, rows)
-        out_ids.append(batch.ids[take])
-        out_vectors.append(batch.vectors[take])
+    with storage.open_input(file.url, storage_options) as handle:
+        parquet = pq.ParquetFile(handle)
+        sizes = [parquet.metadata.row_group(g).num_rows for g in range(parquet.metadata.num_row_groups)]
+        starts = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+        if rows[0] < 0 or rows[-1] >= starts[-1]:
+            raise IndexInputError(f"{file.url} has {starts[-1]} rows, not rows {rows[0]}..{rows[-1]}")
+        group_of = np.searchsorted(starts, rows, side="right") - 1
+        groups, which = np.unique(group_of, return_inverse=True)
+        # each chosen row's position in the stream of the chosen groups' rows, which is what iter_batches yields
+        group_offsets = np.concatenate([[0], np.cumsum(np.asarray(sizes, np.int64)[groups])[:-1]])
+        stream = rows - starts[group_of] + group_offsets[which]
+        offset = 0
+        for batch in parquet.iter_batches(batch_size=batch_rows, row_groups=groups.tolist(), columns=[column]):
+            lo, hi = np.searchsorted(stream, [offset, offset + batch.num_rows])
+            if hi > lo:
+                taken = batch.column(0).take(pa.array(stream[lo:hi] - offset))
+                valid = taken.is_valid()
+                out_ids.append(file.id_start + rows[lo:hi][valid.to_numpy(zero_copy_only=False)])
+                out_vectors.append(to_matrix(taken.filter(valid), dim, where=f"{file.url}: "))
+            offset += batch.num_rows
     return np.concatenate(out_vectors), np.concatenate(out_ids)
 
 

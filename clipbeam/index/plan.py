@@ -15,6 +15,8 @@ import numpy as np
 from clipbeam.index.errors import IndexInputError
 from clipbeam.index.inputs import InputFile
 
+SAMPLE_READ_FACTOR = 2  # sampled row groups hold at least twice the sample, so rows are still drawn at random
+
 
 @dataclass(frozen=True)
 class Piece:
@@ -71,13 +73,54 @@ def query_count(total: int, wanted: int) -> int:
     return max(1, min(wanted, total // 10))
 
 
+def _row_groups(files: list[InputFile]) -> list[tuple[int, int]]:
+    """Every row group as (first global id, rows), in id order; a file without known groups is one group."""
+    groups = []
+    for file in files:
+        start = file.id_start
+        for size in file.row_groups or (file.rows,):
+            groups.append((start, size))
+            start += size
+    return groups
+
+
+def sample_groups(files: list[InputFile], wanted: int, rng: np.random.Generator) -> list[tuple[int, int]]:
+    """Row groups, spread evenly over the id range, holding at least SAMPLE_READ_FACTOR x `wanted` rows.
+
+    All groups when that is more than the input has. Evenly spread (a random offset, then a fixed
+    stride) so that inputs ordered by source or class are still sampled across their whole range.
+    """
+    groups = _row_groups(files)
+    total = sum(size for _, size in groups)
+    if SAMPLE_READ_FACTOR * wanted >= total:
+        return groups
+    count = min(len(groups), math.ceil(len(groups) * SAMPLE_READ_FACTOR * wanted / total))
+    picked = np.unique(((np.arange(count) + rng.random()) * len(groups) / count).astype(np.int64))
+    rest = rng.permutation(np.setdiff1d(np.arange(len(groups)), picked))
+    held = int(sum(groups[g][1] for g in picked))
+    extra = []
+    for g in rest:
+        if held >= SAMPLE_READ_FACTOR * wanted:
+            break
+        extra.append(g)
+        held += groups[g][1]
+    return [groups[g] for g in sorted([*picked.tolist(), *extra])]
+
+
 def plan_sample(files: list[InputFile], train: int, queries: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Disjoint random global ids for training and for tuning queries (each sorted), reproducible by seed."""
+    """Disjoint random global ids for training and for tuning queries (each sorted), reproducible by seed.
+
+    Both are drawn uniformly from the rows of `sample_groups`, so reading them decodes about twice
+    the sample, not the whole input (Parquet decodes whole pages; one row costs its row group).
+    """
     start = files[0].id_start
     total = files[-1].id_start + files[-1].rows - start
     queries = min(queries, total)
     train = min(train, total - queries)
-    chosen = np.random.default_rng(seed).choice(total, size=train + queries, replace=False) + start
+    rng = np.random.default_rng(seed)
+    pool = np.concatenate([np.arange(first, first + size, dtype=np.int64)
+                           for first, size in sample_groups(files, train + queries, rng)])
+    chosen = rng.choice(pool, size=train + queries, replace=False)
     return np.sort(chosen[queries:]), np.sort(chosen[:queries])
 
 
@@ -86,3 +129,20 @@ def rows_by_file(files: list[InputFile], ids: np.ndarray) -> dict[int, np.ndarra
     starts = np.array([f.id_start for f in files], dtype=np.int64)
     where = np.searchsorted(starts, ids, side="right") - 1
     return {int(i): ids[where == i] - files[i].id_start for i in np.unique(where)}
+
+
+@dataclass(frozen=True)
+class SampleRead:
+    """The local rows of one file that train the index and that serve as tuning queries (both sorted)."""
+
+    file: InputFile
+    train_rows: np.ndarray
+    query_rows: np.ndarray
+
+
+def sample_reads(files: list[InputFile], train_ids: np.ndarray, query_ids: np.ndarray) -> tuple[SampleRead, ...]:
+    """One read per file that holds sampled rows: its training rows and query rows together."""
+    train, queries = rows_by_file(files, train_ids), rows_by_file(files, query_ids)
+    empty = np.zeros(0, np.int64)
+    return tuple(SampleRead(file, train.get(i, empty), queries.get(i, empty))
+                 for i, file in enumerate(files) if i in train or i in queries)
