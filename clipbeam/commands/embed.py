@@ -52,6 +52,7 @@ from clipbeam.models.clip import (
 from clipbeam.models.images import DEFAULT_MAX_PIXELS
 from clipbeam.storage import absolute_url, join, remove_if_present, remove_temporaries
 from clipbeam.transforms.corpus_plan import FORMATS, ManifestColumns, PartSpec, plan_parts
+from clipbeam.transforms.corpus_read import ReadLimits
 from clipbeam.transforms.embed_corpus import EmbedCorpus, EmbedCorpusConfig
 from clipbeam.transforms.embed_write import PartInfo
 
@@ -106,6 +107,7 @@ class EmbedJob:
     overwrite: bool
     prune: bool
     progress: bool
+    limits: ReadLimits = ReadLimits()
 
     def settings(self, weights: str, dim: int) -> dict:
         """The resume fingerprint: every setting that changes what a part holds (not the input list,
@@ -116,6 +118,7 @@ class EmbedJob:
             "embed_text": self.embed_text, "format": self.fmt, "image_column": self.columns.image,
             "caption_column": self.columns.caption, "id_column": self.columns.id,
             "max_pixels": self.max_pixels, "rows_per_part": self.rows_per_part,
+            "max_member_bytes": self.limits.max_member_bytes, "allow_any_path": self.limits.allow_any_path,
         }
 
 
@@ -174,7 +177,7 @@ def corpus_config(job: EmbedJob, out: OutputFolder, plan: PartPlan, weights: str
     return EmbedCorpusConfig(
         ledger=out.ledger, spec=job.spec, dim=dim, preprocess=preprocess_config(job.spec),
         parts={n: PartInfo(p.source, p.fingerprint) for n, p in plan.pending}, columns=job.columns,
-        max_pixels=job.max_pixels, embed_text=job.embed_text, batch_size=job.batch_size,
+        limits=job.limits, max_pixels=job.max_pixels, embed_text=job.embed_text, batch_size=job.batch_size,
         model_copies=job.model_copies, dtype=job.dtype, schema_meta=schema_meta, accelerator=job.accelerator,
     )
 
@@ -225,7 +228,7 @@ def run(args: argparse.Namespace, beam_args: list[str]) -> int:
     job = job_from_args(args)
     options = beam_options(beam_args)
     validate_spec(job.spec, job.storage_options)
-    parts = plan_parts(list(job.inputs), job.fmt, job.storage_options, job.rows_per_part)
+    parts = plan_parts(list(job.inputs), job.fmt, job.storage_options, job.rows_per_part, job.columns)
     if not parts:
         raise UsageError("the inputs hold no samples")
     weights, dim = _model_identity(job.spec, job.storage_options)

@@ -16,8 +16,10 @@ from apache_beam.ml.inference.base import RunInference
 
 from clipbeam.layout.ledger import UnitLedger
 from clipbeam.models.clip import ClipSpec
+from clipbeam.models.images import DEFAULT_MAX_PIXELS
 from clipbeam.transforms.clip_handler import ClipModelHandler
 from clipbeam.transforms.corpus_plan import ManifestColumns
+from clipbeam.transforms.corpus_read import ReadLimits
 from clipbeam.transforms.embed_dofns import COUNTS, FAILURES, DecodeDoFn, ReadPartDoFn
 from clipbeam.transforms.embed_write import (
     FailedSample,
@@ -38,7 +40,8 @@ class EmbedCorpusConfig:
     preprocess: dict                   # models.clip.preprocess_config(spec)
     parts: dict[int, PartInfo]         # part number -> source and fingerprint, for the markers
     columns: ManifestColumns = ManifestColumns()
-    max_pixels: int = 0
+    limits: ReadLimits = ReadLimits()
+    max_pixels: int = DEFAULT_MAX_PIXELS
     embed_text: bool = True
     batch_size: int = 64
     model_copies: int = 1
@@ -75,7 +78,7 @@ class EmbedCorpus(beam.PTransform):
         read = (
             parts
             | "SpreadParts" >> beam.Reshuffle()
-            | "ReadPart" >> beam.ParDo(ReadPartDoFn(cfg.storage_options, cfg.columns)).with_outputs(
+            | "ReadPart" >> beam.ParDo(ReadPartDoFn(cfg.storage_options, cfg.columns, cfg.limits)).with_outputs(
                 FAILURES, COUNTS, main="samples")
         )
         decoded = read.samples | "Decode" >> beam.ParDo(
