@@ -276,6 +276,25 @@ def read_json(url: str, storage_options: dict | None = None) -> Any:
         return json.loads(handle.read().decode("utf-8"))
 
 
+def read_text(url: str, storage_options: dict | None = None, what: str = "file") -> str:
+    """A UTF-8 text file (a BOM is dropped); UsageError, naming the byte, for any other encoding.
+
+    For files a user names on the command line (--prompts, --labels-file):
+    a Latin-1 file is one line and exit 2, never a UnicodeDecodeError traceback.
+    """
+    fs, path = get_fs(url, storage_options)
+    try:
+        with fs.open(path, "rb") as handle:
+            data = handle.read()
+    except FileNotFoundError:
+        raise UsageError(f"{what} {url} does not exist") from None
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise UsageError(f"{what} {url} is not UTF-8 text (byte 0x{data[exc.start]:02x} at offset {exc.start}); "
+                         "save it as UTF-8") from None
+
+
 def _json_default(value: Any) -> Any:
     try:
         import numpy as np

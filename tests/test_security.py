@@ -196,3 +196,26 @@ def test_bad_protocol_and_storage_options_are_one_line(tmp_path, capsys, argv, m
     assert code == 2
     assert message in one_error_line(capsys)
     assert not out.exists()
+
+
+def test_max_pixels_above_pils_default_governs_pils_own_cap():
+    import io as _io
+
+    from PIL import Image
+
+    from clipbeam.models.images import DecodeError, probe_image
+
+    def png(side: int) -> bytes:
+        buffer = _io.BytesIO()
+        Image.new("1", (side, side)).save(buffer, format="PNG")
+        return buffer.getvalue()
+
+    just_over, far_over = png(9_500), png(14_000)  # PIL's default cap is 89,478,485 pixels (x2: an error)
+    with pytest.raises(DecodeError, match="bomb"):
+        probe_image(just_over)
+    with pytest.raises(DecodeError):
+        probe_image(far_over, max_pixels=100_000_000)
+    assert probe_image(just_over, max_pixels=100_000_000).width == 9_500
+    assert probe_image(far_over, max_pixels=200_000_000).width == 14_000
+    with pytest.raises(DecodeError, match="exceeds the cap of 50000000"):
+        probe_image(just_over, max_pixels=50_000_000)  # a lower cap still holds after PIL's was raised

@@ -97,6 +97,24 @@ def with_accelerator(transform: PTransform, accelerator: str | None) -> PTransfo
     return transform
 
 
+LOCAL_RUNNERS = ("directrunner", "direct", "bundlebaseddirectrunner", "switchingdirectrunner", "prismrunner",
+                 "prism")
+
+
+def runner_is_local(beam_args: list[str]) -> bool:
+    """Whether the pipeline's workers run on this machine (a Direct/Prism runner, or a LOOPBACK environment),
+    so that what this process downloads or checks is what they will see."""
+    values: dict[str, str] = {}
+    for i, arg in enumerate(beam_args):
+        for flag in ("--runner", "--environment_type"):
+            if arg == flag and i + 1 < len(beam_args):
+                values[flag] = beam_args[i + 1]
+            elif arg.startswith(flag + "="):
+                values[flag] = arg.split("=", 1)[1]
+    runner = values.get("--runner", "DirectRunner").lower()
+    return runner in LOCAL_RUNNERS or values.get("--environment_type", "").upper() == "LOOPBACK"
+
+
 def clip_spec_from_args(args: argparse.Namespace) -> ClipSpec:
     return ClipSpec(
         model=args.model, pretrained=args.pretrained, seed=args.seed, device=args.device, precision=args.precision

@@ -119,6 +119,38 @@ def validate_spec(spec: ClipSpec, storage_options: dict | None = None) -> None:
         raise UsageError(f"unknown pretrained tag {pretrained!r} for {spec.model}; known: {known}")
 
 
+def fetch_pretrained(spec: ClipSpec, local_runner: bool = True) -> str | None:
+    """Make sure a pretrained tag's weights can be had before any pipeline starts.
+
+    With a local runner the weights are downloaded now (or found in open_clip's
+    cache), so a tag that cannot be downloaded (offline, a hub error) is one
+    line and exit 2, not a pipeline that starts and then fails with "rerun to
+    resume". A remote runner's workers download for themselves: then only the
+    registry is checked (validate_spec) and the returned line says so.
+    Checkpoints, shipped models and `none` need nothing: returns None.
+    """
+    import open_clip
+
+    pretrained = spec.pretrained
+    if (pretrained == "none" or (spec.model, pretrained) in SHIPPED_CHECKPOINTS
+            or is_checkpoint_path(pretrained) or os.path.exists(pretrained)):
+        return None
+    if not local_runner:
+        return (f"the workers will download the {pretrained!r} weights of {spec.model} through open_clip "
+                "(they need the Hugging Face hub or the weights' URL)")
+    from open_clip.pretrained import download_pretrained
+
+    try:
+        path = download_pretrained(open_clip.get_pretrained_cfg(spec.model, pretrained))
+    except Exception as exc:  # offline hub, HTTP errors, a missing file on the hub
+        first = (str(exc).strip().splitlines() or [""])[0][:200]
+        raise UsageError(f"cannot download the {pretrained!r} weights of {spec.model} ({exc.__class__.__name__}: "
+                         f"{first}); use --pretrained PATH for a local checkpoint") from None
+    if not path:
+        raise UsageError(f"open_clip knows no download for the {pretrained!r} weights of {spec.model}")
+    return None
+
+
 def file_sha256(path: str) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as handle:

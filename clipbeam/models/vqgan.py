@@ -69,8 +69,18 @@ class VQGANConfig:
 def config_from_dict(data: dict[str, Any]) -> VQGANConfig:
     """Parse a taming YAML (VQModel, GumbelVQ, or a Net2Net transformer's first stage).
 
-    Raises ValueError with a one-line reason when the layout is not one of those.
+    Raises ValueError with a one-line reason when the layout is not one of those,
+    including a field of the wrong type (`ch_mult: 5`, `ddconfig: [1]`), which
+    would otherwise surface as a TypeError traceback.
     """
+    try:
+        return _config_from_dict(data)
+    except (TypeError, KeyError, AttributeError, OverflowError) as exc:
+        raise ValueError(f"VQGAN config: a field has the wrong type or shape ({exc.__class__.__name__}: {exc})"
+                         ) from None
+
+
+def _config_from_dict(data: dict[str, Any]) -> VQGANConfig:
     if not isinstance(data, dict):
         raise ValueError("VQGAN config must be a mapping")
     model = data.get("model", data)
@@ -82,7 +92,7 @@ def config_from_dict(data: dict[str, Any]) -> VQGANConfig:
         first = params.get("first_stage_config")
         if not isinstance(first, dict):
             raise ValueError("VQGAN config: Net2Net config without model.params.first_stage_config")
-        return config_from_dict({"model": first})
+        return _config_from_dict({"model": first})
     if target not in (VQ_TARGET, GUMBEL_TARGET):
         raise ValueError(f"VQGAN config: unsupported target {target!r} (VQModel, GumbelVQ or Net2NetTransformer)")
     if params.get("remap"):
