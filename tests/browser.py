@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import tempfile
 
@@ -9,8 +10,9 @@ CHROMIUM = "/usr/bin/chromium"
 CHROMEDRIVER = "/usr/bin/chromedriver"
 
 
-def open_page(url: str, screenshot: str, width: int = 1200, height: int = 1600) -> dict:
-    """Load `url`, wait for it, take a screenshot; returns image load facts."""
+@contextlib.contextmanager
+def chromium(width: int = 1200, height: int = 1600):
+    """A headless Debian Chromium WebDriver with a throwaway profile, quit afterwards."""
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
 
@@ -26,6 +28,15 @@ def open_page(url: str, screenshot: str, width: int = 1200, height: int = 1600) 
     driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
     try:
         driver.set_page_load_timeout(60)
+        yield driver
+    finally:
+        driver.quit()
+        shutil.rmtree(profile, ignore_errors=True)
+
+
+def open_page(url: str, screenshot: str, width: int = 1200, height: int = 1600) -> dict:
+    """Load `url`, wait for it, take a screenshot; returns image load facts."""
+    with chromium(width, height) as driver:
         driver.get(url)
         facts = driver.execute_script(
             "const imgs = Array.from(document.images);"
@@ -33,6 +44,3 @@ def open_page(url: str, screenshot: str, width: int = 1200, height: int = 1600) 
             " broken: imgs.filter(i => !(i.complete && i.naturalWidth > 0)).map(i => i.getAttribute('src'))};")
         driver.save_screenshot(screenshot)
         return facts
-    finally:
-        driver.quit()
-        shutil.rmtree(profile, ignore_errors=True)
