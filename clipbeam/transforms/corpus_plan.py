@@ -1,9 +1,11 @@
 """Planning which input goes into which output part, before any pipeline runs.
 
-Pure functions over listings: no image is read here. Parts are numbered by the
-sorted order of their sources (never by listing order), and sample ids are
-derived from a short, stable label of the source plus the sample key, so ids
-do not drift when files are listed in another order or when inputs are added.
+Pure functions over listings: no image is read here. Parts come out sorted
+by source; their numbers belong to their sources and are kept by the output
+folder (clipbeam.layout.embeddings), so a new source never renumbers the
+others. Sample ids are derived from a short, stable label of the source plus
+the sample key, so ids do not drift when files are listed in another order or
+when inputs are added.
 """
 
 from __future__ import annotations
@@ -214,11 +216,35 @@ def plan_parts(
 ) -> list[PartSpec]:
     """Every part of the run, sorted by source. Raises UsageError for inputs that
     do not exist, whose format cannot be told, or manifests that cannot be read
-    or lack the `columns` asked for."""
+    or lack the `columns` asked for. (Part numbers are not given here: the
+    output folder keeps them per source, see clipbeam.layout.embeddings.)"""
     if fmt not in FORMATS:
         raise UsageError(f"--format must be one of {', '.join(FORMATS)}")
-    sources: list[tuple[str, str]] = []  # (url, format)
-    urls = expand_inputs(inputs, storage_options)
+    sources = list_sources(expand_inputs(inputs, storage_options), fmt, storage_options)
+    labels = unique_labels([url for url, _ in sources])
+    manifests = sorted((url, labels[url]) for url, kind in sources if kind == "manifest")
+    totals = {url: check_manifest(url, storage_options, columns) for url, _ in manifests}
+    repeated = duplicate_ids(manifests, columns.id, storage_options) if columns and columns.id else {}
+    parts: list[PartSpec] = []
+    for url, kind in sources:
+        label = labels[url]
+        if kind == "webdataset":
+            parts.append(PartSpec("tar", url, label))
+        elif kind == "manifest":
+            total, dups = totals[url], repeated.get(url, {})
+            parts.extend(PartSpec("manifest", url, label, a, b,
+                                  duplicates=tuple((r, dups[r]) for r in range(a, b) if r in dups))
+                         for a, b in cut_ranges(total, rows_per_part))
+            if total == 0:
+                LOG.warning("manifest %s has no rows", url)
+        else:
+            parts.extend(_folder_parts(url, label, storage_options, rows_per_part))
+    return sorted(parts, key=lambda p: (p.url, p.start))
+
+
+def list_sources(urls: list[str], fmt: str, storage_options: dict | None) -> list[tuple[str, str]]:
+    """(url, format) of every source: folders of shards expanded, missing shards kept (they fail as read)."""
+    sources: list[tuple[str, str]] = []
     missing: list[str] = []
     for url in urls:
         fs, path = get_fs(url, storage_options)
@@ -249,32 +275,17 @@ def plan_parts(
         raise UsageError(f"--input: none of the {len(urls)} shards exist (first: {missing[0]})")
     for url in missing:
         LOG.warning("shard %s does not exist; its samples will be recorded as failed", url)
-    labels = unique_labels([url for url, _ in sources])
-    manifests = sorted((url, labels[url]) for url, kind in sources if kind == "manifest")
-    totals = {url: check_manifest(url, storage_options, columns) for url, _ in manifests}
-    repeated = duplicate_ids(manifests, columns.id, storage_options) if columns and columns.id else {}
-    parts: list[PartSpec] = []
-    for url, kind in sources:
-        label = labels[url]
-        if kind == "webdataset":
-            parts.append(PartSpec("tar", url, label))
-        elif kind == "manifest":
-            total, dups = totals[url], repeated.get(url, {})
-            parts.extend(PartSpec("manifest", url, label, a, b,
-                                  duplicates=tuple((r, dups[r]) for r in range(a, b) if r in dups))
-                         for a, b in cut_ranges(total, rows_per_part))
-            if total == 0:
-                LOG.warning("manifest %s has no rows", url)
-        else:
-            fs, path = get_fs(url, storage_options)
-            root = path.rstrip("/")
-            relative = [p[len(root) + 1:] for p in fs.find(root)]
-            pairs = pair_captions(relative)
-            if not pairs:
-                LOG.warning("folder %s holds no images", url)
-            for a, b in cut_ranges(len(pairs), rows_per_part):
-                parts.append(PartSpec("folder", url.rstrip("/"), label, a, b, tuple(pairs[a:b])))
-    return sorted(parts, key=lambda p: (p.url, p.start))
+    return sources
+
+
+def _folder_parts(url: str, label: str, storage_options: dict | None, rows_per_part: int) -> list[PartSpec]:
+    fs, path = get_fs(url, storage_options)
+    root = path.rstrip("/")
+    pairs = pair_captions([p[len(root) + 1:] for p in fs.find(root)])
+    if not pairs:
+        LOG.warning("folder %s holds no images", url)
+    return [PartSpec("folder", url.rstrip("/"), label, a, b, tuple(pairs[a:b]))
+            for a, b in cut_ranges(len(pairs), rows_per_part)]
 
 
 def _holds_only_tars(fs, path: str) -> bool:
