@@ -26,6 +26,7 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Ima
     """Bytes -> an RGB PIL image with EXIF orientation applied."""
     if not data:
         raise DecodeError("empty image bytes")
+    _allow_in_pil(max_pixels)
     with warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         try:
@@ -46,6 +47,18 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Ima
         except Exception as exc:
             raise DecodeError(f"corrupt or truncated image: {exc.__class__.__name__}: {exc}") from None
         return to_rgb(image)
+
+
+def _allow_in_pil(max_pixels: int) -> None:
+    """Raise PIL's own bomb cap (Image.MAX_IMAGE_PIXELS) to at least `max_pixels`.
+
+    PIL refuses images over its cap before our check runs, so a --max-pixels
+    above PIL's default of 89.5M would be ignored. The cap is only ever raised
+    (it is process-wide, and workers may decode for several callers); each
+    call's own `max_pixels` is still enforced after the header is read.
+    """
+    if Image.MAX_IMAGE_PIXELS is not None and Image.MAX_IMAGE_PIXELS < max_pixels:
+        Image.MAX_IMAGE_PIXELS = max_pixels
 
 
 def load_image(url: str, storage_options: dict | None = None,
