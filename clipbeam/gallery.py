@@ -78,8 +78,9 @@ def confusion_plot(classification: Classification, path: str) -> None:
     n = len(classification.labels)
     fig, ax = plt.subplots(figsize=(0.32 * n + 2.5, 0.32 * n + 2))
     ax.imshow(classification.confusion, cmap="Blues")
-    ax.set_xticks(range(n), classification.labels, rotation=90, fontsize=7)
-    ax.set_yticks(range(n), classification.labels, fontsize=7)
+    # Labels are user text: plain text, never mathtext (`$\frac{$` would raise while drawing).
+    ax.set_xticks(range(n), classification.labels, rotation=90, fontsize=7, parse_math=False)
+    ax.set_yticks(range(n), classification.labels, fontsize=7, parse_math=False)
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
     ax.set_title(f"zero-shot top-1 accuracy {classification.accuracy:.3f} ({classification.samples} images)",

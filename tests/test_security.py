@@ -214,3 +214,14 @@ def test_max_pixels_above_pils_default_governs_pils_own_cap():
     assert decode_image(data, max_pixels=100_000_000).size == (10_000, 10_000)
     with pytest.raises(DecodeError, match="exceeds the cap of 50000000"):
         decode_image(data, max_pixels=50_000_000)  # a lower cap still holds after PIL's was raised
+
+
+def test_confusion_plot_draws_mathtext_like_labels_as_plain_text(tmp_path):
+    import numpy as np
+
+    from clipbeam.gallery import Classification, confusion_plot
+
+    labels = ["$\\frac{$", "a $5 bill", "cat"]
+    path = tmp_path / "confusion.png"
+    confusion_plot(Classification(labels, np.eye(3, dtype=int), 1.0, 3), str(path))
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
