@@ -2,9 +2,10 @@
 
 `ShardedIndex.open` reads index.json, opens every shard (memory-mapped when
 local, through fsspec otherwise), checks each against the manifest (a missing
-or altered shard is an error, never silently fewer results) and re-applies the
-tuned search parameters. `search` asks every shard for its top-k and merges
-them exactly; `lookup` turns global ids back into rows of the id tables.
+or altered shard is an error, never silently fewer results; `verify=True` also
+checks every file's SHA-256) and re-applies the tuned search parameters.
+`search` asks every shard for its top-k and merges them exactly; `lookup`
+turns global ids back into rows of the id tables.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from clipbeam import storage
+from clipbeam.index.checksum import verify_index
 from clipbeam.index.errors import IndexInputError
 from clipbeam.index.faiss_io import read_index
 from clipbeam.index.manifest import read_manifest
@@ -32,7 +34,8 @@ def apply_search_params(indexes: list[faiss.Index], params: str) -> None:
         space.set_index_parameters(index, params)
 
 
-def search_shards(indexes: list[faiss.Index], queries: np.ndarray, k: int, metric: str) -> tuple[np.ndarray, np.ndarray]:
+def search_shards(indexes: list[faiss.Index], queries: np.ndarray, k: int,
+                  metric: str) -> tuple[np.ndarray, np.ndarray]:
     """Every shard's top-k, merged exactly into the global top-k."""
     scores, ids = [], []
     for index in indexes:
@@ -58,9 +61,16 @@ class ShardedIndex:
         self.set_search_params(manifest.get("search_params", ""))
 
     @classmethod
-    def open(cls, path_or_url: str, storage_options: dict | None = None, mmap: bool = True) -> "ShardedIndex":
-        """Open an index folder (local path or any fsspec URL) with its tuned search parameters applied."""
+    def open(cls, path_or_url: str, storage_options: dict | None = None, mmap: bool = True,
+             verify: bool = False) -> "ShardedIndex":
+        """Open an index folder (local path or any fsspec URL) with its tuned search parameters applied.
+
+        Sizes and vector counts are always checked; `verify=True` also reads every file once to check
+        the SHA-256 that index.json records (same-size corruption), at the cost of reading the whole index.
+        """
         manifest = read_manifest(path_or_url, storage_options)
+        if verify:
+            verify_index(path_or_url, manifest, storage_options)
         shards = []
         for entry in manifest["shards"]:
             ids_url = storage.join(path_or_url, entry["ids"])

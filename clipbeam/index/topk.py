@@ -61,7 +61,7 @@ class ExactTopK:
 def drop_self(ids: np.ndarray, query_ids: np.ndarray, k: int) -> np.ndarray:
     """Each row's ids without the query's own id, cut to k: queries are database vectors."""
     out = np.full((len(ids), k), -1, dtype=np.int64)
-    for row, (found, own) in enumerate(zip(ids, query_ids)):
+    for row, (found, own) in enumerate(zip(ids, query_ids, strict=True)):
         kept = found[(found != own) & (found >= 0)][:k]
         out[row, : len(kept)] = kept
     return out
@@ -73,7 +73,7 @@ def recall_at_k(found: np.ndarray, truth: np.ndarray, k: int) -> float:
         return 1.0
     hits = 0
     total = 0
-    for got, want in zip(found[:, :k], truth[:, :k]):
+    for got, want in zip(found[:, :k], truth[:, :k], strict=True):
         want = want[want >= 0]
         total += len(want)
         hits += len(np.intersect1d(got[got >= 0], want, assume_unique=True))
