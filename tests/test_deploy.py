@@ -97,7 +97,7 @@ def corpus(tmp_path_factory):
 
 # command -> (arguments minus --output, the steps that must get the GPU and only they)
 HINTED = {
-    "embed": (lambda c: ["embed", "--input", c["shards"], *TINY, "--batch-size", "4", "--no-progress"], ["Embed"]),
+    "embed": (lambda c: ["embed", "--input", c["shards"], *TINY, "--batch-size", "4", "--no-progress"], ["EmbedCorpus/Embed"]),
     "generate": (lambda c: ["generate", "--prompt", "a red square", "--vqgan", c["vqgan"], "--steps", "1",
                             "--cutn", "2", "--size", "16", "16", *TINY], ["Render"]),
 }

@@ -14,7 +14,6 @@ import sys
 import time
 
 from apache_beam.options.pipeline_options import PipelineOptions
-from apache_beam.transforms.ptransform import PTransform
 
 from clipbeam.errors import UsageError
 from clipbeam.models.clip import ClipSpec
@@ -84,17 +83,6 @@ def check_accelerator(value: str | None) -> None:
     count = keys.get("count", "1")
     if not count.isdigit() or int(count) < 1:
         raise UsageError(f"--accelerator: count must be a positive integer, not {count!r}")
-
-
-def with_accelerator(transform: PTransform, accelerator: str | None) -> PTransform:
-    """The transform with the accelerator resource hint when one is given.
-
-    Applied to the inference transforms only, so that a runner that reads
-    hints (Dataflow) puts only those steps on GPU workers and keeps reading,
-    decoding and writing on CPU workers."""
-    if accelerator:
-        transform.with_resource_hints(accelerator=accelerator)
-    return transform
 
 
 LOCAL_RUNNERS = ("directrunner", "direct", "bundlebaseddirectrunner", "switchingdirectrunner", "prismrunner",

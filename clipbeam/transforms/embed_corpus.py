@@ -86,7 +86,7 @@ class EmbedCorpus(beam.PTransform):
         handler = ClipModelHandler(cfg.spec, cfg.storage_options, batch_size=cfg.batch_size,
                                    model_copies=cfg.model_copies)
         inference = RunInference(handler)
-        if cfg.accelerator:
+        if cfg.accelerator:  # only inference goes to GPU workers; reading, decoding, writing stay on CPUs
             inference = inference.with_resource_hints(accelerator=cfg.accelerator)
         split = (decoded.decoded
                  | "Embed" >> inference
