@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import torch
 import yaml
+from vqganhelpers import tiny_config, tiny_vqgan
 
 from clipbeam.cli import main
 from clipbeam.models import vqgan_checkpoint as ckpt
-from vqganhelpers import tiny_config, tiny_vqgan
 
 
 def _taming_download(folder):

@@ -11,6 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 from PIL import Image
+from vqganhelpers import save_tiny_vqgan, tiny_config, tiny_vqgan
 
 from clipbeam.cli import main
 from clipbeam.models.clip import ClipSpec, load_clip
@@ -26,8 +27,7 @@ from clipbeam.models.vqgan_clip import (
     quantize_straight_through,
     spherical_distance,
 )
-from clipbeam.commands.generate import PromptRow, plan_renders, slugify
-from vqganhelpers import save_tiny_vqgan, tiny_config, tiny_vqgan
+from clipbeam.transforms.render_plan import PromptRow, plan_renders, slugify
 
 CLIP = ["--model", "clipbeam-tiny", "--pretrained", "none"]
 FAST = ["--cutn", "4", "--size", "32", "32"]
@@ -147,11 +147,11 @@ def test_init_image_and_image_prompt(renderer):
 def test_plan_renders_names_and_seeds():
     rows = [PromptRow("A Red Cube!"), PromptRow("café: night | fog:-1", seed=7, steps=3, size=(40, 20))]
     jobs = plan_renders(rows, [0, 1], 10, (33, 32), 16, "fp")
-    assert [j.stem for j in jobs] == ["00000-a-red-cube-s0", "00000-a-red-cube-s1", "00001-cafe-night-fog-1-s7"]
+    assert [j.row_id for j in jobs] == ["00000-a-red-cube-s0", "00000-a-red-cube-s1", "00001-cafe-night-fog-1-s7"]
     assert [(j.width, j.height, j.steps) for j in jobs] == [(32, 32, 10), (32, 32, 10), (32, 16, 3)]
     assert jobs[2].requested == (40, 20) and jobs[0].ordinal == 1 and jobs[0].total == 3
-    assert len({j.key for j in jobs}) == 3
-    assert plan_renders(rows, [0, 1], 10, (33, 32), 16, "other")[0].key != jobs[0].key
+    assert len({j.settings_hash for j in jobs}) == 3
+    assert plan_renders(rows, [0, 1], 10, (33, 32), 16, "other")[0].settings_hash != jobs[0].settings_hash
     assert slugify("∑∑∑") == "prompt" and len(slugify("word " * 40)) <= 48
 
 
@@ -228,8 +228,10 @@ def test_resume_skips_finished_renders_and_overwrite_redoes_them(tmp_path, vqgan
     assert pq.read_table(out / "renders.parquet").num_rows == 2
     assert generate(*args) == 0
     assert "(2 resumed, 0 rendered now)" in capsys.readouterr().err
-    assert generate(*args[:-1], "2") == 0  # other --steps: nothing reused
-    assert "(0 resumed, 2 rendered now)" in capsys.readouterr().err
+    assert generate(*args[:-1], "2") == 2  # other --steps: refused, one line, nothing touched
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "other settings (steps: 1 -> 2)" in err[0], err
+    assert keep.stat().st_mtime_ns == kept_mtime and (out / "manifest.json").exists()
     assert generate(*args, "--overwrite") == 0
     assert "(0 resumed, 2 rendered now)" in capsys.readouterr().err
     assert keep.stat().st_mtime_ns != kept_mtime

@@ -5,11 +5,11 @@ from __future__ import annotations
 import json
 
 import pytest
+from embedhelpers import embed
+from imagefactory import exif_rotated_jpeg, jpeg, rgba_png
 
 from clipbeam.cli import main
 from clipbeam.models.images import load_image
-from embedhelpers import embed
-from imagefactory import exif_rotated_jpeg, jpeg, rgba_png
 
 
 @pytest.fixture(scope="module")

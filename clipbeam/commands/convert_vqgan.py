@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import argparse
 
-from clipbeam.errors import UsageError
 from clipbeam.commands.common import Stopwatch, add_storage_arguments, print_summary, storage_options_from_args
+from clipbeam.errors import UsageError
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -16,15 +16,16 @@ import sys
 import numpy as np
 
 from clipbeam import storage
+from clipbeam.commands.common import add_storage_arguments, storage_options_from_args
+from clipbeam.commands.query_model import add_query_model_arguments, load_query_model, query_spec
 from clipbeam.errors import UsageError
 from clipbeam.index import ShardedIndex
 from clipbeam.index.manifest import query_model
-from clipbeam.commands.common import add_storage_arguments, storage_options_from_args
-from clipbeam.commands.query_model import add_query_model_arguments, load_query_model, query_spec
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--index", required=True, type=storage.absolute_url, help="index folder written by `clipbeam index` (any fsspec URL)")
+    parser.add_argument("--index", required=True, type=storage.absolute_url,
+                        help="index folder written by `clipbeam index` (any fsspec URL)")
     what = parser.add_mutually_exclusive_group(required=True)
     what.add_argument("--text", action="append", help="text query (repeat for several)")
     what.add_argument("--image", action="append", help="image path or URL (repeat for several)")
@@ -67,7 +68,8 @@ def _encode_images(clip, urls: list[str], storage_options: dict) -> np.ndarray:
     return encode_images(clip, torch.from_numpy(np.stack(pixels)))
 
 
-def queries_from_args(args: argparse.Namespace, index: ShardedIndex, storage_options: dict) -> tuple[list[str], np.ndarray]:
+def queries_from_args(args: argparse.Namespace, index: ShardedIndex,
+                      storage_options: dict) -> tuple[list[str], np.ndarray]:
     """(labels, vectors [N, D]) for --text, --image or --vectors."""
     if args.vectors:
         vectors = _load_vectors(args.vectors, storage_options)
@@ -96,11 +98,11 @@ def run(args: argparse.Namespace, beam_args: list[str]) -> int:
     scores, ids = index.search(vectors, args.k)
     out = sys.stdout
     for q, label in enumerate(labels):
-        found = [(float(s), int(i)) for s, i in zip(scores[q], ids[q]) if i >= 0]
+        found = [(float(s), int(i)) for s, i in zip(scores[q], ids[q], strict=True) if i >= 0]
         rows = index.lookup([i for _, i in found])
         if not args.json:
             out.write(f"# {label}\n")
-        for rank, ((score, faiss_id), row) in enumerate(zip(found, rows), start=1):
+        for rank, ((score, faiss_id), row) in enumerate(zip(found, rows, strict=True), start=1):
             row = row or {}
             if args.json:
                 record = {"query": label, "rank": rank, "score": round(score, 6), "faiss_id": faiss_id}

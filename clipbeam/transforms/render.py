@@ -1,9 +1,12 @@
 """The render step of `clipbeam generate`: one (prompt, seed) element -> one PNG.
 
-RenderDoFn loads the VQGAN and CLIP once per worker (DoFn.setup), renders each
-job with the seeded VQGAN+CLIP loop, writes the image (PNG text chunks), the
-optional frames and animation, and a per-render marker used by resume; a
-render that fails goes to the `failures` output instead of stopping the run.
+`RenderPrompts` is the job's core as one composite transform: it spreads
+RenderJobs over workers and renders each with RenderDoFn, which loads the
+VQGAN and CLIP once per worker (DoFn.setup), renders with the seeded
+VQGAN+CLIP loop, writes the image (PNG text chunks), the optional frames and
+animation, and marks the render done (its marker lists its files); a render
+that fails goes to the `failures` output instead of stopping the run.
+`WriteRenderTables` gathers the rows into renders.parquet and failures.parquet.
 """
 
 from __future__ import annotations
@@ -17,41 +20,51 @@ from typing import Any, Iterator
 
 import apache_beam as beam
 
+from clipbeam.layout import LeaseLost, UnitLedger
+from clipbeam.layout.renders import (
+    FAILURES_TABLE,
+    RENDERS_TABLE,
+    animation_name,
+    frame_name,
+    image_name,
+    write_failures,
+    write_renders,
+)
+from clipbeam.models.images import load_image
 from clipbeam.models.prompts import parse_prompts
 from clipbeam.models.vqgan_clip import RenderSettings
+from clipbeam.transforms.render_plan import RenderJob
 
 LOG = logging.getLogger(__name__)
 
-IMAGES, MARKERS, FRAMES, ANIMATIONS = "images", "renders", "frames", "animations"
+
+class InitImageError(Exception):
+    """A render's init image could not be read or decoded: its failure row says stage `init_image`."""
 
 
 @dataclass(frozen=True)
-class RenderJob:
-    """One Beam element: a (prompt, seed) render with everything it needs to be redone identically."""
+class ImagePromptSpec:
+    """An `--image-prompt PATH[:weight[:stop]]`, before the image is loaded (on the worker)."""
 
-    index: int
-    ordinal: int
-    total: int
-    prompt: str
-    seed: int
-    steps: int
-    width: int
-    height: int
-    requested: tuple[int, int]
-    init_image: str | None
-    stem: str
-    key: str
+    url: str
+    weight: float = 1.0
+    stop: float = float("-inf")
 
 
-def _load_image(url: str, storage_options: dict | None):
-    from PIL import Image
+@dataclass(frozen=True)
+class RenderConfig:
+    """Everything the render step needs, fixed before the pipeline is built; picklable for workers."""
 
-    from clipbeam.storage import open_input
-
-    with open_input(url, storage_options) as handle:
-        image = Image.open(io.BytesIO(handle.read()))
-        image.load()
-    return image.convert("RGB")
+    vqgan: Any  # models.vqgan_checkpoint.VQGANSource
+    clip: Any  # models.clip.ClipSpec
+    settings: RenderSettings
+    image_prompts: tuple[ImagePromptSpec, ...]
+    output: str
+    storage_options: dict
+    animation: str  # gif | apng
+    metadata: dict  # written into every PNG's text chunks
+    accelerator: str | None = None
+    ledger: UnitLedger | None = None  # the output folder's done-markers, set once the folder is opened
 
 
 def _write_bytes(url: str, data: bytes, storage_options: dict | None) -> None:
@@ -94,16 +107,8 @@ def _format_eta(seconds: float) -> str:
 class RenderDoFn(beam.DoFn):
     """Loads VQGAN and CLIP once per worker; renders one job per element; failures to a tagged output."""
 
-    def __init__(self, vqgan_source, clip_spec, settings: RenderSettings, image_prompts: list[tuple],
-                 output: str, storage_options: dict, animation: str, metadata: dict) -> None:
-        self.vqgan_source = vqgan_source
-        self.clip_spec = clip_spec
-        self.settings = settings
-        self.image_prompt_specs = image_prompts
-        self.output = output
-        self.storage_options = storage_options
-        self.animation = animation
-        self.metadata = metadata
+    def __init__(self, config: RenderConfig) -> None:
+        self.config = config
         self.renders = beam.metrics.Metrics.counter("clipbeam.generate", "renders")
         self.failed = beam.metrics.Metrics.counter("clipbeam.generate", "failures")
 
@@ -112,102 +117,174 @@ class RenderDoFn(beam.DoFn):
         from clipbeam.models.vqgan_checkpoint import load_vqgan
         from clipbeam.models.vqgan_clip import ImagePrompt, Renderer
 
-        clip = load_clip(self.clip_spec, self.storage_options)
-        vqgan = load_vqgan(self.vqgan_source, clip.device, self.storage_options)
+        config = self.config
+        clip = load_clip(config.clip, config.storage_options)
+        vqgan = load_vqgan(config.vqgan, clip.device, config.storage_options)
         self.renderer = Renderer(vqgan, clip)
         self.clip_weights = clip.weights
-        self.image_prompts = [
-            ImagePrompt(_load_image(url, self.storage_options), weight, stop, url)
-            for url, weight, stop in self.image_prompt_specs
-        ]
+        self.image_prompts = [ImagePrompt(load_image(p.url, config.storage_options), p.weight, p.stop, p.url)
+                              for p in config.image_prompts]
         self.finished = 0
 
     def process(self, job: RenderJob) -> Iterator[Any]:
         try:
             yield self._render(job)
             self.renders.inc()
-        except Exception as exc:  # a failed render never stops the others
-            stage = getattr(exc, "clipbeam_stage", "render")
-            LOG.warning("render %d/%d %s failed (%s): %s: %s", job.ordinal, job.total, job.stem, stage,
-                        type(exc).__name__, exc)
+        except (OSError, LeaseLost):  # the output cannot be written: the run stops (exit 1, rerun resumes)
+            raise
+        except Exception as exc:  # a render that fails (out of memory, a bad init image) never stops the others
+            stage = "init_image" if isinstance(exc, InitImageError) else "render"
+            cause = exc.__cause__ if isinstance(exc, InitImageError) and exc.__cause__ else exc
+            LOG.warning("render %d/%d %s failed (%s): %s: %s", job.ordinal, job.total, job.row_id, stage,
+                        type(cause).__name__, cause)
             self.failed.inc()
             _free_device_memory()
             yield beam.pvalue.TaggedOutput("failures", {
-                "id": job.stem, "prompt": job.prompt, "seed": job.seed, "stage": stage,
-                "error": f"{type(exc).__name__}: {exc}"[:2000],
+                "id": job.row_id, "prompt": job.prompt, "seed": job.seed, "stage": stage,
+                "error": f"{type(cause).__name__}: {cause}"[:2000],
             })
 
+    def _init_image(self, job: RenderJob):
+        if not job.init_image:
+            return None
+        try:
+            return load_image(job.init_image, self.config.storage_options)
+        except Exception as exc:
+            raise InitImageError(job.init_image) from exc
+
     def _render(self, job: RenderJob) -> dict:
-        from clipbeam.storage import get_fs, join
-
-        init = None
-        if job.init_image:
-            try:
-                init = _load_image(job.init_image, self.storage_options)
-            except Exception as exc:
-                exc.clipbeam_stage = "init_image"  # type: ignore[attr-defined]
-                raise
-        prompts = parse_prompts(job.prompt)
-        frames: list = []
-        started = time.monotonic()
-        every = max(1, job.steps // 10)
-
-        def progress(step: int, steps: int, loss: float) -> None:
-            if step % every == 0 or step == steps:
-                rate = step / max(time.monotonic() - started, 1e-9)
-                LOG.info("render %d/%d %s: step %d/%d, loss %.4f, %.2f it/s, eta %s", job.ordinal, job.total,
-                         job.stem, step, steps, loss, rate, _format_eta((steps - step) / max(rate, 1e-9)))
-
-        if self.settings.save_every:  # frames of an earlier, different render of this job
-            fs, frames_path = get_fs(join(self.output, FRAMES, job.stem), self.storage_options)
-            if fs.exists(frames_path):
-                fs.rm(frames_path, recursive=True)
-
-        def on_frame(step: int, pixels) -> None:
-            frames.append(pixels)
-            url = join(self.output, FRAMES, job.stem, f"step-{step:05d}.png")
-            _write_bytes(url, png_bytes(pixels, {"step": str(step)}), self.storage_options)
-
+        config = self.config
+        init = self._init_image(job)
+        frames = _Frames(config, job) if config.settings.save_every else None
         result = self.renderer.render(
-            prompts, seed=job.seed, steps=job.steps, width=job.width, height=job.height,
-            settings=self.settings, image_prompts=self.image_prompts, init_image=init,
-            progress=progress, on_frame=on_frame if self.settings.save_every else None,
+            parse_prompts(job.prompt), seed=job.seed, steps=job.steps, width=job.width, height=job.height,
+            settings=config.settings, image_prompts=self.image_prompts, init_image=init,
+            progress=_progress_logger(job), on_frame=frames.add if frames else None,
         )
-        animation_path = None
-        if frames:
-            suffix = "gif" if self.animation == "gif" else "png"
-            animation_path = f"{ANIMATIONS}/{job.stem}.{suffix}"
-            _write_bytes(join(self.output, animation_path), animation_bytes(frames, self.animation),
-                         self.storage_options)
-        text = {
+        animation = frames.write_animation() if frames else None
+        _write_bytes(_join(config, image_name(job.row_id)), png_bytes(result.image, self._text_chunks(job)),
+                     config.storage_options)
+        row = {
+            "id": job.row_id, "prompt": job.prompt, "seed": job.seed, "steps": job.steps,
+            "width": job.width, "height": job.height, "loss_initial": result.loss_initial,
+            "loss_final": result.loss_final, "clip_similarity": result.clip_similarity,
+            "path": image_name(job.row_id), "animation": animation, "seconds": round(result.seconds, 3),
+        }
+        files = [image_name(job.row_id)] + (frames.names + [animation] if frames else [])
+        config.ledger.mark_done(job.row_id, dict(row, key=job.settings_hash, losses=result.losses), files)
+        self.finished += 1
+        LOG.info("render %d/%d %s done in %s: loss %.4f -> %.4f (%d finished in this worker)", job.ordinal,
+                 job.total, job.row_id, _format_eta(result.seconds), result.loss_initial, result.loss_final,
+                 self.finished)
+        return row
+
+    def _text_chunks(self, job: RenderJob) -> dict[str, str]:
+        """What a PNG says about itself: prompt, seed, size, models and every setting."""
+        config = self.config
+        return {
             "prompt": job.prompt,
             "seed": str(job.seed),
             "steps": str(job.steps),
             "size": f"{job.width}x{job.height}",
             "requested_size": f"{job.requested[0]}x{job.requested[1]}",
             "init_image": job.init_image or "",
-            "clip_model": self.clip_spec.model,
-            "clip_pretrained": self.clip_spec.pretrained,
+            "clip_model": config.clip.model,
+            "clip_pretrained": config.clip.pretrained,
             "clip_weights": self.clip_weights,
-            "settings": json.dumps(self.metadata, sort_keys=True),
-            "software": self.metadata["software"],
+            "settings": json.dumps(config.metadata, sort_keys=True),
+            "software": config.metadata["software"],
         }
-        image_path = f"{IMAGES}/{job.stem}.png"
-        _write_bytes(join(self.output, image_path), png_bytes(result.image, text), self.storage_options)
-        row = {
-            "id": job.stem, "prompt": job.prompt, "seed": job.seed, "steps": job.steps,
-            "width": job.width, "height": job.height, "loss_initial": result.loss_initial,
-            "loss_final": result.loss_final, "clip_similarity": result.clip_similarity,
-            "path": image_path, "animation": animation_path, "seconds": round(result.seconds, 3),
-        }
-        marker = dict(row, key=job.key, losses=result.losses)
-        _write_bytes(join(self.output, MARKERS, job.stem + ".json"), json.dumps(marker).encode(),
-                     self.storage_options)
-        self.finished += 1
-        LOG.info("render %d/%d %s done in %s: loss %.4f -> %.4f (%d finished in this worker)", job.ordinal,
-                 job.total, job.stem, _format_eta(result.seconds), result.loss_initial, result.loss_final,
-                 self.finished)
-        return row
+
+
+def _join(config: RenderConfig, name: str) -> str:
+    from clipbeam.storage import join
+
+    return join(config.output, name)
+
+
+class _Frames:
+    """The frames of one render with --save-every, written as they come, then the animation."""
+
+    def __init__(self, config: RenderConfig, job: RenderJob) -> None:
+        from clipbeam.storage import remove_if_present
+
+        self.config, self.job = config, job
+        self.pixels: list = []
+        self.names: list[str] = []
+        # Frames of an earlier, different render of this job must not mix with these.
+        remove_if_present(_join(config, frame_name(job.row_id, 0).rsplit("/", 1)[0]), config.storage_options,
+                          recursive=True)
+
+    def add(self, step: int, pixels) -> None:
+        self.pixels.append(pixels)
+        name = frame_name(self.job.row_id, step)
+        _write_bytes(_join(self.config, name), png_bytes(pixels, {"step": str(step)}), self.config.storage_options)
+        self.names.append(name)
+
+    def write_animation(self) -> str | None:
+        if not self.pixels:
+            return None
+        name = animation_name(self.job.row_id, self.config.animation)
+        _write_bytes(_join(self.config, name), animation_bytes(self.pixels, self.config.animation),
+                     self.config.storage_options)
+        return name
+
+
+def _progress_logger(job: RenderJob):
+    """A progress callback that logs about ten lines per render, with the rate and the time left."""
+    started = time.monotonic()
+    every = max(1, job.steps // 10)
+
+    def progress(step: int, steps: int, loss: float) -> None:
+        if step % every == 0 or step == steps:
+            rate = step / max(time.monotonic() - started, 1e-9)
+            LOG.info("render %d/%d %s: step %d/%d, loss %.4f, %.2f it/s, eta %s", job.ordinal, job.total,
+                     job.row_id, step, steps, loss, rate, _format_eta((steps - step) / max(rate, 1e-9)))
+
+    return progress
+
+
+class RenderPrompts(beam.PTransform):
+    """RenderJobs -> (rows, failures): the renders spread over workers, each rendered once."""
+
+    def __init__(self, config: RenderConfig) -> None:
+        super().__init__()
+        self.config = config
+
+    def expand(self, jobs):
+        render = beam.ParDo(RenderDoFn(self.config)).with_outputs("failures", main="rows")
+        if self.config.accelerator:  # only this step goes to GPU workers (Dataflow reads the hint)
+            render = render.with_resource_hints(accelerator=self.config.accelerator)
+        results = jobs | "Spread" >> beam.Reshuffle() | "Render" >> render
+        return results.rows, results.failures
+
+
+class WriteRenderTables(beam.PTransform):
+    """(rows, failures) -> renders.parquet (with the rows of renders finished earlier) and failures.parquet."""
+
+    def __init__(self, output: str, storage_options: dict, previous_rows: list[dict]) -> None:
+        super().__init__()
+        self.output = output
+        self.storage_options = storage_options
+        self.previous_rows = previous_rows
+
+    def expand(self, rendered):
+        from clipbeam.storage import join
+
+        rows, failures = rendered
+        previous = rows.pipeline | "Completed" >> beam.Create(self.previous_rows)
+        written = (
+            (rows, previous)
+            | "AllRows" >> beam.Flatten()
+            | "RowList" >> beam.combiners.ToList()
+            | "WriteRenders" >> beam.Map(write_renders, join(self.output, RENDERS_TABLE), self.storage_options)
+        )
+        failed = (
+            failures
+            | "FailureList" >> beam.combiners.ToList()
+            | "WriteFailures" >> beam.Map(write_failures, join(self.output, FAILURES_TABLE), self.storage_options)
+        )
+        return written, failed
 
 
 def _free_device_memory() -> None:
