@@ -108,6 +108,25 @@ def write_rows(path, rows: list[dict], kind: str) -> str:
 
 
 @pytest.mark.parametrize("kind", ["parquet", "csv", "jsonl"])
+def test_duplicate_ids_are_read_failures_and_the_run_finishes(tmp_path, kind):
+    (tmp_path / "img").mkdir()
+    rows = []
+    for i in range(5):
+        (tmp_path / "img" / f"{i}.jpg").write_bytes(imgs.jpeg(i))
+        rows.append({"uid": ["x", "y", "x", "z", "y"][i], "image": f"img/{i}.jpg", "caption": f"c{i}"})
+    table = write_rows(tmp_path / f"rows.{kind}", rows, kind)
+    out = str(tmp_path / "emb")
+    args = ["--input", table, "--output", out, "--id-column", "uid", "--rows-per-part", "2"]
+    assert embed(*args) == 3
+    info = manifest(out)
+    assert (info["samples"], info["rows"], info["failures"]) == (5, 3, 2)
+    assert sorted(r["id"] for r in read_rows(out)) == ["x", "y", "z"]
+    errors = sorted(f["error"] for f in read_failures(out))
+    assert errors == ["duplicate id x, first at row 0 of rows", "duplicate id y, first at row 1 of rows"]
+    assert embed(*args) == 3  # a rerun finishes too (nothing to redo)
+
+
+@pytest.mark.parametrize("kind", ["parquet", "csv", "jsonl"])
 def test_manifest_parts_read_their_rows_as_a_stream(tmp_path, kind):
     rows = [{"n": i, "image": f"{i}.jpg", "pad": "p" * 200} for i in range(20_000)]
     table = write_rows(tmp_path / f"rows.{kind}", rows, kind)

@@ -225,3 +225,44 @@ def test_confusion_plot_draws_mathtext_like_labels_as_plain_text(tmp_path):
     path = tmp_path / "confusion.png"
     confusion_plot(Classification(labels, np.eye(3, dtype=int), 1.0, 3), str(path))
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_pretrained_tag_that_cannot_be_downloaded_stops_before_the_pipeline(tmp_path, capsys, monkeypatch):
+    import huggingface_hub.constants
+
+    from clipbeam.commands.common import runner_is_local
+    from clipbeam.models.clip import ClipSpec, fetch_pretrained
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "empty-hub-cache"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    corpus = tmp_path / "corpus"
+    assert main(["synth-corpus", "--output", str(corpus), "--n", "4", "--seed", "0", "--shard-size", "4"]) == 0
+    capsys.readouterr()
+    out = tmp_path / "emb"
+    code = main(["embed", "--input", str(corpus / "*.tar"), "--output", str(out), "--model", "ViT-B-32",
+                 "--pretrained", "laion2b_s34b_b79k", "--no-progress"])
+    assert code == 2
+    line = one_error_line(capsys)
+    assert "cannot download the 'laion2b_s34b_b79k' weights of ViT-B-32" in line and "rerun" not in line
+    assert not out.exists()
+    # Remote runners: the registry check only, and a line that says the workers download.
+    note = fetch_pretrained(ClipSpec("ViT-B-32", "laion2b_s34b_b79k"), local_runner=False)
+    assert "workers will download" in note
+    assert runner_is_local([]) and runner_is_local(["--runner", "PortableRunner", "--environment_type", "LOOPBACK"])
+    assert not runner_is_local(["--runner=DataflowRunner"])
+    assert fetch_pretrained(ClipSpec("clipbeam-tiny", "none")) is None
+
+
+def test_max_member_bytes_flag_reaches_the_reader(tmp_path, capsys):
+    from embedhelpers import embed, read_failures, write_tar
+
+    import imagefactory as imgs
+
+    write_tar(str(tmp_path / "s.tar"), [("a.jpg", imgs.jpeg(1)), ("b.jpg", imgs.jpeg(2) + b"\0" * 5000)])
+    out = str(tmp_path / "emb")
+    assert embed("--input", str(tmp_path / "s.tar"), "--output", out, "--max-member-bytes", "4000") == 3
+    failures = read_failures(out)
+    assert [f["id"].rsplit("/", 1)[-1] for f in failures] == ["b"]
+    assert "over --max-member-bytes 4000" in failures[0]["error"]
+    assert embed("--input", str(tmp_path / "s.tar"), "--output", str(tmp_path / "x"),
+                 "--max-member-bytes", "0") == 2

@@ -32,6 +32,7 @@ from clipbeam.commands.common import (
     clip_spec_from_args,
     print_summary,
     run_pipeline,
+    runner_is_local,
     storage_options_from_args,
 )
 from clipbeam.commands.progress import MarkerProgress
@@ -43,6 +44,7 @@ from clipbeam.models.clip import (
     SHIPPED_CHECKPOINTS,
     ClipSpec,
     embedding_dim,
+    fetch_pretrained,
     is_checkpoint_path,
     load_clip,
     preprocess_config,
@@ -52,7 +54,7 @@ from clipbeam.models.clip import (
 from clipbeam.models.images import DEFAULT_MAX_PIXELS
 from clipbeam.storage import absolute_url, join, remove_if_present, remove_temporaries
 from clipbeam.transforms.corpus_plan import FORMATS, ManifestColumns, PartSpec, plan_parts
-from clipbeam.transforms.corpus_read import ReadLimits
+from clipbeam.transforms.corpus_read import DEFAULT_MAX_MEMBER_BYTES, ReadLimits
 from clipbeam.transforms.embed_corpus import EmbedCorpus, EmbedCorpusConfig
 from clipbeam.transforms.embed_write import PartInfo
 
@@ -70,6 +72,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--id-column", default=None, help="manifest column with ids (default: derived)")
     group.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
                        help="images with more pixels fail as decompression bombs (default %(default)s)")
+    group.add_argument("--max-member-bytes", type=int, default=DEFAULT_MAX_MEMBER_BYTES,
+                       help="tar members and image files larger than this fail as read failures, "
+                            "before they are read (default %(default)s, 256 MB)")
+    group.add_argument("--allow-any-path", action="store_true",
+                       help="let a manifest name images outside its own filesystem (absolute local paths "
+                            "in a remote manifest, another URL scheme)")
     add_storage_arguments(parser)
     add_output_arguments(parser)
     parser.add_argument("--rows-per-part", type=int, default=10_000,
@@ -124,7 +132,7 @@ class EmbedJob:
 
 def job_from_args(args: argparse.Namespace) -> EmbedJob:
     """Validate the arguments (UsageError: one line, exit 2) into one frozen EmbedJob."""
-    for flag in ("batch_size", "model_copies", "rows_per_part", "max_pixels"):
+    for flag in ("batch_size", "model_copies", "rows_per_part", "max_pixels", "max_member_bytes"):
         if getattr(args, flag) <= 0:
             raise UsageError(f"--{flag.replace('_', '-')} must be positive")
     check_accelerator(args.accelerator)
@@ -136,6 +144,7 @@ def job_from_args(args: argparse.Namespace) -> EmbedJob:
         embed_text=not args.no_text, batch_size=args.batch_size, model_copies=args.model_copies,
         accelerator=args.accelerator, overwrite=args.overwrite, prune=args.prune,
         progress=not args.no_progress,
+        limits=ReadLimits(args.max_member_bytes, args.allow_any_path),
     )
 
 
@@ -228,6 +237,9 @@ def run(args: argparse.Namespace, beam_args: list[str]) -> int:
     job = job_from_args(args)
     options = beam_options(beam_args)
     validate_spec(job.spec, job.storage_options)
+    remote_note = fetch_pretrained(job.spec, runner_is_local(beam_args))
+    if remote_note:
+        LOG.info("%s", remote_note)
     parts = plan_parts(list(job.inputs), job.fmt, job.storage_options, job.rows_per_part, job.columns)
     if not parts:
         raise UsageError("the inputs hold no samples")
