@@ -266,3 +266,37 @@ def test_max_member_bytes_flag_reaches_the_reader(tmp_path, capsys):
     assert "over --max-member-bytes 4000" in failures[0]["error"]
     assert embed("--input", str(tmp_path / "s.tar"), "--output", str(tmp_path / "x"),
                  "--max-member-bytes", "0") == 2
+
+
+def test_latin1_labels_file_is_one_line(tmp_path, capsys):
+    import numpy as np
+
+    from synthetic_embeddings import write_embed_output
+
+    emb = str(tmp_path / "emb")
+    write_embed_output(emb, np.eye(4, 64, dtype=np.float32), parts=1)
+    labels = tmp_path / "labels.txt"
+    labels.write_bytes("caf\xe9\ncr\xe8me br\xfbl\xe9e\n".encode("latin-1"))
+    out = tmp_path / "labels-out"
+    assert main(["classify", "--embeddings", emb, "--labels-file", str(labels), "--output", str(out)]) == 2
+    assert "not UTF-8" in one_error_line(capsys)
+    assert not out.exists()
+
+
+def test_malformed_vqgan_yaml_is_one_line(tmp_path, capsys):
+    from vqganhelpers import save_tiny_vqgan
+
+    weights = save_tiny_vqgan(tmp_path / "v")
+    config = tiny_config().to_yaml_dict()
+    config["model"]["params"]["ddconfig"]["ch_mult"] = 5
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump(config))
+    out = tmp_path / "out.safetensors"
+    assert main(["convert-vqgan", str(weights), str(out), "--config", str(bad)]) == 2
+    assert "VQGAN config" in one_error_line(capsys)
+    assert not out.exists()
+    renders = tmp_path / "renders"
+    assert main(["generate", "--vqgan", str(weights), "--vqgan-config", str(bad), "--prompt", "a cat",
+                 "--output", str(renders), "--model", "clipbeam-tiny", "--pretrained", "none"]) == 2
+    assert "VQGAN config" in one_error_line(capsys)
+    assert not renders.exists()
