@@ -2,19 +2,22 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
 import os
+import resource
+import signal
 import tarfile
 
 import numpy as np
 import pytest
+from embedhelpers import embed, manifest, read_failures, read_rows
 from PIL import Image
 
 from clipbeam.cli import main
 from clipbeam.models import shapes
-from embedhelpers import embed, manifest, read_failures, read_rows
 
 
 def synth(out: str, *extra: str) -> int:
@@ -39,7 +42,7 @@ def corpus(tmp_path_factory) -> str:
 
 
 def test_layout_and_sample_format(corpus):
-    assert sorted(os.listdir(corpus)) == ["00000.tar", "00001.tar", "00002.tar", "corpus.json"]
+    assert sorted(os.listdir(corpus)) == ["00000.tar", "00001.tar", "00002.tar", "_job.json", "corpus.json"]
     record = json.load(open(os.path.join(corpus, "corpus.json")))
     assert record["n"] == 50 and record["seed"] == 7 and record["shards"][-1] == "00002.tar"
     assert len(record["classes"]) == 24
@@ -96,10 +99,61 @@ def test_rerun_resumes_and_refuses_another_corpus(tmp_path, capsys):
     assert synth(out, "--n", "30", "--seed", "1", "--shard-size", "10") == 0
     assert os.path.exists(os.path.join(out, "00001.tar"))
     assert os.path.getmtime(os.path.join(out, "00000.tar")) == before
+    capsys.readouterr()
     assert synth(out, "--n", "30", "--seed", "2", "--shard-size", "10") == 2
-    assert "holds another corpus" in capsys.readouterr().err
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "other settings (seed: 1 -> 2)" in err[0], err
     assert synth(out, "--n", "20", "--seed", "2", "--shard-size", "10", "--overwrite") == 0
-    assert sorted(os.listdir(out)) == ["00000.tar", "00001.tar", "corpus.json"]
+    assert sorted(os.listdir(out)) == ["00000.tar", "00001.tar", "_job.json", "corpus.json"]
+
+
+def test_overwrite_deletes_only_the_shards_it_wrote(tmp_path):
+    out = tmp_path / "c"
+    assert synth(str(out), "--n", "30", "--seed", "1", "--shard-size", "10") == 0
+    (out / "mine.tar").write_bytes(b"a tar the user keeps here")
+    (out / "notes.txt").write_text("notes")
+    assert synth(str(out), "--n", "10", "--seed", "3", "--shard-size", "10", "--overwrite") == 0
+    assert sorted(os.listdir(out)) == ["00000.tar", "_job.json", "corpus.json", "mine.tar", "notes.txt"]
+    assert (out / "mine.tar").read_bytes() == b"a tar the user keeps here"
+
+
+def test_refuses_a_folder_that_holds_something_else(tmp_path, capsys):
+    out = tmp_path / "c"
+    out.mkdir()
+    (out / "00000.tar").write_bytes(b"someone else's shard")
+    capsys.readouterr()
+    assert synth(str(out), "--n", "10", "--overwrite") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "holds no clipbeam.synth-corpus output" in err[0], err
+    assert (out / "00000.tar").read_bytes() == b"someone else's shard" and os.listdir(out) == ["00000.tar"]
+
+
+@contextlib.contextmanager
+def file_size_limit(limit: int):
+    """Writes past `limit` bytes fail with EFBIG while the block lasts (a full disk or quota, for this process)."""
+    previous_signal = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    previous = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, previous[1]))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, previous)
+        signal.signal(signal.SIGXFSZ, previous_signal)
+
+
+def test_a_failed_write_exits_1_and_a_rerun_finishes(tmp_path, capsys):
+    out = tmp_path / "c"
+    capsys.readouterr()
+    with file_size_limit(60_000):  # a 20-sample shard is larger: its write fails inside the pipeline
+        assert synth(str(out), "--n", "45", "--seed", "1", "--shard-size", "20") == 1
+    err = capsys.readouterr().err
+    assert "rerun the same command to resume" in err and "Traceback" not in err
+    assert not (out / "corpus.json").exists()
+    written = {p.name: p.stat().st_mtime_ns for p in out.glob("*.tar")}
+    assert "00000.tar" not in written
+    assert synth(str(out), "--n", "45", "--seed", "1", "--shard-size", "20") == 0
+    assert sorted(p.name for p in out.glob("*.tar")) == ["00000.tar", "00001.tar", "00002.tar"]
+    assert {name: (out / name).stat().st_mtime_ns for name in written} == written  # kept, not redrawn
 
 
 @pytest.mark.parametrize("args", [["--n", "0"], ["--n", "5", "--shard-size", "0"], ["--n", "5", "--seed", "-1"]])

@@ -5,7 +5,9 @@ background, at a random position, size and rotation; see
 clipbeam.models.shapes. The corpus is a pure function of --n, --seed and
 --shard-size: the same arguments give byte-identical shards. Shards are drawn
 by a Beam pipeline, one shard per element, and written atomically; corpus.json
-is written last. A rerun skips the shards that exist; --overwrite redraws all.
+is written last (folder format: clipbeam.layout.corpus). A rerun with the same
+settings skips the shards that exist; other settings are refused (exit 2);
+--overwrite redraws all, deleting only the shards this job wrote.
 """
 
 from __future__ import annotations
@@ -16,22 +18,23 @@ import logging
 import apache_beam as beam
 
 from clipbeam import __version__
-from clipbeam.errors import UsageError
-from clipbeam.models.shapes import COLORS, IMAGE_SIZE, SHAPES, class_prompts
 from clipbeam.commands.common import (
     Stopwatch,
     add_output_arguments,
     add_storage_arguments,
     beam_options,
     print_summary,
+    run_pipeline,
     storage_options_from_args,
 )
-from clipbeam.storage import check_writable, get_fs, join, read_json, write_json
-from clipbeam.transforms.synth_shards import ShardSpec, plan_shards, write_shard
+from clipbeam.errors import UsageError
+from clipbeam.layout import Mode, open_output
+from clipbeam.layout.corpus import CORPUS
+from clipbeam.models.shapes import COLORS, IMAGE_SIZE, SHAPES, class_prompts
+from clipbeam.storage import join, list_names
+from clipbeam.transforms.synth_shards import WriteShards, plan_shards
 
 LOG = logging.getLogger(__name__)
-
-CORPUS_FILE = "corpus.json"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -47,59 +50,38 @@ def _settings(args: argparse.Namespace) -> dict:
             "image_size": IMAGE_SIZE}
 
 
-class _WriteShard(beam.DoFn):
-    def __init__(self, output: str, seed: int, storage_options: dict) -> None:
-        self.output = output
-        self.seed = seed
-        self.storage_options = storage_options
-
-    def process(self, spec: ShardSpec):
-        url = write_shard(self.output, spec, self.seed, self.storage_options)
-        LOG.info("wrote %s (%d samples)", url, spec.stop - spec.start)
-        yield spec.index
-
-
-def run(args: argparse.Namespace, beam_args: list[str]) -> int:
+def _check_args(args: argparse.Namespace) -> None:
     if args.n <= 0:
         raise UsageError("--n must be positive")
     if args.shard_size <= 0:
         raise UsageError("--shard-size must be positive")
     if args.seed < 0:
         raise UsageError("--seed must be >= 0")
+
+
+def run(args: argparse.Namespace, beam_args: list[str]) -> int:
+    _check_args(args)
     storage_options = storage_options_from_args(args)
     options = beam_options(beam_args)
     settings = _settings(args)
-    fs, root = get_fs(args.output, storage_options)
-    record_url = join(args.output, CORPUS_FILE)
-    if not args.overwrite and fs.exists(join(root, CORPUS_FILE)):
-        previous = read_json(record_url, storage_options)
-        changed = {k: (previous.get(k), v) for k, v in settings.items() if previous.get(k) != v}
-        if changed:
-            what = ", ".join(f"{k} {a} -> {b}" for k, (a, b) in changed.items())
-            raise UsageError(f"{args.output} holds another corpus ({what}); pass --overwrite or another --output")
-    check_writable(args.output, storage_options)
-
     shards = plan_shards(args.n, args.shard_size)
-    if args.overwrite:
-        for path in fs.glob(join(root, "*.tar")) + fs.glob(join(root, CORPUS_FILE)):
-            fs.rm(path)
-    existing = {p.rsplit("/", 1)[-1] for p in fs.glob(join(root, "*.tar"))}
-    pending = [s for s in shards if s.name not in existing]
-    LOG.info("%d shards planned, %d already written, %d to draw", len(shards), len(shards) - len(pending),
-             len(pending))
     clock = Stopwatch()
-    if pending:
-        with beam.Pipeline(options=options) as pipeline:
-            _ = (
-                pipeline
-                | "Shards" >> beam.Create(pending)
-                | "Spread" >> beam.Reshuffle()
-                | "Draw" >> beam.ParDo(_WriteShard(args.output, args.seed, storage_options))
-            )
-    record = dict(settings, clipbeam_version=__version__, shards=[s.name for s in shards],
-                  colors=list(COLORS), shapes=list(SHAPES), classes=class_prompts(),
-                  members=["png", "txt", "json"])
-    write_json(record_url, record, storage_options)
+    with open_output(args.output, CORPUS, settings, Mode.from_flags(args.overwrite), storage_options) as out:
+        out.claim([s.name for s in shards])
+        existing = set(list_names(args.output, storage_options))
+        pending = [s for s in shards if s.name not in existing]
+        LOG.info("%d shards planned, %d already written, %d to draw", len(shards), len(shards) - len(pending),
+                 len(pending))
+        if pending:
+            pipeline = beam.Pipeline(options=options)
+            _ = pipeline | "Shards" >> beam.Create(pending) | "Draw" >> WriteShards(args.output, args.seed,
+                                                                                     storage_options)
+            code = run_pipeline(pipeline, "synth-corpus")
+            if code:
+                return code
+        out.commit(dict(settings, clipbeam_version=__version__, shards=[s.name for s in shards],
+                        files=[s.name for s in shards], colors=list(COLORS), shapes=list(SHAPES),
+                        classes=class_prompts(), members=["png", "txt", "json"]))
     print_summary("clipbeam synth-corpus", [
         ("output", args.output),
         ("samples", args.n),

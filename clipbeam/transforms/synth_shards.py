@@ -1,4 +1,4 @@
-"""Writing the synthetic shapes corpus as webdataset tar shards, one shard per work item.
+"""Writing the synthetic shapes corpus as webdataset tar shards, one shard per work item (`WriteShards`).
 
 Shard i holds samples [i*K, min((i+1)*K, N)) as KEY.png, KEY.txt (caption)
 and KEY.json (class, sample seed, geometry). Tars are written with fixed
@@ -10,11 +10,16 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import tarfile
 from dataclasses import dataclass
 
+import apache_beam as beam
+
 from clipbeam.models.shapes import corpus_sample, render
 from clipbeam.storage import atomic_open, join
+
+LOG = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -70,3 +75,30 @@ def write_shard(output: str, spec: ShardSpec, corpus_seed: int, storage_options:
     with atomic_open(url, "wb", storage_options) as handle:
         handle.write(data)
     return url
+
+
+class _WriteShardDoFn(beam.DoFn):
+    def __init__(self, output: str, seed: int, storage_options: dict) -> None:
+        self.output = output
+        self.seed = seed
+        self.storage_options = storage_options
+
+    def process(self, spec: ShardSpec):
+        url = write_shard(self.output, spec, self.seed, self.storage_options)
+        LOG.info("wrote %s (%d samples)", url, spec.stop - spec.start)
+        yield spec.name
+
+
+class WriteShards(beam.PTransform):
+    """ShardSpecs -> the names of the shards written: each drawn and written by one worker."""
+
+    def __init__(self, output: str, seed: int, storage_options: dict) -> None:
+        super().__init__()
+        self.output = output
+        self.seed = seed
+        self.storage_options = storage_options
+
+    def expand(self, specs):
+        return (specs
+                | "Spread" >> beam.Reshuffle()
+                | "Write" >> beam.ParDo(_WriteShardDoFn(self.output, self.seed, self.storage_options)))
