@@ -170,7 +170,7 @@ def test_heldout_set_is_balanced_and_apart_from_the_corpus():
     assert sorted(labels) == sorted(list(range(24)) * 2)
     assert {s.seed for _, s in items}.isdisjoint({shapes.sample_seed(7, i) for i in range(1000)})
     again = shapes.heldout_set(2, seed=7)
-    assert all(np.array_equal(np.asarray(a[0]), np.asarray(b[0])) for a, b in zip(items, again))
+    assert all(np.array_equal(np.asarray(a[0]), np.asarray(b[0])) for a, b in zip(items, again, strict=True))
 
 
 def test_embed_reads_the_corpus(tmp_path, corpus):
