@@ -132,17 +132,21 @@ class ShardedIndex:
 
     def lookup(self, ids) -> list[dict[str, Any] | None]:
         """The id-table rows (id, caption, source, ...) for global faiss ids; None for -1 or unknown ids."""
-        out: list[dict[str, Any] | None] = []
-        for faiss_id in np.asarray(ids, dtype=np.int64).ravel():
+        flat = np.asarray(ids, dtype=np.int64).ravel()
+        out: list[dict[str, Any] | None] = [None] * len(flat)
+        wanted: dict[int, list[tuple[int, int]]] = {}  # shard -> [(position in ids, row in its id table)]
+        for position, faiss_id in enumerate(flat):
             shard = bisect.bisect_right(self._starts, int(faiss_id)) - 1
             if faiss_id < 0 or shard < 0:
-                out.append(None)
                 continue
-            table = self._ids_table(shard)
+            self._ids_table(shard)
             column = self._faiss_ids[shard]
             row = int(np.searchsorted(column, faiss_id))
-            if row >= len(column) or column[row] != faiss_id:
-                out.append(None)
-                continue
-            out.append(table.slice(row, 1).to_pylist()[0])
+            if row < len(column) and column[row] == faiss_id:
+                wanted.setdefault(shard, []).append((position, row))
+        # One take per shard: converting rows one by one costs more than the search (serve's hot path).
+        for shard, pairs in wanted.items():
+            rows = self._ids_tables[shard].take([row for _, row in pairs]).to_pylist()
+            for (position, _), row in zip(pairs, rows, strict=True):
+                out[position] = row
         return out
