@@ -276,18 +276,12 @@ def read_json(url: str, storage_options: dict | None = None) -> Any:
         return json.loads(handle.read().decode("utf-8"))
 
 
-def read_text(url: str, storage_options: dict | None = None, what: str = "file") -> str:
-    """A UTF-8 text file (a BOM is dropped); UsageError, naming the byte, for any other encoding.
+def decode_utf8(data: bytes, url: str, what: str = "file") -> str:
+    """UTF-8 text (a BOM dropped), or a UsageError naming the first byte that is not.
 
-    For files a user names on the command line (--prompts, --labels-file):
-    a Latin-1 file is one line and exit 2, never a UnicodeDecodeError traceback.
+    For files a user names on the command line (--prompts): a Latin-1 file is
+    one line and exit 2, never a UnicodeDecodeError traceback.
     """
-    fs, path = get_fs(url, storage_options)
-    try:
-        with fs.open(path, "rb") as handle:
-            data = handle.read()
-    except FileNotFoundError:
-        raise UsageError(f"{what} {url} does not exist") from None
     try:
         return data.decode("utf-8-sig")
     except UnicodeDecodeError as exc:

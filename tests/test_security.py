@@ -300,3 +300,16 @@ def test_malformed_vqgan_yaml_is_one_line(tmp_path, capsys):
                  "--output", str(renders), "--model", "clipbeam-tiny", "--pretrained", "none"]) == 2
     assert "VQGAN config" in one_error_line(capsys)
     assert not renders.exists()
+
+
+def test_latin1_prompts_file_is_one_line(tmp_path, capsys):
+    from vqganhelpers import save_tiny_vqgan
+
+    weights = save_tiny_vqgan(tmp_path / "v")
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_bytes("un caf\xe9 cr\xe8me\n".encode("latin-1"))
+    renders = tmp_path / "renders"
+    assert main(["generate", "--vqgan", str(weights), "--prompts", str(prompts), "--output", str(renders),
+                 "--model", "clipbeam-tiny", "--pretrained", "none"]) == 2
+    assert "--prompts" in (line := one_error_line(capsys)) and "not UTF-8" in line
+    assert not renders.exists()

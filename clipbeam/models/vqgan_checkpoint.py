@@ -305,9 +305,11 @@ def _config_candidates(url: str) -> list[str]:
 
 
 def _read_text(url: str, storage_options: dict | None) -> str:
+    from clipbeam.storage import decode_utf8
+
     fs, path = _fs(url, storage_options)
     with fs.open(path, "rb") as handle:
-        return handle.read().decode("utf-8")
+        return decode_utf8(handle.read(), url, "VQGAN config")
 
 
 def _parse_config(text: str, origin: str) -> VQGANConfig:

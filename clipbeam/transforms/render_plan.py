@@ -20,7 +20,7 @@ from typing import Any
 from clipbeam.errors import UsageError
 from clipbeam.models.prompts import parse_prompts
 from clipbeam.models.vqgan_clip import output_size
-from clipbeam.storage import open_input, require_readable_file
+from clipbeam.storage import decode_utf8, open_input, require_readable_file
 
 TABLE_SUFFIXES = (".parquet", ".csv", ".txt")
 
@@ -133,7 +133,7 @@ def read_prompt_rows(url: str, storage_options: dict | None = None) -> list[Prom
     """
     data = _read_bytes(url, storage_options)
     if url.lower().endswith(".txt"):
-        lines = data.decode("utf-8-sig").splitlines()
+        lines = decode_utf8(data, url, "--prompts").splitlines()
         return [PromptRow(line.strip()) for line in lines if line.strip() and not line.lstrip().startswith("#")]
     table = _read_table(data, url)
     if "prompt" not in table.column_names:
