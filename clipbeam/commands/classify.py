@@ -30,19 +30,14 @@ from clipbeam.commands.common import (
 from clipbeam.commands.query_model import add_query_model_arguments, load_query_model, query_spec
 from clipbeam.errors import UsageError
 from clipbeam.index.inputs import resolve_embeddings
-from clipbeam.layout import Mode, OutputFolder, OutputKind, open_output
+from clipbeam.layout import Mode, OutputFolder, open_output
+from clipbeam.layout.embeddings import part_name
+from clipbeam.layout.labels import FORMAT_VERSION, LABELS
 from clipbeam.models.zero_shot import DEFAULT_TEMPLATE, LOGIT_SCALE, label_embeddings
 from clipbeam.transforms.classify_parts import ClassifyConfig, ClassifyParts
 from clipbeam.transforms.embeddings_parts import EmbeddingsPart, embeddings_parts
 
 LOG = logging.getLogger(__name__)
-
-
-def _labels_files(manifest: dict) -> list[str]:
-    return [part["path"] for part in manifest.get("parts", [])]
-
-
-LABELS = OutputKind("clipbeam.labels", markers="_done", manifest_files=_labels_files)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -114,7 +109,7 @@ def prepare(args: argparse.Namespace) -> tuple[ClassifyConfig, dict, list[Embedd
 def pending_parts(parts: list[EmbeddingsPart], done: dict[str, dict]) -> list[EmbeddingsPart]:
     """The parts without a done-marker for the same embeddings file and row count (a re-embedded part is redone)."""
     def finished(part: EmbeddingsPart) -> bool:
-        marker = done.get(f"part-{part.number:05d}")
+        marker = done.get(part_name(part.number))
         return marker is not None and (marker.get("source"), marker.get("rows_in")) == (part.file.url, part.file.rows)
 
     return [part for part in parts if not finished(part)]
@@ -124,7 +119,7 @@ def commit(out: OutputFolder, settings: dict) -> dict:
     """manifest.json, last: every labelled part (earlier runs' too), in part order."""
     parts = sorted((m for m in out.done_units().values()), key=lambda m: m["number"])
     entries = [{key: m[key] for key in ("path", "rows", "source", "skipped")} for m in parts]
-    return out.commit({**settings, "parts": entries, "rows": sum(p["rows"] for p in entries),
+    return out.commit({**settings, "version": FORMAT_VERSION, "parts": entries, "rows": sum(p["rows"] for p in entries),
                        "clipbeam_version": __version__})
 
 

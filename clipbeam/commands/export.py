@@ -29,24 +29,14 @@ from clipbeam.commands.common import (
 )
 from clipbeam.errors import UsageError
 from clipbeam.index.inputs import resolve_embeddings
-from clipbeam.layout import Mode, OutputFolder, OutputKind, open_output
+from clipbeam.layout import Mode, OutputFolder, open_output
+from clipbeam.layout.clip_retrieval import EXPORT, FORMAT_VERSION, partition_width
+from clipbeam.layout.embeddings import part_name
 from clipbeam.transforms.embeddings_parts import EmbeddingsPart, embeddings_parts
-from clipbeam.transforms.export_parts import TEXT_MISSING, ExportConfig, ExportParts, partition_width
+from clipbeam.transforms.export_parts import TEXT_MISSING, ExportConfig, ExportParts
 
 LOG = logging.getLogger(__name__)
 FORMATS = ("clip-retrieval",)
-EXPORT_JSON = "export.json"
-EXPORT_VERSION = 2  # 2: "format" names the output kind, "layout" the folder layout; has_text in the metadata
-FOLDERS = ("img_emb", "text_emb", "metadata")
-
-
-def _export_files(manifest: dict) -> list[str]:
-    width = int(manifest.get("width", 5))
-    return [f"{kind}/{kind}_{int(p['partition']):0{width}d}.{'parquet' if kind == 'metadata' else 'npy'}"
-            for p in manifest.get("partitions", []) for kind in FOLDERS]
-
-
-EXPORT = OutputKind("clipbeam.export", manifest=EXPORT_JSON, markers="_done", manifest_files=_export_files)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -81,7 +71,7 @@ def prepare(args: argparse.Namespace) -> tuple[ExportConfig, dict, list[Embeddin
 def pending_parts(parts: list[EmbeddingsPart], done: dict[str, dict]) -> list[EmbeddingsPart]:
     """The parts without a done-marker for the same embeddings file and row count."""
     def finished(part: EmbeddingsPart) -> bool:
-        marker = done.get(f"part-{part.number:05d}")
+        marker = done.get(part_name(part.number))
         return marker is not None and (marker.get("source"), marker.get("rows")) == (part.file.url, part.file.rows)
 
     return [part for part in parts if not finished(part)]
@@ -96,7 +86,7 @@ def commit(out: OutputFolder, config: ExportConfig, settings: dict) -> dict:
         storage.remove_if_present(storage.join(config.output, "text_emb"), config.storage_options, recursive=True)
     entries = [{"partition": f"{p['number']:0{config.width}d}", "rows": p["rows"], "text": p["text"] and text,
                 "source": p["source"]} for p in partitions]
-    return out.commit({**settings, "version": EXPORT_VERSION, "dtype": "float16", "text": text, "partitions": entries,
+    return out.commit({**settings, "version": FORMAT_VERSION, "dtype": "float16", "text": text, "partitions": entries,
                        "rows": sum(p["rows"] for p in entries), "clipbeam_version": __version__})
 
 

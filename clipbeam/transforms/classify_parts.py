@@ -18,11 +18,10 @@ import pyarrow.parquet as pq
 from clipbeam import storage
 from clipbeam.index.inputs import iter_batches
 from clipbeam.layout import UnitLedger
+from clipbeam.layout.embeddings import part_name
+from clipbeam.layout.labels import SCHEMA, labels_file
 from clipbeam.models.zero_shot import zero_shot
 from clipbeam.transforms.embeddings_parts import EmbeddingsPart
-
-LABELS_SCHEMA = pa.schema([("id", pa.string()), ("label", pa.string()), ("score", pa.float32()),
-                           ("top_labels", pa.list_(pa.string())), ("top_scores", pa.list_(pa.float32()))])
 
 
 @dataclass(frozen=True)
@@ -60,10 +59,6 @@ class LabelsPart:
     rows_in: int
 
 
-def labels_part_name(number: int) -> str:
-    return f"labels/part-{number:05d}.parquet"
-
-
 def labels_table(ids: pa.Array, labels: np.ndarray, top: np.ndarray, probs: np.ndarray) -> pa.Table:
     """One batch's rows: the best label and score, then the top-k labels and scores as lists."""
     n, k = top.shape
@@ -74,17 +69,17 @@ def labels_table(ids: pa.Array, labels: np.ndarray, top: np.ndarray, probs: np.n
         "score": pa.array(probs[:, 0].astype(np.float32)),
         "top_labels": pa.ListArray.from_arrays(offsets, pa.array(labels[top].ravel().tolist(), pa.string())),
         "top_scores": pa.ListArray.from_arrays(offsets, pa.array(probs.ravel().astype(np.float32))),
-    }, schema=LABELS_SCHEMA)
+    }, schema=SCHEMA)
 
 
 def classify_part(part: EmbeddingsPart, config: ClassifyConfig) -> LabelsPart:
     """Label every row of one embeddings part; rows with a null vector are counted as skipped."""
-    name = labels_part_name(part.number)
+    name = labels_file(part.number)
     url = storage.join(config.output, name)
     labels = np.array(config.labels, dtype=object)
     rows = skipped = 0
     with storage.atomic_open(url, "wb", config.storage_options) as handle, \
-            pq.ParquetWriter(handle, LABELS_SCHEMA) as writer:
+            pq.ParquetWriter(handle, SCHEMA) as writer:
         for batch in iter_batches(part.file, config.column, "id", [], config.dim, batch_rows=config.batch_rows,
                                   storage_options=config.storage_options):
             top, probs = zero_shot(batch.vectors, config.classes, config.top_k)
@@ -93,7 +88,7 @@ def classify_part(part: EmbeddingsPart, config: ClassifyConfig) -> LabelsPart:
             skipped += batch.skipped
     result = LabelsPart(part.number, name, rows, skipped, part.file.url, part.file.rows)
     if config.ledger is not None:
-        config.ledger.mark_done(f"part-{part.number:05d}", asdict(result), files=[name])
+        config.ledger.mark_done(part_name(part.number), asdict(result), files=[name])
     return result
 
 

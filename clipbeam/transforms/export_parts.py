@@ -15,7 +15,6 @@ instead: a partition's text_emb is written only when every row has one.
 from __future__ import annotations
 
 import contextlib
-import io
 from dataclasses import asdict, dataclass
 
 import apache_beam as beam
@@ -27,6 +26,8 @@ import pyarrow.parquet as pq
 from clipbeam import storage
 from clipbeam.index.inputs import to_matrix
 from clipbeam.layout import UnitLedger
+from clipbeam.layout.clip_retrieval import npy_header, partition_file
+from clipbeam.layout.embeddings import part_name
 from clipbeam.transforms.embeddings_parts import EmbeddingsPart
 
 TEXT_MISSING = ("zero", "drop")
@@ -52,11 +53,11 @@ class ExportConfig:
     text_missing: str
     ledger: UnitLedger | None
 
-    def name(self, kind: str, number: int, ext: str) -> str:
-        return f"{kind}/{kind}_{number:0{self.width}d}.{ext}"
+    def name(self, kind: str, number: int) -> str:
+        return partition_file(kind, number, self.width)
 
-    def url(self, kind: str, number: int, ext: str) -> str:
-        return storage.join(self.output, self.name(kind, number, ext))
+    def url(self, kind: str, number: int) -> str:
+        return storage.join(self.output, self.name(kind, number))
 
 
 @dataclass(frozen=True)
@@ -69,22 +70,10 @@ class Partition:
     source: str
 
 
-def partition_width(count: int) -> int:
-    """Digits of the partition number: at least 5, fixed for the whole export so names sort."""
-    return max(5, len(str(max(count - 1, 0))))
-
-
 def image_path(ids: pa.Array, sources: pa.Array) -> pa.Array:
     """clip-retrieval's image_path: the file for image files, the sample key for webdataset tars."""
     is_tar = pc.ends_with(pc.fill_null(sources, ""), ".tar")
     return pc.if_else(is_tar, ids, sources)
-
-
-def npy_header(rows: int, dim: int) -> bytes:
-    """The NPY v1 header of a float16 [rows, dim] C-order array, so rows can be streamed after it."""
-    buffer = io.BytesIO()
-    np.lib.format.write_array_header_1_0(buffer, {"descr": "<f2", "fortran_order": False, "shape": (rows, dim)})
-    return buffer.getvalue()
 
 
 def text_matrix(table: pa.Table, dim: int, where: str) -> tuple[np.ndarray, np.ndarray]:
@@ -114,13 +103,17 @@ def metadata_table(table: pa.Table, has_text: np.ndarray) -> pa.Table:
 
 def export_part(part: EmbeddingsPart, config: ExportConfig) -> Partition:
     """Stream one embeddings part into one partition; a part with a null image vector is an error."""
-    so, file, where = config.storage_options, part.file, f"{part.file.url}: "
+    storage_options, file, where = config.storage_options, part.file, f"{part.file.url}: "
     rows, complete_text = 0, True
-    text_url = config.url("text_emb", part.number, "npy")
-    with storage.open_input(file.url, so) as source, contextlib.ExitStack() as stack:
-        img = stack.enter_context(storage.atomic_open(config.url("img_emb", part.number, "npy"), "wb", so))
-        text = stack.enter_context(storage.atomic_open(text_url, "wb", so)) if config.with_text else None
-        meta = stack.enter_context(storage.atomic_open(config.url("metadata", part.number, "parquet"), "wb", so))
+    text_url = config.url("text_emb", part.number)
+
+    def write(url: str):
+        return stack.enter_context(storage.atomic_open(url, "wb", storage_options))
+
+    with storage.open_input(file.url, storage_options) as source, contextlib.ExitStack() as stack:
+        img = write(config.url("img_emb", part.number))
+        text = write(text_url) if config.with_text else None
+        meta = write(config.url("metadata", part.number))
         for handle in filter(None, (img, text)):
             handle.write(npy_header(file.rows, config.dim))
         writer = None
@@ -141,14 +134,13 @@ def export_part(part: EmbeddingsPart, config: ExportConfig) -> Partition:
             raise ValueError(f"{where}read {rows} rows, its footer says {file.rows}")
     keep_text = config.with_text and (complete_text or config.text_missing == "zero")
     if not keep_text:
-        storage.remove_if_present(text_url, so)
+        storage.remove_if_present(text_url, storage_options)
     result = Partition(part.number, rows, keep_text, file.url)
     if config.ledger is not None:
         # Under "drop" the commit may remove text_emb later: a text file is not part of what makes a unit done.
-        files = [config.name(kind, part.number, "npy") for kind in ("img_emb", "text_emb")
-                 if kind == "img_emb" or (keep_text and config.text_missing == "zero")]
-        config.ledger.mark_done(f"part-{part.number:05d}", asdict(result),
-                                files=[*files, config.name("metadata", part.number, "parquet")])
+        kinds = ("img_emb", "metadata", *(("text_emb",) if keep_text and config.text_missing == "zero" else ()))
+        config.ledger.mark_done(part_name(part.number), asdict(result),
+                                files=[config.name(kind, part.number) for kind in kinds])
     return result
 
 

@@ -1,0 +1,52 @@
+"""The folder format of `clipbeam export --format clip-retrieval` (clip-retrieval / autofaiss).
+
+    OUT/img_emb/img_emb_NNNNN.npy           float16 [rows, dim], C order, NPY v1
+    OUT/text_emb/text_emb_NNNNN.npy         the same for text; zeros where a row has none
+    OUT/metadata/metadata_NNNNN.parquet     image_path, caption, has_text, then the other columns
+    OUT/_done/part-NNNNN.json               done-markers (the lifecycle's ledger)
+    OUT/export.json                         written last (version 2)
+    OUT/_job.json, OUT/_lease.json          the lifecycle's run record and lease
+
+The three files of a partition line up row for row, and clip-retrieval,
+autofaiss and embedding-reader pair them by sorted position: so the number
+has one fixed width for the whole export and no 0-row file is ever written.
+Partition N comes from embeddings part N.
+"""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+
+from clipbeam.layout.folder import OutputKind
+
+EXPORT_JSON = "export.json"
+FORMAT_VERSION = 2  # 2: "format" names the output kind, "layout" the folder layout; has_text in the metadata
+FOLDERS = ("img_emb", "text_emb", "metadata")
+
+
+def partition_width(count: int) -> int:
+    """Digits of the partition number: at least 5, fixed for the whole export so names sort."""
+    return max(5, len(str(max(count - 1, 0))))
+
+
+def partition_file(kind: str, number: int, width: int) -> str:
+    """img_emb/img_emb_00007.npy, text_emb/..., metadata/metadata_00007.parquet."""
+    return f"{kind}/{kind}_{number:0{width}d}.{'parquet' if kind == 'metadata' else 'npy'}"
+
+
+def npy_header(rows: int, dim: int) -> bytes:
+    """The NPY v1 header of a float16 [rows, dim] C-order array, so rows can be streamed after it."""
+    buffer = io.BytesIO()
+    np.lib.format.write_array_header_1_0(buffer, {"descr": "<f2", "fortran_order": False, "shape": (rows, dim)})
+    return buffer.getvalue()
+
+
+def manifest_files(manifest: dict) -> list[str]:
+    width = int(manifest.get("width", 5))
+    return [partition_file(kind, int(p["partition"]), width) for p in manifest.get("partitions", [])
+            for kind in FOLDERS]
+
+
+EXPORT = OutputKind("clipbeam.export", manifest=EXPORT_JSON, markers="_done", manifest_files=manifest_files)
