@@ -63,12 +63,10 @@ def read_labels(args: argparse.Namespace, storage_options: dict) -> list[str]:
     else:
         try:
             with storage.open_input(args.labels_file, storage_options) as handle:
-                labels = [line.strip() for line in handle.read().decode("utf-8").splitlines()]
+                data = handle.read()
         except FileNotFoundError:
             raise UsageError(f"--labels-file {args.labels_file} does not exist") from None
-        except UnicodeDecodeError as exc:
-            raise UsageError(f"--labels-file {args.labels_file} is not UTF-8 text ({exc.reason} at byte "
-                             f"{exc.start})") from None
+        labels = [line.strip() for line in storage.decode_utf8(data, args.labels_file, "--labels-file").splitlines()]
     labels = [label for label in labels if label]
     if len(labels) < 2:
         raise UsageError("zero-shot classification needs at least two labels")
