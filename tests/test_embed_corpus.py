@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import os
 
+import apache_beam as beam
+import imagefactory as imgs
 import pyarrow.parquet as pq
 import webdataset as wds
-import apache_beam as beam
 from apache_beam.testing.test_pipeline import TestPipeline as BeamTestPipeline
 from apache_beam.testing.util import assert_that, equal_to
 
-import imagefactory as imgs
 from clipbeam.layout import UnitLedger
 from clipbeam.layout.embeddings import MARKERS
 from clipbeam.models.clip import ClipSpec, embedding_dim, preprocess_config, validate_spec

@@ -7,11 +7,11 @@ import json
 import logging
 import os
 
+import imagefactory as imgs
 import pytest
 import webdataset as wds
-
-import imagefactory as imgs
 from embedhelpers import embed, manifest, read_rows
+
 from clipbeam.layout import LEASE_FILE, Lease
 
 

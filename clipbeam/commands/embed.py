@@ -38,8 +38,16 @@ from clipbeam.commands.common import (
 from clipbeam.commands.progress import MarkerProgress
 from clipbeam.errors import UsageError
 from clipbeam.layout import Mode, OutputFolder, open_output
-from clipbeam.layout.embeddings import EMBEDDINGS, PartPlan, build_manifest, embeddings_file, failures_file
-from clipbeam.layout.embeddings import fragments_dir, part_name, plan_numbers
+from clipbeam.layout.embeddings import (
+    EMBEDDINGS,
+    PartPlan,
+    build_manifest,
+    embeddings_file,
+    failures_file,
+    fragments_dir,
+    part_name,
+    plan_numbers,
+)
 from clipbeam.models.clip import (
     SHIPPED_CHECKPOINTS,
     ClipSpec,

@@ -10,13 +10,12 @@ owner, each mark first checks that this run still holds the folder.
 
 from __future__ import annotations
 
-import json
 import posixpath
 from dataclasses import dataclass
 from typing import Iterable, Sequence
 
 from clipbeam.layout.lease import check_lease
-from clipbeam.storage import get_fs, join, list_names, remove_if_present, write_json
+from clipbeam.storage import join, list_names, read_json, remove_if_present, write_json
 
 
 @dataclass(frozen=True)
@@ -39,15 +38,12 @@ class UnitLedger:
 
     def markers(self) -> dict[str, dict]:
         """Every readable marker, by unit name (whether or not its files are still there)."""
-        fs, _ = get_fs(self.root, self.storage_options)
         found = {}
         for name in list_names(join(self.root, self.folder), self.storage_options):
             if not name.endswith(".json"):
                 continue
-            _, path = get_fs(join(self.root, self.folder, name), self.storage_options)
             try:
-                with fs.open(path, "rb") as handle:
-                    found[name[: -len(".json")]] = json.loads(handle.read())
+                found[name[: -len(".json")]] = read_json(join(self.root, self.folder, name), self.storage_options)
             except (OSError, ValueError):
                 continue  # torn or vanished: the unit is not done
         return found
