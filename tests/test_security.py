@@ -313,3 +313,17 @@ def test_latin1_prompts_file_is_one_line(tmp_path, capsys):
                  "--model", "clipbeam-tiny", "--pretrained", "none"]) == 2
     assert "--prompts" in (line := one_error_line(capsys)) and "not UTF-8" in line
     assert not renders.exists()
+
+
+def test_generate_with_an_undownloadable_tag_stops_before_the_pipeline(tmp_path, capsys, monkeypatch):
+    import huggingface_hub.constants
+
+    from vqganhelpers import save_tiny_vqgan
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "empty-hub-cache"))
+    weights = save_tiny_vqgan(tmp_path / "v")
+    renders = tmp_path / "renders"
+    assert main(["generate", "--vqgan", str(weights), "--prompt", "a cat", "--output", str(renders),
+                 "--model", "ViT-B-32", "--pretrained", "laion2b_s34b_b79k"]) == 2
+    assert "cannot download" in one_error_line(capsys)
+    assert not renders.exists()

@@ -33,6 +33,7 @@ from clipbeam.commands.common import (
     clip_spec_from_args,
     print_summary,
     run_pipeline,
+    runner_is_local,
     storage_options_from_args,
 )
 from clipbeam.errors import UsageError
@@ -247,6 +248,11 @@ def run(args: argparse.Namespace, beam_args: list[str]) -> int:
     clock = Stopwatch()
     options = beam_options(beam_args)
     config = validate(args)
+    from clipbeam.models.clip import fetch_pretrained
+
+    remote_note = fetch_pretrained(config.render.clip, runner_is_local(beam_args))  # before the pipeline
+    if remote_note:
+        LOG.info("%s", remote_note)
     # Warnings only now: a bad argument must leave exactly one line on stderr.
     if config.render.clip.pretrained == "none":
         LOG.warning("--pretrained none: CLIP has random weights, so renders will not follow the prompts")
