@@ -51,7 +51,7 @@ class CorpusSamples:
         self.shuffle_buffer = shuffle_buffer
         self.columns = columns or ManifestColumns()
         self.max_pixels = max_pixels
-        self.parts: list[PartSpec] = plan_parts(self.inputs, fmt, self.storage_options, rows_per_part)
+        self.parts: list[PartSpec] = plan_parts(self.inputs, fmt, self.storage_options, rows_per_part, self.columns)
         if not self.parts:
             raise UsageError("the corpus holds no samples")
         self._count: int | None = None
