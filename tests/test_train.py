@@ -83,7 +83,7 @@ def test_contrastive_loss_shares_targets_between_equal_captions():
     assert torch.allclose(loss_a, loss_b) and acc_a == acc_b == 1.0
 
 
-def test_resume_after_an_interruption_gives_the_uninterrupted_weights(tmp_path, corpus, monkeypatch):
+def test_resume_after_an_interruption_gives_the_uninterrupted_weights(tmp_path, corpus, monkeypatch, capsys):
     args = ["--steps", "8", "--save-every", "4", *TINY_CLIP]
     straight = str(tmp_path / "straight")
     assert main(["train", "clip", "--corpus", corpus, "--output", straight, *args]) == 0
@@ -99,8 +99,10 @@ def test_resume_after_an_interruption_gives_the_uninterrupted_weights(tmp_path, 
         return real_step(self, images, captions)
 
     monkeypatch.setattr(train_clip.ClipTask, "step", failing_step)
-    with pytest.raises(RuntimeError, match="simulated crash"):
-        main(["train", "clip", "--corpus", corpus, "--output", resumed, *args])
+    capsys.readouterr()
+    assert main(["train", "clip", "--corpus", corpus, "--output", resumed, *args]) == 1
+    err = capsys.readouterr().err
+    assert "simulated crash); rerun the same command to resume" in err and "Traceback" not in err
     assert not os.path.exists(os.path.join(resumed, "clipbeam-tiny.pt"))
     state = torch.load(os.path.join(resumed, "checkpoints", "last.pt"), weights_only=False)
     assert state["step"] == 4
@@ -120,8 +122,10 @@ def test_rerun_extends_and_refuses_another_run(tmp_path, corpus, capsys):
     assert json.load(open(os.path.join(out, "train.json")))["steps"] == 6
     assert [r["step"] for r in history(out)] == [2, 4, 6]
     other_seed = ["train", "clip", "--corpus", corpus, "--output", out, "--steps", "6", *TINY_CLIP, "--seed", "5"]
+    capsys.readouterr()
     assert main(other_seed) == 2
-    assert "checkpoint of another run" in capsys.readouterr().err
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "other settings (seed: 0 -> 5)" in err[0], err
     assert main(other_seed + ["--overwrite"]) == 0
     assert [r["step"] for r in history(out)] == [2, 4, 6]
 
@@ -183,3 +187,22 @@ def test_missing_corpus_and_bad_vqgan_crop(tmp_path, capsys):
                  "--l2-weight", "-1"]) == 2
     assert "--l2-weight must not be negative" in capsys.readouterr().err
     assert not os.path.exists(tmp_path / "o")
+
+
+def test_overwrite_keeps_other_files_and_a_foreign_folder_is_refused(tmp_path, corpus, capsys):
+    out = tmp_path / "clip"
+    args = ["train", "clip", "--corpus", corpus, "--steps", "2", *TINY_CLIP]
+    assert main([*args, "--output", str(out)]) == 0
+    (out / "notes.txt").write_text("mine")
+    (out / "checkpoints" / "picked-by-hand.pt").write_bytes(b"mine")
+    assert main([*args, "--output", str(out), "--seed", "5", "--overwrite"]) == 0
+    assert (out / "notes.txt").read_text() == "mine" and (out / "checkpoints" / "picked-by-hand.pt").exists()
+    assert json.load(open(out / "train.json"))["settings"]["seed"] == 5
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "history.csv").write_text("someone else's curves")
+    capsys.readouterr()
+    assert main([*args, "--output", str(foreign)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "holds no clipbeam.train output" in err[0], err
+    assert os.listdir(foreign) == ["history.csv"] and (foreign / "history.csv").read_text() == "someone else's curves"

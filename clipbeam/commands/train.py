@@ -7,23 +7,33 @@ training is one sequential loop. Writes into --output: checkpoints/last.pt
 history.csv and loss.png (updated at every checkpoint), the trained model
 (clip: MODEL.pt + MODEL.json, loadable with `--model MODEL --pretrained
 OUT/MODEL.pt`; vqgan: vqgan.safetensors + vqgan.yaml, loadable with
-`--vqgan OUT/vqgan.safetensors`), and train.json last.
+`--vqgan OUT/vqgan.safetensors`), and train.json last. The folder format is
+clipbeam.layout.training: a rerun with other settings is refused (exit 2),
+--overwrite deletes only what earlier runs wrote, and a run that fails midway
+exits 1 (rerun to resume).
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import sys
 
 from clipbeam import __version__
+from clipbeam.commands.common import (
+    EXIT_UNFINISHED,
+    Stopwatch,
+    add_storage_arguments,
+    print_summary,
+    storage_options_from_args,
+)
 from clipbeam.errors import UsageError
-from clipbeam.commands.common import Stopwatch, add_storage_arguments, print_summary, storage_options_from_args
-from clipbeam.storage import check_writable, get_fs, join, write_json
+from clipbeam.layout import Mode, open_output
+from clipbeam.layout.training import TRAINING
+from clipbeam.storage import get_fs
 from clipbeam.transforms.corpus_plan import FORMATS, ManifestColumns
 
 LOG = logging.getLogger(__name__)
-
-SUMMARY = "train.json"
 
 
 def _common(parser: argparse.ArgumentParser, batch_size: int, lr: float, weight_decay: float) -> None:
@@ -112,6 +122,77 @@ def _vqgan_config(value: str, storage_options: dict):
         raise UsageError(f"--config {value}: {exc}") from None
 
 
+def _clip_task(args: argparse.Namespace, storage_options: dict, device: str, settings: dict):
+    """(task factory, files it exports) for `train clip`, after checking the model."""
+    from clipbeam.models.clip import ClipSpec, validate_spec
+
+    spec = ClipSpec(args.model, args.pretrained, seed=args.seed, device=device, precision="fp32")
+    validate_spec(spec, storage_options)
+    settings.update(model=args.model, pretrained=args.pretrained, augment=not args.no_augment)
+
+    def build(start_step: int):
+        from clipbeam.models.train_clip import ClipTask
+
+        return ClipTask(spec, augment=not args.no_augment, export_precision=args.export_precision,
+                        storage_options=storage_options, settings=settings)
+
+    return build, [f"{args.model}.pt", f"{args.model}.json"]
+
+
+def _vqgan_task(args: argparse.Namespace, storage_options: dict, device: str, settings: dict):
+    """(task factory, files it exports) for `train vqgan`, after checking the config and crop."""
+    from clipbeam.models.train_vqgan import WEIGHTS_NAME
+
+    config = _vqgan_config(args.config, storage_options)
+    if config.gumbel:
+        raise UsageError("--config: training a GumbelVQ is not supported; use a VQModel config")
+    crop = args.crop or int(config.ddconfig["resolution"])
+    if crop % config.factor or crop > int(config.ddconfig["resolution"]) or crop <= 0:
+        raise UsageError(f"--crop must be a positive multiple of {config.factor}, at most the config's "
+                         f"resolution {config.ddconfig['resolution']}")
+    if min(args.restart_dead_codes, args.codebook_weight, args.autoencoder_steps, args.l2_weight) < 0:
+        raise UsageError("--restart-dead-codes, --codebook-weight, --autoencoder-steps and --l2-weight must not "
+                         "be negative")
+    settings.update(config=config.to_yaml_dict(), crop=crop, autoencoder_steps=args.autoencoder_steps)
+
+    def build(start_step: int):
+        from clipbeam.models.train_vqgan import VQGANTask
+
+        return VQGANTask(config, device, crop=crop, restart_every=args.restart_dead_codes,
+                         codebook_weight=args.codebook_weight, autoencoder_steps=args.autoencoder_steps,
+                         l2_weight=args.l2_weight, start_step=start_step, settings=settings)
+
+    return build, [WEIGHTS_NAME, WEIGHTS_NAME.rsplit(".", 1)[0] + ".yaml"]
+
+
+def _total_steps(args: argparse.Namespace, source) -> int:
+    if args.steps is not None:
+        return args.steps
+    usable = source.count()
+    per_epoch = usable // args.batch_size
+    if per_epoch == 0:
+        raise UsageError(f"the corpus has {usable} usable samples, fewer than --batch-size {args.batch_size}")
+    total_steps = max(1, round((args.epochs or 1.0) * per_epoch))
+    LOG.info("%d usable samples: %d steps per epoch, %d steps in all", usable, per_epoch, total_steps)
+    return total_steps
+
+
+def _train(args: argparse.Namespace, build, source, loop, device: str) -> dict | None:
+    """Run the loop; None (after one line on stderr) when it fails midway: the checkpoint stays to resume from."""
+    from clipbeam.models import train_common
+
+    resuming = not args.overwrite and train_common.checkpoint_exists(args.output, loop.storage_options)
+    start = train_common.read_checkpoint_step(args.output, loop.storage_options) if resuming else 0
+    try:
+        return train_common.run_training(build(start), source, loop, device)
+    except Exception as exc:
+        LOG.error("training failed: %s", exc, exc_info=LOG.isEnabledFor(logging.DEBUG))
+        first = (str(exc).strip().splitlines() or [""])[0]
+        sys.stderr.write(f"clipbeam train: the run did not finish ({exc.__class__.__name__}: {first}); "
+                         "rerun the same command to resume\n")
+        return None
+
+
 def run(args: argparse.Namespace, beam_args: list[str]) -> int:
     import torch
 
@@ -122,79 +203,38 @@ def run(args: argparse.Namespace, beam_args: list[str]) -> int:
     if beam_args:
         raise UsageError(f"unrecognized arguments: {' '.join(beam_args)}")
     _check_common(args)
-    so = storage_options_from_args(args)
+    storage_options = storage_options_from_args(args)
     device = resolve_device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
     settings = {"kind": args.kind, "corpus": sorted(args.corpus), "format": args.format,
                 "batch_size": args.batch_size, "seed": args.seed}
-
-    if args.kind == "clip":
-        from clipbeam.models.clip import ClipSpec, validate_spec
-
-        spec = ClipSpec(args.model, args.pretrained, seed=args.seed, device=device, precision="fp32")
-        validate_spec(spec, so)
-        settings.update(model=args.model, pretrained=args.pretrained, augment=not args.no_augment)
-    else:
-        config = _vqgan_config(args.config, so)
-        if config.gumbel:
-            raise UsageError("--config: training a GumbelVQ is not supported; use a VQModel config")
-        crop = args.crop or int(config.ddconfig["resolution"])
-        if crop % config.factor or crop > int(config.ddconfig["resolution"]) or crop <= 0:
-            raise UsageError(f"--crop must be a positive multiple of {config.factor}, at most the config's "
-                             f"resolution {config.ddconfig['resolution']}")
-        if min(args.restart_dead_codes, args.codebook_weight, args.autoencoder_steps, args.l2_weight) < 0:
-            raise UsageError("--restart-dead-codes, --codebook-weight, --autoencoder-steps and --l2-weight must not "
-                             "be negative")
-        settings.update(config=config.to_yaml_dict(), crop=crop, autoencoder_steps=args.autoencoder_steps)
-
-    source = CorpusSamples(args.corpus, args.format, so, need_caption=args.kind == "clip",
+    task_for = _clip_task if args.kind == "clip" else _vqgan_task
+    build, exported = task_for(args, storage_options, device, settings)
+    source = CorpusSamples(args.corpus, args.format, storage_options, need_caption=args.kind == "clip",
                            shuffle_buffer=args.shuffle_buffer,
                            columns=ManifestColumns(args.image_column, args.caption_column))
-    if args.steps is not None:
-        total_steps = args.steps
-    else:
-        usable = source.count()
-        per_epoch = usable // args.batch_size
-        if per_epoch == 0:
-            raise UsageError(f"the corpus has {usable} usable samples, fewer than --batch-size {args.batch_size}")
-        total_steps = max(1, round((args.epochs or 1.0) * per_epoch))
-        LOG.info("%d usable samples: %d steps per epoch, %d steps in all", usable, per_epoch, total_steps)
-    check_writable(args.output, so)
-    fs, root = get_fs(args.output, so)
-    resuming = not args.overwrite and train_common.checkpoint_exists(args.output, so)
-    if args.overwrite:
-        for name in (train_common.CHECKPOINT, train_common.HISTORY, train_common.PLOT, SUMMARY):
-            if fs.exists(join(root, name)):
-                fs.rm(join(root, name))
-    elif resuming:
-        train_common.check_resume_settings(train_common.read_checkpoint_settings(args.output, so), settings)
-
-    if args.kind == "clip":
-        from clipbeam.models.train_clip import ClipTask
-
-        task = ClipTask(spec, augment=not args.no_augment, export_precision=args.export_precision,
-                        storage_options=so, settings=settings)
-    else:
-        from clipbeam.models.train_vqgan import VQGANTask
-
-        task = VQGANTask(config, device, crop=crop, restart_every=args.restart_dead_codes,
-                         codebook_weight=args.codebook_weight, autoencoder_steps=args.autoencoder_steps,
-                         l2_weight=args.l2_weight,
-                         start_step=train_common.read_checkpoint_step(args.output, so) if resuming else 0,
-                         settings=settings)
+    total_steps = _total_steps(args, source)
     loop = train_common.LoopConfig(
         output=args.output, total_steps=total_steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
         weight_decay=args.weight_decay, warmup_steps=min(args.warmup, max(0, total_steps - 1)),
-        log_every=args.log_every, save_every=args.save_every, storage_options=so)
+        log_every=args.log_every, save_every=args.save_every, storage_options=storage_options)
     clock = Stopwatch()
-    summary = train_common.run_training(task, source, loop, device)
-    if source.skipped:
-        LOG.warning("records skipped: %s", ", ".join(f"{k}: {v}" for k, v in source.skipped.items()))
-    record = dict(summary, settings=settings, lr=args.lr, weight_decay=args.weight_decay, warmup=loop.warmup_steps,
-                  total_steps=total_steps, device=device, clipbeam_version=__version__,
-                  skipped=dict(source.skipped))
-    write_json(join(args.output, SUMMARY), record, so)
+    with open_output(args.output, TRAINING, settings, Mode.from_flags(args.overwrite), storage_options) as out:
+        out.claim([train_common.CHECKPOINT, train_common.HISTORY, train_common.PLOT, *exported])
+        summary = _train(args, build, source, loop, device)
+        if summary is None:
+            return EXIT_UNFINISHED
+        if source.skipped:
+            LOG.warning("records skipped: %s", ", ".join(f"{k}: {v}" for k, v in source.skipped.items()))
+        out.commit(dict(summary, settings=settings, lr=args.lr, weight_decay=args.weight_decay,
+                        warmup=loop.warmup_steps, total_steps=total_steps, device=device,
+                        clipbeam_version=__version__, skipped=dict(source.skipped)))
+    _print_summary(args, summary, clock)
+    return 0
+
+
+def _print_summary(args: argparse.Namespace, summary: dict, clock: Stopwatch) -> None:
     final = summary["final"]
     print_summary(f"clipbeam train {args.kind}", [
         ("output", args.output),
@@ -206,4 +246,3 @@ def run(args: argparse.Namespace, beam_args: list[str]) -> int:
     ])
     for url in summary["written"]:
         print(url)
-    return 0
