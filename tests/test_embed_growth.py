@@ -166,3 +166,27 @@ def test_resume_with_any_result_changing_setting_is_refused(flags, key, corpus, 
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "other settings" in err[0] and key in err[0]
     assert os.path.exists(os.path.join(out, "manifest.json"))  # refused before touching anything
+
+
+def test_an_output_of_an_older_version_is_refused_on_resume_and_cleared_by_overwrite(corpus, tmp_path, capsys):
+    out = str(tmp_path / "emb")
+    _shard(corpus, "00", 0)
+    assert embed("--input", f"{corpus}/*.tar", "--output", out) == 0
+    # what format 2 left: _run.json instead of _job.json, parts named only in the manifest's entries
+    os.remove(os.path.join(out, "_job.json"))
+    with open(os.path.join(out, "_run.json"), "w") as handle:
+        json.dump({"model": "clipbeam-tiny"}, handle)
+    old = manifest(out)
+    del old["files"]
+    old["format_version"] = 2
+    with open(os.path.join(out, "manifest.json"), "w") as handle:
+        json.dump(old, handle)
+    with open(os.path.join(out, "notes.txt"), "w") as handle:
+        handle.write("mine")
+    capsys.readouterr()
+    assert embed("--input", f"{corpus}/*.tar", "--output", out) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "older clipbeam" in err[0] and "--overwrite" in err[0]
+    assert embed("--input", f"{corpus}/*.tar", "--output", out, "--overwrite") == 0
+    assert "_run.json" not in _tree(out) and "notes.txt" in _tree(out)
+    assert manifest(out)["format_version"] == 3

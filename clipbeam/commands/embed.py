@@ -165,11 +165,14 @@ def _model_identity(spec: ClipSpec, storage_options: dict) -> tuple[str, int]:
     return weights_label(spec, storage_options), embedding_dim(spec)
 
 
-def start_parts(out: OutputFolder, parts: list[PartSpec]) -> PartPlan:
-    """Number the input parts by source, clear what the pending ones left, claim their file names."""
+def start_parts(out: OutputFolder, parts: list[PartSpec], overwrite: bool) -> PartPlan:
+    """Number the input parts by source, clear what the pending ones left, claim their file names.
+
+    After --overwrite nothing is known, so numbering starts again from the sorted sources."""
     markers = out.ledger.markers()
     complete = set(out.done_units())
-    plan = plan_numbers(parts, out.previous_manifest, {n: m for n, m in markers.items() if n in complete})
+    previous = None if overwrite else out.previous_manifest
+    plan = plan_numbers(parts, previous, {n: m for n, m in markers.items() if n in complete})
     keep = {part_name(n) for n in (*plan.done, *plan.gone)}
     out.ledger.forget([name for name in markers if name not in keep])  # stale or partial
     pending = [number for number, _ in plan.pending]
@@ -254,7 +257,7 @@ def run(args: argparse.Namespace, beam_args: list[str]) -> int:
     weights, dim = _model_identity(job.spec, job.storage_options)
     settings = job.settings(weights, dim)
     with open_output(job.output, EMBEDDINGS, settings, Mode.from_flags(job.overwrite), job.storage_options) as out:
-        plan = start_parts(out, parts)
+        plan = start_parts(out, parts, job.overwrite)
         clock = Stopwatch()
         if plan.pending:
             pipeline = beam.Pipeline(options=options)
