@@ -183,3 +183,24 @@ def test_unreadable_manifests_and_missing_columns_are_usage_errors(tmp_path):
     good = write_rows(tmp_path / "ok.parquet", [{"image": "a.jpg"}], "parquet")
     with pytest.raises(UsageError, match="--image-column 'jpg' is not a column"):
         plan_parts([good], columns=ManifestColumns(image="jpg"))
+
+
+@pytest.mark.parametrize("case", ["corrupt-parquet", "malformed-csv", "missing-image-column"])
+def test_unreadable_manifest_is_one_line_and_writes_nothing(tmp_path, capsys, case):
+    if case == "corrupt-parquet":
+        table = tmp_path / "rows.parquet"
+        table.write_bytes(b"PAR1" + os.urandom(300) + b"PAR1")
+        extra, message = [], "cannot read manifest"
+    elif case == "malformed-csv":
+        table = tmp_path / "rows.csv"
+        table.write_text('image,caption\n"a.jpg,one\nb.jpg,two,three,four\n')
+        extra, message = [], "cannot read manifest"
+    else:
+        table = tmp_path / "rows.parquet"
+        write_rows(table, [{"image": "a.jpg", "caption": "x"}], "parquet")
+        extra, message = ["--image-column", "jpg"], "--image-column 'jpg' is not a column"
+    out = tmp_path / "emb"
+    assert embed("--input", str(table), "--output", str(out), *extra) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], lines
+    assert not out.exists()
