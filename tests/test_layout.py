@@ -6,6 +6,7 @@ import json
 import logging
 import os
 import socket
+import time
 
 import apache_beam as beam
 import pytest
@@ -204,3 +205,26 @@ def test_run_pipeline_turns_a_worker_failure_into_exit_1(capsys):
     ok = beam.Pipeline(runner="DirectRunner")
     _ = ok | beam.Create([1]) | beam.Map(lambda v: v)
     assert run_pipeline(ok, "classify") == 0
+
+
+def test_the_heartbeat_keeps_a_lease_live_and_stops_once_it_is_lost(tmp_path):
+    url = str(tmp_path / "out")
+    lease = Lease(url, None, timeout=0.2).acquire()
+    first = read_lease(url, None).heartbeat
+    deadline = time.monotonic() + 20
+    while read_lease(url, None).heartbeat == first:  # refreshed by the background thread
+        assert time.monotonic() < deadline, "the heartbeat never moved"
+        time.sleep(0.05)
+    thief = {"owner": "other:1:x", "host": "other", "pid": 1, "started": 0, "heartbeat": 1.0}
+    beat = lease._thread
+    for _ in range(100):  # (rewritten if a beat already under way put ours back)
+        storage.write_json(storage.join(url, LEASE_FILE), thief, None)
+        beat.join(timeout=0.2)  # the heartbeat sees the other owner and stops
+        if not beat.is_alive():
+            break
+    assert not beat.is_alive()
+    assert read_lease(url, None).owner == "other:1:x"
+    with pytest.raises(LeaseLost):
+        lease.check()
+    lease.release()
+    assert read_lease(url, None).owner == "other:1:x"  # release never removes another run's lease
