@@ -11,42 +11,84 @@ from __future__ import annotations
 import hashlib
 import io
 import warnings
+from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image, ImageOps
 
 DEFAULT_MAX_PIXELS = 89_478_485  # PIL's own default cap (about 9,459 x 9,459)
+EXIF_ORIENTATION = 0x0112
 
 
 class DecodeError(ValueError):
     """The bytes are not an image we can use; the message says why."""
 
 
+@dataclass(frozen=True)
+class ImageHeader:
+    """What an image's header says, before any pixel is decoded."""
+
+    format: str | None  # PIL's format name: JPEG, PNG, WEBP, ...
+    width: int  # after EXIF orientation
+    height: int
+    reoriented: bool  # EXIF asks for a rotation or a flip
+
+
 def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
     """Bytes -> an RGB PIL image with EXIF orientation applied."""
-    if not data:
-        raise DecodeError("empty image bytes")
-    _allow_in_pil(max_pixels)
+    return decode_sized(data, max_pixels)[0]
+
+
+def decode_sized(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS,
+                 min_side: int | None = None) -> tuple[Image.Image, ImageHeader]:
+    """Bytes -> (RGB image, header), optionally decoded at a reduced scale.
+
+    With `min_side`, a JPEG whose shorter side is at least twice `min_side` is
+    decoded by libjpeg at 1/2, 1/4 or 1/8 scale (DCT-domain scaling, PIL's
+    `draft`), never below `min_side` on either side: several times faster on
+    large photos, and the image is resized to the model's input anyway. The
+    header keeps the full size, so the stored width and height do not change.
+    """
     with warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)
+        image = _open_checked(data, max_pixels)
+        header = _header(image)
         try:
-            image = Image.open(io.BytesIO(data))
-        except Image.DecompressionBombError as exc:
-            raise DecodeError(f"decompression bomb: {exc}") from None
-        except Exception as exc:
-            raise DecodeError(f"not a readable image: {exc.__class__.__name__}: {exc}") from None
-        width, height = image.size
-        if width <= 0 or height <= 0:
-            raise DecodeError(f"image has no pixels ({width}x{height})")
-        if width * height > max_pixels:
-            raise DecodeError(f"decompression bomb: {width}x{height} pixels exceeds the cap of {max_pixels} pixels")
-        try:
+            if min_side and image.format == "JPEG" and min(image.size) >= 2 * min_side:
+                image.draft(image.mode, (min_side, min_side))
             image.seek(0)
             image.load()
             image = ImageOps.exif_transpose(image) or image
         except Exception as exc:
             raise DecodeError(f"corrupt or truncated image: {exc.__class__.__name__}: {exc}") from None
-        return to_rgb(image)
+        return to_rgb(image), header
+
+
+def probe_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> ImageHeader:
+    """The header of an image, checked like `decode_image` checks it, without decoding pixels
+    (for images that are decoded elsewhere, e.g. JPEGs decoded on the GPU)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        return _header(_open_checked(data, max_pixels))
+
+
+def _open_checked(data: bytes, max_pixels: int) -> Image.Image:
+    """Open lazily and check what the header allows: some pixels, and no more than the cap."""
+    if not data:
+        raise DecodeError("empty image bytes")
+    _allow_in_pil(max_pixels)
+    try:
+        image = Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError as exc:
+        raise DecodeError(f"decompression bomb: {exc}") from None
+    except Exception as exc:
+        raise DecodeError(f"not a readable image: {exc.__class__.__name__}: {exc}") from None
+    width, height = image.size
+    if width <= 0 or height <= 0:
+        raise DecodeError(f"image has no pixels ({width}x{height})")
+    if width * height > max_pixels:
+        raise DecodeError(f"decompression bomb: {width}x{height} pixels exceeds the cap of {max_pixels} pixels")
+    return image
 
 
 def _allow_in_pil(max_pixels: int) -> None:
@@ -55,10 +97,21 @@ def _allow_in_pil(max_pixels: int) -> None:
     PIL refuses images over its cap before our check runs, so a --max-pixels
     above PIL's default of 89.5M would be ignored. The cap is only ever raised
     (it is process-wide, and workers may decode for several callers); each
-    call's own `max_pixels` is still enforced after the header is read.
+    call's own `max_pixels` is still enforced by _open_checked.
     """
     if Image.MAX_IMAGE_PIXELS is not None and Image.MAX_IMAGE_PIXELS < max_pixels:
         Image.MAX_IMAGE_PIXELS = max_pixels
+
+
+def _header(image: Image.Image) -> ImageHeader:
+    try:
+        orientation = int(image.getexif().get(EXIF_ORIENTATION, 1) or 1)
+    except Exception:  # unreadable EXIF: exif_transpose will not rotate either
+        orientation = 1
+    width, height = image.size
+    if orientation in (5, 6, 7, 8):  # a quarter turn, possibly with a flip
+        width, height = height, width
+    return ImageHeader(image.format, width, height, orientation not in (1, 0))
 
 
 def load_image(url: str, storage_options: dict | None = None,

@@ -3,57 +3,91 @@
 The model is loaded once per worker (or shared across a worker's processes with
 `--model-copies` on GPU machines). Batches are fixed in size, which keeps GPU
 memory flat. A batch that fails is retried one sample at a time, so one bad
-sample costs one failure row, not a whole batch.
+sample costs one failure row, not a whole batch. Repeated captions are served
+from a per-worker LRU cache (models/caption_cache.py); its hits and misses, and
+the JPEGs that fell back from GPU to CPU decoding, are Beam metrics.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+from dataclasses import dataclass
 from typing import Any, Iterable, Sequence
 
 import numpy as np
+from apache_beam.metrics import Metrics
+from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.ml.inference.base import ModelHandler, PredictionResult
 
-from clipbeam.models.clip import ClipSpec, LoadedClip, encode_images, encode_texts, load_clip
+from clipbeam.models.caption_cache import CaptionCache
+from clipbeam.models.clip import ClipSpec, load_clip
+from clipbeam.models.embedder import ClipEmbedder
+from clipbeam.models.images import DEFAULT_MAX_PIXELS
+from clipbeam.models.pixels import PixelRecipe
 
 LOG = logging.getLogger(__name__)
+NAMESPACE = "clipbeam.embed"
+DECODE_DEVICES = ("cpu", "cuda")
 
 
-class ClipEmbedder:
-    """A loaded CLIP behind one method, so that it can also be served to several
-    processes through Beam's multi_process_shared proxy (`--model-copies`)."""
+@dataclass(frozen=True)
+class EmbedTuning:
+    """How embed runs fast. Only `fast_decode` changes the vectors (slightly; see README), so only it
+    belongs in the resume fingerprint; the rest change speed and memory, never results."""
 
-    def __init__(self, clip: LoadedClip) -> None:
-        self.clip = clip
+    decode_threads: int = 0         # threads decoding in each worker; 0: the worker's cores
+    decode_device: str = "cpu"      # "cuda": JPEGs decoded in batches on the model's GPU
+    fast_decode: bool = True        # reduced-scale JPEG decoding of images >= 2x the model's input
+    caption_cache_mb: int = 64      # per-worker caption -> embedding cache; 0 turns it off
+    trim_text: bool = True          # captions encoded without their padding where that is exact
 
-    def embed(self, pixels: np.ndarray, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
-        import torch
+    def threads(self) -> int:
+        if self.decode_threads:
+            return self.decode_threads
+        return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
-        return encode_images(self.clip, torch.from_numpy(pixels)), encode_texts(self.clip, texts)
+
+def pixel_recipe(preprocess_cfg: dict, max_pixels: int = DEFAULT_MAX_PIXELS,
+                 tuning: EmbedTuning = EmbedTuning()) -> PixelRecipe:
+    return PixelRecipe(preprocess_cfg, max_pixels, tuning.fast_decode)
 
 
 class ClipModelHandler(ModelHandler[dict, PredictionResult, ClipEmbedder]):
-    """Embeds decoded samples: `pixels` always, `caption` where `embed_text` is set.
+    """Embeds decoded samples: `pixels` (uint8) or `jpeg` (bytes for the GPU) always, `caption` where
+    `embed_text` is set.
 
     Each PredictionResult's inference is {"image": vector, "text": vector|None}
     or {"error": message}.
     """
 
     def __init__(self, spec: ClipSpec, storage_options: dict | None = None, batch_size: int = 64,
-                 model_copies: int = 1) -> None:
+                 model_copies: int = 1, preprocess_cfg: dict | None = None,
+                 tuning: EmbedTuning = EmbedTuning()) -> None:
         super().__init__()
         self._spec = spec
         self._storage_options = storage_options
         self._batch_size = batch_size
         self._model_copies = model_copies
+        self._preprocess_cfg = preprocess_cfg
+        self._tuning = tuning
+        self._cache: CaptionCache | None = None
+        self._hits = Metrics.counter(NAMESPACE, "caption_cache_hits")
+        self._misses = Metrics.counter(NAMESPACE, "caption_cache_misses")
+        self._fallbacks = Metrics.counter(NAMESPACE, "gpu_decode_fallbacks")
 
     def load_model(self) -> ClipEmbedder:
-        clip = load_clip(self._spec, self._storage_options)
+        from clipbeam.models.clip import preprocess_config
+
+        clip = load_clip(self._spec, self._storage_options, cpu_autocast=True)
         LOG.info("loaded CLIP %s (%s) on %s", self._spec.model, clip.weights, clip.device)
-        return ClipEmbedder(clip)
+        cfg = self._preprocess_cfg or preprocess_config(self._spec)
+        return ClipEmbedder(clip, pixel_recipe(cfg, tuning=self._tuning), trim_text=self._tuning.trim_text)
 
     def run_inference(self, batch: Sequence[dict], model: ClipEmbedder,
                       inference_args: dict[str, Any] | None = None) -> Iterable[PredictionResult]:
+        if self._cache is None:  # one per worker process, beside the model (or its proxy)
+            self._cache = CaptionCache(self._tuning.caption_cache_mb << 20)
         try:
             outputs = self._embed(batch, model)
         except Exception as exc:  # isolate the bad sample(s)
@@ -66,18 +100,22 @@ class ClipModelHandler(ModelHandler[dict, PredictionResult, ClipEmbedder]):
                     outputs.append({"error": f"{single.__class__.__name__}: {single}"})
         return [PredictionResult(sample, output, self._spec.model) for sample, output in zip(batch, outputs)]
 
-    @staticmethod
-    def _embed(batch: Sequence[dict], model: ClipEmbedder) -> list[dict]:
-        pixels = np.stack([sample["pixels"] for sample in batch])
+    def _embed(self, batch: Sequence[dict], model: ClipEmbedder) -> list[dict]:
+        items = [sample["pixels"] if sample.get("pixels") is not None else sample["jpeg"] for sample in batch]
+        images, fallbacks = model.embed_images(items)
+        self._fallbacks.inc(fallbacks)
         with_text = [i for i, sample in enumerate(batch) if sample.get("embed_text")]
-        images, texts = model.embed(pixels, [batch[i]["caption"] for i in with_text])
+        hits, misses = self._cache.hits, self._cache.misses
+        texts = self._cache.embed([batch[i]["caption"] for i in with_text], model.embed_texts)
+        self._hits.inc(self._cache.hits - hits)
+        self._misses.inc(self._cache.misses - misses)
         text_rows: list[np.ndarray | None] = [None] * len(batch)
         for row, i in enumerate(with_text):
             text_rows[i] = texts[row]
         return [{"image": images[i], "text": text_rows[i]} for i in range(len(batch))]
 
     def get_num_bytes(self, batch: Sequence[dict]) -> int:
-        return sum(sample["pixels"].nbytes for sample in batch)
+        return sum(s["pixels"].nbytes if s.get("pixels") is not None else len(s["jpeg"]) for s in batch)
 
     def batch_elements_kwargs(self) -> dict[str, Any]:
         return {"min_batch_size": self._batch_size, "max_batch_size": self._batch_size}
@@ -89,4 +127,24 @@ class ClipModelHandler(ModelHandler[dict, PredictionResult, ClipEmbedder]):
         return self._model_copies
 
     def get_metrics_namespace(self) -> str:
-        return "clipbeam.embed"
+        return NAMESPACE
+
+
+def inference_summary(result) -> list[tuple[str, object]]:
+    """Summary rows from a finished pipeline's metrics: the caption cache's hit rate, GPU decode
+    fallbacks. Empty where the runner does not report metrics."""
+    try:
+        counters = result.metrics().query(MetricsFilter().with_namespace(NAMESPACE))["counters"]
+    except Exception:  # runners without metrics support
+        return []
+    totals: dict[str, int] = {}
+    for counter in counters:
+        value = counter.committed if counter.committed is not None else counter.attempted
+        totals[counter.key.metric.name] = totals.get(counter.key.metric.name, 0) + int(value or 0)
+    rows: list[tuple[str, object]] = []
+    lookups = totals.get("caption_cache_hits", 0) + totals.get("caption_cache_misses", 0)
+    if lookups:
+        rows.append(("caption cache hits", f"{totals.get('caption_cache_hits', 0) / lookups:.1%} of {lookups}"))
+    if totals.get("gpu_decode_fallbacks"):
+        rows.append(("GPU decode fell back", f"{totals['gpu_decode_fallbacks']} JPEGs decoded on CPU"))
+    return rows

@@ -17,7 +17,7 @@ from apache_beam.ml.inference.base import RunInference
 from clipbeam.layout.ledger import UnitLedger
 from clipbeam.models.clip import ClipSpec
 from clipbeam.models.images import DEFAULT_MAX_PIXELS
-from clipbeam.transforms.clip_handler import ClipModelHandler
+from clipbeam.transforms.clip_handler import ClipModelHandler, EmbedTuning
 from clipbeam.transforms.corpus_plan import ManifestColumns
 from clipbeam.transforms.corpus_read import ReadLimits
 from clipbeam.transforms.embed_dofns import COUNTS, FAILURES, DecodeDoFn, ReadPartDoFn
@@ -48,6 +48,7 @@ class EmbedCorpusConfig:
     dtype: str = "float16"
     schema_meta: dict = field(default_factory=dict)
     accelerator: str | None = None
+    tuning: EmbedTuning = EmbedTuning()  # decode threads and device, fast decode, caption cache, text trim
 
     @property
     def output(self) -> str:
@@ -82,9 +83,10 @@ class EmbedCorpus(beam.PTransform):
                 FAILURES, COUNTS, main="samples")
         )
         decoded = read.samples | "Decode" >> beam.ParDo(
-            DecodeDoFn(cfg.preprocess, cfg.max_pixels, cfg.embed_text)).with_outputs(FAILURES, main="decoded")
+            DecodeDoFn(cfg.preprocess, cfg.max_pixels, cfg.embed_text, cfg.tuning, cfg.batch_size)).with_outputs(
+            FAILURES, main="decoded")
         handler = ClipModelHandler(cfg.spec, cfg.storage_options, batch_size=cfg.batch_size,
-                                   model_copies=cfg.model_copies)
+                                   model_copies=cfg.model_copies, preprocess_cfg=cfg.preprocess, tuning=cfg.tuning)
         inference = RunInference(handler)
         if cfg.accelerator:  # only inference goes to GPU workers; reading, decoding, writing stay on CPUs
             inference = inference.with_resource_hints(accelerator=cfg.accelerator)

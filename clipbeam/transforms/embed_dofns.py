@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import apache_beam as beam
 from apache_beam.metrics import Metrics
+from apache_beam.utils.windowed_value import WindowedValue
 
-from clipbeam.models.clip import image_preprocessor
 from clipbeam.transforms.corpus_plan import PartSpec
 from clipbeam.transforms.corpus_read import ReadLimits, failure, read_part
-from clipbeam.models.images import DecodeError, decode_caption, decode_image, sha256_hex
+from clipbeam.models.images import DecodeError, decode_caption, sha256_hex
+from clipbeam.models.ordered_pool import OrderedPool
+from clipbeam.models.pixels import Decoded, decode_or_defer, uint8_transform
+from clipbeam.transforms.clip_handler import NAMESPACE, EmbedTuning, pixel_recipe
 
-NAMESPACE = "clipbeam.embed"
 FAILURES = "failures"
 COUNTS = "counts"
 
@@ -45,35 +47,59 @@ class ReadPartDoFn(beam.DoFn):
 
 
 class DecodeDoFn(beam.DoFn):
-    """Raw sample -> sample with the model's preprocessed pixels, or a decode failure."""
+    """Raw sample -> sample with uint8 pixels (or JPEG bytes left for the GPU), or a decode failure.
 
-    def __init__(self, preprocess_cfg: dict, max_pixels: int, embed_text: bool) -> None:
-        self._cfg = preprocess_cfg
-        self._max_pixels = max_pixels
+    Decoding runs on a bounded pool of threads (PIL releases the GIL), at most
+    a couple of batches ahead of the model; samples leave in the order they came.
+    """
+
+    def __init__(self, preprocess_cfg: dict, max_pixels: int, embed_text: bool,
+                 tuning: EmbedTuning = EmbedTuning(), batch_size: int = 64) -> None:
+        self._recipe = pixel_recipe(preprocess_cfg, max_pixels, tuning)
         self._embed_text = embed_text
+        self._tuning = tuning
+        self._window = 2 * batch_size
         self._failed = Metrics.counter(NAMESPACE, "failed_decode")
-        self._preprocess = None
+        self._pool: OrderedPool | None = None
+        self._transform = None
 
     def setup(self) -> None:
-        self._preprocess = image_preprocessor(self._cfg)
+        self._transform = uint8_transform(self._recipe)
+        self._pool = OrderedPool(self._decode, self._tuning.threads(), self._window)
 
-    def process(self, sample: dict):
-        data = sample.pop("image")
+    def teardown(self) -> None:
+        if self._pool is not None:
+            self._pool.close()
+
+    def _decode(self, data: bytes) -> tuple[Decoded | Exception, str]:
+        """Runs on a pool thread: never raises, the error travels back as a value."""
         try:
-            image = decode_image(data, self._max_pixels)
-            pixels = self._preprocess(image)
+            decoded = decode_or_defer(data, self._recipe, self._transform, self._tuning.decode_device != "cpu")
         except Exception as exc:  # a transform error on a decodable image is still a decode failure
+            decoded = exc
+        return decoded, sha256_hex(data)
+
+    def process(self, sample: dict, window=beam.DoFn.WindowParam, timestamp=beam.DoFn.TimestampParam):
+        data = sample.pop("image")
+        for where, result in self._pool.submit(data, (sample, timestamp, window)):
+            yield self._emit(*where, *result)
+
+    def finish_bundle(self):
+        for where, result in self._pool.drain():
+            yield self._emit(*where, *result)
+
+    def _emit(self, sample: dict, timestamp, window, decoded: Decoded | Exception, sha256: str):
+        if isinstance(decoded, Exception):
             self._failed.inc()
-            reason = str(exc) if isinstance(exc, DecodeError) else f"{exc.__class__.__name__}: {exc}"
-            yield beam.pvalue.TaggedOutput(FAILURES, failure(sample["part"], sample["id"], sample["source"],
-                                                             "decode", reason))
-            return
+            reason = str(decoded) if isinstance(decoded, DecodeError) else f"{decoded.__class__.__name__}: {decoded}"
+            record = failure(sample["part"], sample["id"], sample["source"], "decode", reason)
+            return beam.pvalue.TaggedOutput(FAILURES, WindowedValue(record, timestamp, [window]))
         caption, note = decode_caption(sample.get("caption"))
         sample["caption"] = caption
         if note:
             sample["meta"] = dict(sample.get("meta") or {}, caption_note=note)
         sample["embed_text"] = self._embed_text and caption is not None
-        sample["width"], sample["height"] = image.size
-        sample["sha256"] = sha256_hex(data)
-        sample["pixels"] = pixels
-        yield sample
+        sample["width"], sample["height"] = decoded.width, decoded.height
+        sample["sha256"] = sha256
+        sample["pixels"], sample["jpeg"] = decoded.pixels, decoded.jpeg
+        return WindowedValue(sample, timestamp, [window])

@@ -1,0 +1,43 @@
+"""A loaded CLIP behind the two calls the embed pipeline makes, with no Beam in it.
+
+The Beam ModelHandler (transforms/clip_handler.py) loads one of these per
+worker, or shares one among a worker's processes through Beam's
+multi_process_shared proxy (`--model-copies`), which is why images and
+captions each come in one call with picklable arguments: uint8 pixel arrays
+and JPEG bytes, and strings. benchmarks/embed_gpu.py drives the same object
+without Beam.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+
+from clipbeam.models.clip import LoadedClip, encode_pixels, encode_texts
+from clipbeam.models.pixels import PixelRecipe, device_pixels, uint8_transform
+
+
+class ClipEmbedder:
+    """Embeds batches of images (uint8 CHW arrays, or JPEG bytes to decode on the model's device)
+    and of captions."""
+
+    def __init__(self, clip: LoadedClip, recipe: PixelRecipe, trim_text: bool = True) -> None:
+        self.clip = clip
+        self.recipe = recipe
+        self.trim_text = trim_text
+        self._transform = uint8_transform(recipe)
+
+    def embed_images(self, items: Sequence[np.ndarray | bytes]) -> tuple[np.ndarray, int]:
+        """L2-normalised float32 [N, D], and how many JPEGs fell back from the device to the CPU."""
+        import torch
+
+        if all(isinstance(item, np.ndarray) for item in items):
+            pixels, fallbacks = torch.from_numpy(np.stack(items)), 0
+        else:
+            pixels, fallbacks = device_pixels(items, self.recipe, self.clip.device, self._transform)
+        return encode_pixels(self.clip, pixels, self.recipe.mean, self.recipe.std), fallbacks
+
+    def embed_texts(self, texts: list[str]) -> np.ndarray:
+        """L2-normalised float32 [N, D], encoded without padding where that is exact."""
+        return encode_texts(self.clip, texts, trim=self.trim_text)

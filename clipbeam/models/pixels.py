@@ -1,0 +1,158 @@
+"""Image bytes -> the model's input as uint8 CHW pixels, on CPU threads or on the GPU (no Beam).
+
+The pixels stay uint8, resized and cropped, until they reach the model's
+device, where `clip.encode_pixels` scales and normalises them: 4x fewer bytes
+than float32 through Beam and the `--model-copies` proxy. The CPU path runs
+open_clip's own inference transform up to (not including) ToTensor and
+Normalize; those steps are PIL operations on uint8 images, so the pixels are
+exactly the ones open_clip's preprocessing would have normalised.
+
+The GPU path decodes JPEGs in batches with nvjpeg (torchvision's decode_jpeg)
+and resizes and crops them there; anything it cannot do (other formats,
+EXIF-rotated JPEGs, resize modes other than `shortest`/`squash`, a failing
+image) goes through the CPU path instead, and is counted.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+
+from clipbeam.models.images import ImageHeader, decode_sized, probe_image
+
+
+@dataclass(frozen=True)
+class PixelRecipe:
+    """How a model wants its pixels: open_clip's preprocessing settings, plus the decoding choices."""
+
+    cfg: dict  # open_clip's PreprocessCfg as a dict (clip.preprocess_config)
+    max_pixels: int
+    fast_decode: bool = False  # reduced-scale JPEG decoding for images >= 2x the input size
+
+    @property
+    def size(self) -> tuple[int, int]:
+        size = self.cfg["size"]
+        return (size, size) if isinstance(size, int) else tuple(size)
+
+    @property
+    def mean(self) -> tuple[float, ...]:
+        return tuple(self.cfg["mean"])
+
+    @property
+    def std(self) -> tuple[float, ...]:
+        return tuple(self.cfg["std"])
+
+    @property
+    def on_device_ok(self) -> bool:
+        """Whether the GPU path can reproduce this resize mode."""
+        mode = self.cfg.get("resize_mode", "shortest")
+        square = self.size[0] == self.size[1]
+        return (mode == "squash" or (mode == "shortest" and square)) and \
+            self.cfg.get("interpolation", "bicubic") in ("bicubic", "bilinear")
+
+
+@dataclass(frozen=True)
+class Decoded:
+    """One image ready for the model: uint8 CHW pixels, or JPEG bytes left for the GPU to decode."""
+
+    pixels: np.ndarray | None
+    jpeg: bytes | None
+    width: int
+    height: int
+
+
+def uint8_transform(recipe: PixelRecipe):
+    """open_clip's inference transform for these settings, without ToTensor and Normalize."""
+    from torchvision.transforms import Normalize
+
+    from clipbeam.models.clip import build_preprocess
+
+    steps = [t for t in build_preprocess(recipe.cfg).transforms
+             if not isinstance(t, Normalize) and type(t).__name__ not in ("ToTensor", "MaybeToTensor")]
+
+    def transform(image) -> np.ndarray:
+        for step in steps:
+            image = step(image)
+        return np.ascontiguousarray(np.asarray(image, dtype=np.uint8).transpose(2, 0, 1))
+
+    return transform
+
+
+def decode_on_cpu(data: bytes, recipe: PixelRecipe, transform) -> Decoded:
+    """Bytes -> uint8 CHW pixels; DecodeError (or a transform error) for unusable bytes."""
+    min_side = min(recipe.size) if recipe.fast_decode else None
+    image, header = decode_sized(data, recipe.max_pixels, min_side)
+    return Decoded(transform(image), None, header.width, header.height)
+
+
+def decode_or_defer(data: bytes, recipe: PixelRecipe, transform, device_decode: bool) -> Decoded:
+    """With `device_decode`, plain JPEGs are only checked here (header, pixel cap) and left for the GPU."""
+    if device_decode and recipe.on_device_ok:
+        header: ImageHeader = probe_image(data, recipe.max_pixels)
+        if header.format == "JPEG" and not header.reoriented:
+            return Decoded(None, data, header.width, header.height)
+    return decode_on_cpu(data, recipe, transform)
+
+
+def _resize_crop(image, recipe: PixelRecipe):
+    """A decoded CHW uint8 tensor -> the model's input size, as open_clip's Resize + CenterCrop do."""
+    from torchvision.transforms import InterpolationMode
+    from torchvision.transforms.v2 import functional as F
+
+    mode = InterpolationMode.BICUBIC if recipe.cfg.get("interpolation", "bicubic") == "bicubic" \
+        else InterpolationMode.BILINEAR
+    height, width = recipe.size
+    if recipe.cfg.get("resize_mode", "shortest") == "squash":
+        return F.resize(image, [height, width], interpolation=mode, antialias=True)
+    image = F.resize(image, height, interpolation=mode, antialias=True)
+    return F.center_crop(image, [height, width])
+
+
+def device_pixels(items: Sequence[np.ndarray | bytes], recipe: PixelRecipe, device: str, transform=None):
+    """uint8 arrays and JPEG bytes -> one uint8 [N,3,H,W] tensor on `device`, and how many JPEGs fell back.
+
+    JPEG bytes are decoded in one batched call on the device (nvjpeg on CUDA;
+    torchvision's CPU decoder where `device` is cpu, which is how this path is
+    tested without a GPU). If the batch call fails, each JPEG is tried alone;
+    a JPEG that still fails is decoded on the CPU path, and counted.
+    """
+    import torch
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    jpegs = [i for i, item in enumerate(items) if isinstance(item, (bytes, bytearray))]
+    out: list = [None if isinstance(item, (bytes, bytearray)) else torch.from_numpy(np.asarray(item)).to(device)
+                 for item in items]
+    fallbacks = 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torchvision 0.29 deprecates its decoders in favour of TorchCodec
+        encoded = [torch.frombuffer(bytearray(items[i]), dtype=torch.uint8) for i in jpegs]
+        try:
+            decoded = decode_jpeg(encoded, mode=ImageReadMode.RGB, device=device) if encoded else []
+        except Exception:
+            decoded = [_decode_one(tensor, device) for tensor in encoded]
+    for i, image in zip(jpegs, decoded):
+        if image is not None:
+            out[i] = _resize_crop(image, recipe)
+        else:
+            fallbacks += 1
+            out[i] = _cpu_fallback(bytes(items[i]), recipe, transform).to(device)
+    return torch.stack(out), fallbacks
+
+
+def _decode_one(tensor, device: str):
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    try:
+        return decode_jpeg(tensor, mode=ImageReadMode.RGB, device=device)
+    except Exception:
+        return None
+
+
+def _cpu_fallback(data: bytes, recipe: PixelRecipe, transform):
+    """The CPU path for a JPEG the device could not decode; raises DecodeError if that fails too."""
+    import torch
+
+    return torch.from_numpy(decode_on_cpu(data, recipe, transform or uint8_transform(recipe)).pixels)
