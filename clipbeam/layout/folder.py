@@ -142,7 +142,8 @@ def _check_ownership(url: str, kind: OutputKind, record: dict | None, manifest: 
         raise UsageError(f"{url} holds a {record.get('kind')} output, not {kind.name}; choose another --output")
     if record is not None or (manifest is not None and manifest.get("format") == kind.name):
         return True
-    others = [n for n in list_names(url, storage_options) if n != LEASE_FILE]
+    others = [n for n in list_names(url, storage_options)  # a lease, or temp files clipbeam left, are no output
+              if n != LEASE_FILE and not (n.startswith(".") and ".tmp-" in n)]
     if any(name in others for name in kind.legacy_records):
         return True
     if others:
