@@ -20,7 +20,9 @@ import argparse
 import json
 import sys
 import time
+from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))  # shapes_eval lives with the tests
 
 
 def main() -> int:
@@ -36,10 +38,10 @@ def main() -> int:
     args = parser.parse_args()
 
     import torch
+    from shapes_eval import evaluate_clip
 
     from clipbeam.models.clip import ClipSpec, load_clip
     from clipbeam.models.shapes import heldout_set
-    from clipbeam.models.shapes_eval import evaluate_clip
     from clipbeam.models.train_vqgan import reconstruction_error
     from clipbeam.models.vqgan import build_vqgan
     from clipbeam.models.vqgan_checkpoint import load_vqgan, resolve_vqgan
@@ -96,9 +98,10 @@ def main() -> int:
 
 def render_hues(clip, vqgan, steps: int) -> list[dict]:
     """Render 'a {color} circle' for every color (64x64, seed 0) and measure the mean hue."""
+    from shapes_eval import nearest_color, saturated_mean_hue
+
     from clipbeam.models.prompts import Prompt
     from clipbeam.models.shapes import COLORS
-    from clipbeam.models.shapes_eval import nearest_color, saturated_mean_hue
     from clipbeam.models.vqgan_clip import Renderer, RenderSettings
 
     renderer = Renderer(vqgan, clip)

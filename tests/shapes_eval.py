@@ -1,8 +1,9 @@
 """Measuring what a model learned on the shapes corpus: zero-shot accuracy, search precision, render hue.
 
 Plain numpy over embeddings from clipbeam.models.clip, so the same numbers come
-out of the benchmark script (benchmarks/shipped_models_quality.py), the tests
-of the shipped models, and a notebook.
+out of the benchmark script (benchmarks/shipped_models_quality.py, which adds
+tests/ to its path) and the tests of the shipped models. It lives with the
+tests because clipbeam itself never evaluates models.
 """
 
 from __future__ import annotations

@@ -9,10 +9,10 @@ nearest in mean hue to their own color for most colors.
 from __future__ import annotations
 
 import pytest
+from shapes_eval import evaluate_clip, nearest_color, saturated_mean_hue
 
 from clipbeam.models.clip import ASSETS_DIR, SHIPPED_CHECKPOINTS, ClipSpec, load_clip
 from clipbeam.models.shapes import COLORS, heldout_set
-from clipbeam.models.shapes_eval import evaluate_clip, nearest_color, saturated_mean_hue
 
 # Measured with benchmarks/shipped_models_quality.py (see clipbeam/assets/MODELS.md); the test allows 25% more.
 DOCUMENTED_VQGAN_MSE = 0.00124  # heldout_set(4, seed=20240); 0.00117 in the benchmark (240 images, seed 1234)
@@ -89,11 +89,11 @@ RENDER_COLORS = tuple(COLORS)
 
 def test_embed_by_shipped_name_gives_embeddings_that_match_their_captions(tmp_path, clip):
     import numpy as np
+    from embedhelpers import manifest, read_rows
 
     from clipbeam.cli import main
     from clipbeam.models.clip import encode_texts
     from clipbeam.models.shapes import class_prompts
-    from embedhelpers import manifest, read_rows
 
     corpus, out = str(tmp_path / "corpus"), str(tmp_path / "emb")
     assert main(["synth-corpus", "--output", corpus, "--n", "48", "--seed", "99"]) == 0
@@ -104,5 +104,5 @@ def test_embed_by_shipped_name_gives_embeddings_that_match_their_captions(tmp_pa
     images = np.array([row["image_embedding"] for row in rows], dtype=np.float32)
     prompts = class_prompts()
     predicted = (images @ encode_texts(clip, prompts).T).argmax(axis=1)
-    accuracy = np.mean([prompts[p] == row["caption"] for p, row in zip(predicted, rows)])
+    accuracy = np.mean([prompts[p] == row["caption"] for p, row in zip(predicted, rows, strict=True)])
     assert accuracy >= 0.85, accuracy

@@ -381,10 +381,6 @@ class VectorQuantizer2(nn.Module):
         z_q = z_last + (z_q - z_last).detach()
         return z_q.permute(0, 3, 1, 2).contiguous(), loss, (None, None, indices)
 
-    def lookup(self, indices: torch.Tensor, shape: tuple[int, int, int]) -> torch.Tensor:
-        """Codes for indices, as [B, e_dim, h, w] for shape (B, h, w)."""
-        return self.embedding(indices).view(*shape, self.e_dim).permute(0, 3, 1, 2).contiguous()
-
 
 class GumbelQuantize(nn.Module):
     """Gumbel-softmax quantization (taming's GumbelVQ): logits from a 1x1 `proj`, codes from `embed`.
@@ -416,9 +412,6 @@ class GumbelQuantize(nn.Module):
         probs = F.softmax(logits, dim=1)
         kl = self.kl_weight * torch.sum(probs * torch.log(probs * self.n_embed + 1e-10), dim=1).mean()
         return z_q, kl, (None, None, one_hot.argmax(dim=1))
-
-    def lookup(self, indices: torch.Tensor, shape: tuple[int, int, int]) -> torch.Tensor:
-        return self.embed(indices).view(*shape, self.embedding_dim).permute(0, 3, 1, 2).contiguous()
 
 
 class VQModel(nn.Module):
@@ -454,9 +447,6 @@ class VQModel(nn.Module):
 
     def decode(self, z_q: torch.Tensor) -> torch.Tensor:
         return self.decoder(self.post_quant_conv(z_q))
-
-    def decode_code(self, indices: torch.Tensor, shape: tuple[int, int, int]) -> torch.Tensor:
-        return self.decode(self.quantize.lookup(indices, shape))
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         z_q, loss, _ = self.encode(x)

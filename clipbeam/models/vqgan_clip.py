@@ -201,7 +201,8 @@ def _homographies(n: int, width: int, height: int, cut_size: int, cut_pow: float
         angle = torch.deg2rad(uniform(-AFFINE_DEGREES, AFFINE_DEGREES))
         shear = torch.tan(torch.deg2rad(uniform(-AFFINE_SHEAR_DEGREES, AFFINE_SHEAR_DEGREES)))
         scale = uniform(1 - AFFINE_SCALE, 1 + AFFINE_SCALE)
-        tx, ty = uniform(-2 * AFFINE_TRANSLATE, 2 * AFFINE_TRANSLATE), uniform(-2 * AFFINE_TRANSLATE, 2 * AFFINE_TRANSLATE)
+        tx = uniform(-2 * AFFINE_TRANSLATE, 2 * AFFINE_TRANSLATE)
+        ty = uniform(-2 * AFFINE_TRANSLATE, 2 * AFFINE_TRANSLATE)
         affine = eye.clone()
         cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
         affine[:, 0, 0], affine[:, 0, 1], affine[:, 0, 2] = cos, -sin + cos * shear, tx
