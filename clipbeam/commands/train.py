@@ -177,12 +177,23 @@ def _total_steps(args: argparse.Namespace, source) -> int:
     return total_steps
 
 
-def _train(args: argparse.Namespace, build, source, loop, device: str) -> dict | None:
+def _resume_step(args: argparse.Namespace, loop) -> int:
+    """The step the output's checkpoint reached (0 without one or with --overwrite).
+
+    Read before the output is opened: a last.pt that holds more than weights
+    is refused (one line, exit 2) with nothing in the folder touched.
+    """
+    from clipbeam.models import train_common
+
+    if args.overwrite or not train_common.checkpoint_exists(args.output, loop.storage_options):
+        return 0
+    return train_common.read_checkpoint_step(args.output, loop.storage_options)
+
+
+def _train(args: argparse.Namespace, build, source, loop, device: str, start: int) -> dict | None:
     """Run the loop; None (after one line on stderr) when it fails midway: the checkpoint stays to resume from."""
     from clipbeam.models import train_common
 
-    resuming = not args.overwrite and train_common.checkpoint_exists(args.output, loop.storage_options)
-    start = train_common.read_checkpoint_step(args.output, loop.storage_options) if resuming else 0
     try:
         return train_common.run_training(build(start), source, loop, device)
     except Exception as exc:
@@ -220,9 +231,10 @@ def run(args: argparse.Namespace, beam_args: list[str]) -> int:
         weight_decay=args.weight_decay, warmup_steps=min(args.warmup, max(0, total_steps - 1)),
         log_every=args.log_every, save_every=args.save_every, storage_options=storage_options)
     clock = Stopwatch()
+    start = _resume_step(args, loop)
     with open_output(args.output, TRAINING, settings, Mode.from_flags(args.overwrite), storage_options) as out:
         out.claim([train_common.CHECKPOINT, train_common.HISTORY, train_common.PLOT, *exported])
-        summary = _train(args, build, source, loop, device)
+        summary = _train(args, build, source, loop, device, start)
         if summary is None:
             return EXIT_UNFINISHED
         if source.skipped:
