@@ -154,17 +154,22 @@ def beam_options(beam_args: list[str], **overrides) -> PipelineOptions:
 EXIT_UNFINISHED = 1
 
 
-def run_pipeline(pipeline, command: str, watch: contextlib.AbstractContextManager | None = None) -> int:
+def run_pipeline(pipeline, command: str, watch: contextlib.AbstractContextManager | None = None,
+                 results: list | None = None) -> int:
     """Run a built Beam pipeline to the end; 0, or EXIT_UNFINISHED after one line on stderr.
 
     A worker failure (a lost worker, a full disk, a lease taken over) is not a
     bad argument and not a bug to show as a traceback: every job exits 1 and
     says that rerunning the same command resumes. `watch` (e.g. a progress
-    display) runs while the pipeline does.
+    display) runs while the pipeline does; the finished PipelineResult goes on
+    `results` when given (for its metrics).
     """
     try:
         with watch or contextlib.nullcontext():
-            pipeline.run().wait_until_finish()
+            result = pipeline.run()
+            result.wait_until_finish()
+        if results is not None:
+            results.append(result)
     except Exception as exc:
         LOG.error("pipeline failed: %s", exc)
         first = (str(exc).strip().splitlines() or [""])[0]

@@ -63,6 +63,7 @@ from clipbeam.models.images import DEFAULT_MAX_PIXELS
 from clipbeam.storage import absolute_url, join, remove_if_present, remove_temporaries
 from clipbeam.transforms.corpus_plan import FORMATS, ManifestColumns, PartSpec, plan_parts
 from clipbeam.transforms.corpus_read import DEFAULT_MAX_MEMBER_BYTES, ReadLimits
+from clipbeam.transforms.clip_handler import DECODE_DEVICES, EmbedTuning, inference_summary
 from clipbeam.transforms.embed_corpus import EmbedCorpus, EmbedCorpusConfig
 from clipbeam.transforms.embed_write import PartInfo
 
@@ -98,9 +99,35 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="model copies shared by a GPU worker's processes (default 1: one per process)")
     add_accelerator_argument(parser)
     parser.add_argument("--no-text", action="store_true", help="do not embed captions")
+    add_speed_arguments(parser)
     parser.add_argument("--no-progress", action="store_true", help="no progress display")
     parser.add_argument("--prune", action="store_true",
                         help="drop the parts whose source is no longer in the input (default: keep them)")
+
+
+def add_speed_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("speed (none of these change the vectors, except --exact-decode)")
+    group.add_argument("--decode-threads", type=int, default=0, metavar="N",
+                       help="threads decoding and resizing images in each worker (default: the worker's cores)")
+    group.add_argument("--decode-device", default="cpu", choices=DECODE_DEVICES,
+                       help="cuda: decode JPEGs in batches on the model's GPU (others fall back to CPU, counted)")
+    group.add_argument("--exact-decode", action="store_true",
+                       help="decode every JPEG at full size (default: JPEGs at least twice the model's input "
+                            "are decoded at a reduced scale, never below it; README gives the measured effect)")
+    group.add_argument("--caption-cache-mb", type=int, default=64, metavar="MB",
+                       help="per-worker cache of caption embeddings, for repeated captions (0: off; default 64)")
+    group.add_argument("--full-text-context", action="store_true",
+                       help="encode captions at the full context as open_clip does (same vectors, slower)")
+
+
+def tuning_from_args(args: argparse.Namespace) -> EmbedTuning:
+    if args.decode_threads < 0 or args.caption_cache_mb < 0:
+        raise UsageError("--decode-threads and --caption-cache-mb must be 0 or more")
+    if args.decode_device == "cuda" and args.device == "cpu":
+        raise UsageError("--decode-device cuda decodes on the model's GPU; it needs --device cuda (or auto)")
+    return EmbedTuning(decode_threads=args.decode_threads, decode_device=args.decode_device,
+                       fast_decode=not args.exact_decode, caption_cache_mb=args.caption_cache_mb,
+                       trim_text=not args.full_text_context)
 
 
 @dataclass(frozen=True)
@@ -124,6 +151,7 @@ class EmbedJob:
     prune: bool
     progress: bool
     limits: ReadLimits = ReadLimits()
+    tuning: EmbedTuning = EmbedTuning()
 
     def settings(self, weights: str, dim: int) -> dict:
         """The resume fingerprint: every setting that changes what a part holds (not the input list,
@@ -135,6 +163,7 @@ class EmbedJob:
             "caption_column": self.columns.caption, "id_column": self.columns.id,
             "max_pixels": self.max_pixels, "rows_per_part": self.rows_per_part,
             "max_member_bytes": self.limits.max_member_bytes, "allow_any_path": self.limits.allow_any_path,
+            "fast_decode": self.tuning.fast_decode,
         }
 
 
@@ -153,6 +182,7 @@ def job_from_args(args: argparse.Namespace) -> EmbedJob:
         accelerator=args.accelerator, overwrite=args.overwrite, prune=args.prune,
         progress=not args.no_progress,
         limits=ReadLimits(args.max_member_bytes, args.allow_any_path),
+        tuning=tuning_from_args(args),
     )
 
 
@@ -199,6 +229,7 @@ def corpus_config(job: EmbedJob, out: OutputFolder, plan: PartPlan, weights: str
         parts={n: PartInfo(p.source, p.fingerprint) for n, p in plan.pending}, columns=job.columns,
         limits=job.limits, max_pixels=job.max_pixels, embed_text=job.embed_text, batch_size=job.batch_size,
         model_copies=job.model_copies, dtype=job.dtype, schema_meta=schema_meta, accelerator=job.accelerator,
+        tuning=job.tuning,
     )
 
 
@@ -229,7 +260,8 @@ def commit(out: OutputFolder, job: EmbedJob, plan: PartPlan, seconds: float) -> 
     return out.commit(build_manifest(out.settings, listed, set(plan.numbered), extra))
 
 
-def print_embed_summary(job: EmbedJob, plan: PartPlan, manifest: dict, seconds: float) -> None:
+def print_embed_summary(job: EmbedJob, plan: PartPlan, manifest: dict, seconds: float,
+                        inference: list[tuple[str, object]] = ()) -> None:
     ran = sum(p["samples"] for p in manifest["parts"] if p["part"] not in plan.done and p["in_input"])
     rows = [
         ("output", job.output),
@@ -241,7 +273,7 @@ def print_embed_summary(job: EmbedJob, plan: PartPlan, manifest: dict, seconds: 
     rows += [("samples in", manifest["samples"]), ("embedded", manifest["rows"]), ("failed", manifest["failures"])]
     rows += [(f"  failed at {stage}", count) for stage, count in sorted(manifest["failed_by_stage"].items())]
     rows += [("seconds", f"{seconds:.1f}"), ("samples/s", f"{ran / seconds:.1f}" if seconds > 0 else "-")]
-    print_summary("clipbeam embed: done", rows)
+    print_summary("clipbeam embed: done", rows + list(inference))
 
 
 def run(args: argparse.Namespace, beam_args: list[str]) -> int:
@@ -259,14 +291,15 @@ def run(args: argparse.Namespace, beam_args: list[str]) -> int:
     with open_output(job.output, EMBEDDINGS, settings, Mode.from_flags(job.overwrite), job.storage_options) as out:
         plan = start_parts(out, parts, job.overwrite)
         clock = Stopwatch()
+        results: list = []  # the finished PipelineResult, for the caption cache's hit rate
         if plan.pending:
             pipeline = beam.Pipeline(options=options)
             build_pipeline(pipeline, plan.pending, corpus_config(job, out, plan, weights, dim))
             watch = MarkerProgress(job.output, len(plan.pending), job.storage_options) if job.progress else None
-            if run_pipeline(pipeline, "embed", watch):
+            if run_pipeline(pipeline, "embed", watch, results):
                 return EXIT_UNFINISHED
         manifest = commit(out, job, plan, clock.seconds)
         if manifest is None:
             return EXIT_UNFINISHED
-    print_embed_summary(job, plan, manifest, clock.seconds)
+    print_embed_summary(job, plan, manifest, clock.seconds, inference_summary(results[0]) if results else [])
     return 3 if manifest["failures"] else 0

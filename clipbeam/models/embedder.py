@@ -10,12 +10,20 @@ without Beam.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
 
 from clipbeam.models.clip import LoadedClip, encode_pixels, encode_texts
-from clipbeam.models.pixels import PixelRecipe, device_pixels, uint8_transform
+from clipbeam.models.pixels import DevicePixels, PixelRecipe, device_pixels, uint8_transform
+
+
+@dataclass
+class ImageVectors:
+    vectors: np.ndarray  # [N, D]; rows listed in `failed` are meaningless
+    failed: dict[int, str]  # item index -> why its JPEG could not be decoded (GPU path only)
+    fallbacks: int  # JPEGs decoded on the CPU because the device could not
 
 
 class ClipEmbedder:
@@ -28,15 +36,16 @@ class ClipEmbedder:
         self.trim_text = trim_text
         self._transform = uint8_transform(recipe)
 
-    def embed_images(self, items: Sequence[np.ndarray | bytes]) -> tuple[np.ndarray, int]:
-        """L2-normalised float32 [N, D], and how many JPEGs fell back from the device to the CPU."""
+    def embed_images(self, items: Sequence[np.ndarray | bytes]) -> ImageVectors:
+        """L2-normalised float32 [N, D]; JPEG bytes are decoded on the model's device first."""
         import torch
 
         if all(isinstance(item, np.ndarray) for item in items):
-            pixels, fallbacks = torch.from_numpy(np.stack(items)), 0
+            batch = DevicePixels(torch.from_numpy(np.stack(items)), {}, 0)
         else:
-            pixels, fallbacks = device_pixels(items, self.recipe, self.clip.device, self._transform)
-        return encode_pixels(self.clip, pixels, self.recipe.mean, self.recipe.std), fallbacks
+            batch = device_pixels(items, self.recipe, self.clip.device, self._transform)
+        vectors = encode_pixels(self.clip, batch.pixels, self.recipe.mean, self.recipe.std)
+        return ImageVectors(vectors, batch.failed, batch.fallbacks)
 
     def embed_texts(self, texts: list[str]) -> np.ndarray:
         """L2-normalised float32 [N, D], encoded without padding where that is exact."""

@@ -21,7 +21,7 @@ from typing import Sequence
 
 import numpy as np
 
-from clipbeam.models.images import ImageHeader, decode_sized, probe_image
+from clipbeam.models.images import DecodeError, ImageHeader, decode_sized, probe_image
 
 
 @dataclass(frozen=True)
@@ -111,13 +111,24 @@ def _resize_crop(image, recipe: PixelRecipe):
     return F.center_crop(image, [height, width])
 
 
-def device_pixels(items: Sequence[np.ndarray | bytes], recipe: PixelRecipe, device: str, transform=None):
-    """uint8 arrays and JPEG bytes -> one uint8 [N,3,H,W] tensor on `device`, and how many JPEGs fell back.
+@dataclass
+class DevicePixels:
+    """A batch on the model's device: uint8 [N,3,H,W] (zeros where an image failed), and what happened."""
+
+    pixels: object  # torch.Tensor
+    failed: dict[int, str]  # item index -> why neither the device nor the CPU could decode it
+    fallbacks: int  # JPEGs the device could not decode, sent to the CPU path
+
+
+def device_pixels(items: Sequence[np.ndarray | bytes], recipe: PixelRecipe, device: str,
+                  transform=None) -> DevicePixels:
+    """uint8 arrays and JPEG bytes -> one batch on `device`.
 
     JPEG bytes are decoded in one batched call on the device (nvjpeg on CUDA;
     torchvision's CPU decoder where `device` is cpu, which is how this path is
     tested without a GPU). If the batch call fails, each JPEG is tried alone;
-    a JPEG that still fails is decoded on the CPU path, and counted.
+    a JPEG that still fails goes through the CPU path (counted), and one that
+    fails there too is reported in `failed`, so the rest of the batch goes on.
     """
     import torch
     from torchvision.io import ImageReadMode, decode_jpeg
@@ -125,7 +136,6 @@ def device_pixels(items: Sequence[np.ndarray | bytes], recipe: PixelRecipe, devi
     jpegs = [i for i, item in enumerate(items) if isinstance(item, (bytes, bytearray))]
     out: list = [None if isinstance(item, (bytes, bytearray)) else torch.from_numpy(np.asarray(item)).to(device)
                  for item in items]
-    fallbacks = 0
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torchvision 0.29 deprecates its decoders in favour of TorchCodec
         encoded = [torch.frombuffer(bytearray(items[i]), dtype=torch.uint8) for i in jpegs]
@@ -133,13 +143,20 @@ def device_pixels(items: Sequence[np.ndarray | bytes], recipe: PixelRecipe, devi
             decoded = decode_jpeg(encoded, mode=ImageReadMode.RGB, device=device) if encoded else []
         except Exception:
             decoded = [_decode_one(tensor, device) for tensor in encoded]
+    failed: dict[int, str] = {}
+    fallbacks = 0
     for i, image in zip(jpegs, decoded):
         if image is not None:
             out[i] = _resize_crop(image, recipe)
-        else:
-            fallbacks += 1
-            out[i] = _cpu_fallback(bytes(items[i]), recipe, transform).to(device)
-    return torch.stack(out), fallbacks
+            continue
+        fallbacks += 1
+        try:
+            out[i] = torch.from_numpy(decode_on_cpu(bytes(items[i]), recipe, transform or uint8_transform(recipe))
+                                      .pixels).to(device)
+        except Exception as exc:
+            failed[i] = str(exc) if isinstance(exc, DecodeError) else f"{exc.__class__.__name__}: {exc}"
+            out[i] = torch.zeros((3, *recipe.size), dtype=torch.uint8, device=device)
+    return DevicePixels(torch.stack(out), failed, fallbacks)
 
 
 def _decode_one(tensor, device: str):
@@ -149,10 +166,3 @@ def _decode_one(tensor, device: str):
         return decode_jpeg(tensor, mode=ImageReadMode.RGB, device=device)
     except Exception:
         return None
-
-
-def _cpu_fallback(data: bytes, recipe: PixelRecipe, transform):
-    """The CPU path for a JPEG the device could not decode; raises DecodeError if that fails too."""
-    import torch
-
-    return torch.from_numpy(decode_on_cpu(data, recipe, transform or uint8_transform(recipe)).pixels)

@@ -102,8 +102,8 @@ class ClipModelHandler(ModelHandler[dict, PredictionResult, ClipEmbedder]):
 
     def _embed(self, batch: Sequence[dict], model: ClipEmbedder) -> list[dict]:
         items = [sample["pixels"] if sample.get("pixels") is not None else sample["jpeg"] for sample in batch]
-        images, fallbacks = model.embed_images(items)
-        self._fallbacks.inc(fallbacks)
+        images = model.embed_images(items)
+        self._fallbacks.inc(images.fallbacks)
         with_text = [i for i, sample in enumerate(batch) if sample.get("embed_text")]
         hits, misses = self._cache.hits, self._cache.misses
         texts = self._cache.embed([batch[i]["caption"] for i in with_text], model.embed_texts)
@@ -112,7 +112,8 @@ class ClipModelHandler(ModelHandler[dict, PredictionResult, ClipEmbedder]):
         text_rows: list[np.ndarray | None] = [None] * len(batch)
         for row, i in enumerate(with_text):
             text_rows[i] = texts[row]
-        return [{"image": images[i], "text": text_rows[i]} for i in range(len(batch))]
+        return [{"error": images.failed[i], "stage": "decode"} if i in images.failed
+                else {"image": images.vectors[i], "text": text_rows[i]} for i in range(len(batch))]
 
     def get_num_bytes(self, batch: Sequence[dict]) -> int:
         return sum(s["pixels"].nbytes if s.get("pixels") is not None else len(s["jpeg"]) for s in batch)

@@ -82,7 +82,7 @@ class SplitResultsDoFn(beam.DoFn):
         if "error" in output:
             self._failed.inc()
             yield beam.pvalue.TaggedOutput(FAILURES, failure(sample["part"], sample["id"], sample["source"],
-                                                             "embed", output["error"]))
+                                                             output.get("stage", "embed"), output["error"]))
             return
         self._embedded.inc()
         buffer = self._buffers.setdefault(sample["part"], [])
