@@ -335,16 +335,23 @@ def build_preprocess(cfg: dict):
 
 
 def image_preprocessor(cfg: dict):
-    """A function: decoded RGB PIL image -> one model input row (numpy), for these settings.
+    """A function: decoded RGB PIL image -> one normalised float32 model input row [3, H, W] (numpy).
 
-    The one "image -> model input" path: embed's decode step and search's query
-    images both use it, and `encode_images` takes its rows stacked, so a query
-    image and the same image inside a corpus give the same vector.
+    For query images (search, serve), stacked and given to `encode_images`. It
+    runs embed's own pixel path (models.pixels.uint8_transform: open_clip's
+    resize and crop to uint8) and then the arithmetic `encode_pixels` applies on
+    the device, so a query image and the same image inside a corpus give the
+    same vector.
     """
-    transform = build_preprocess(cfg)
+    from clipbeam.models.pixels import PixelRecipe, uint8_transform
+
+    recipe = PixelRecipe(cfg, max_pixels=0)
+    transform = uint8_transform(recipe)
+    mean = np.asarray(recipe.mean, dtype=np.float32).reshape(-1, 1, 1)
+    std = np.asarray(recipe.std, dtype=np.float32).reshape(-1, 1, 1)
 
     def preprocess(image) -> np.ndarray:
-        return transform(image).numpy()
+        return (transform(image).astype(np.float32) / np.float32(255.0) - mean) / std
 
     return preprocess
 
