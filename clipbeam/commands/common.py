@@ -171,12 +171,20 @@ def run_pipeline(pipeline, command: str, watch: contextlib.AbstractContextManage
         if results is not None:
             results.append(result)
     except Exception as exc:
-        LOG.error("pipeline failed: %s", exc)
-        first = (str(exc).strip().splitlines() or [""])[0]
-        sys.stderr.write(f"clipbeam {command}: the run did not finish ({exc.__class__.__name__}: {first}); "
-                         "rerun the same command to resume\n")
-        return EXIT_UNFINISHED
+        return report_unfinished(command, exc)
     return 0
+
+
+def report_unfinished(command: str, exc: Exception) -> int:
+    """One line on stderr for a run that stopped midway (no traceback); returns EXIT_UNFINISHED.
+
+    For jobs that are not Beam pipelines (train) as well as for run_pipeline.
+    """
+    LOG.error("%s failed: %s", command, exc, exc_info=LOG.isEnabledFor(logging.DEBUG))
+    first = (str(exc).strip().splitlines() or [""])[0]
+    sys.stderr.write(f"clipbeam {command}: the run did not finish ({exc.__class__.__name__}: {first}); "
+                     "rerun the same command to resume\n")
+    return EXIT_UNFINISHED
 
 
 class Stopwatch:

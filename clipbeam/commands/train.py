@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import sys
 
 from clipbeam import __version__
 from clipbeam.commands.common import (
@@ -25,6 +24,7 @@ from clipbeam.commands.common import (
     Stopwatch,
     add_storage_arguments,
     print_summary,
+    report_unfinished,
     storage_options_from_args,
 )
 from clipbeam.errors import UsageError
@@ -197,10 +197,7 @@ def _train(args: argparse.Namespace, build, source, loop, device: str, start: in
     try:
         return train_common.run_training(build(start), source, loop, device)
     except Exception as exc:
-        LOG.error("training failed: %s", exc, exc_info=LOG.isEnabledFor(logging.DEBUG))
-        first = (str(exc).strip().splitlines() or [""])[0]
-        sys.stderr.write(f"clipbeam train: the run did not finish ({exc.__class__.__name__}: {first}); "
-                         "rerun the same command to resume\n")
+        report_unfinished("train", exc)
         return None
 
 
