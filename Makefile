@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: venv browser lint test demo clean
+.PHONY: venv browser lint test demo serve clean
 
 SUDO := $(shell [ "$$(id -u)" -eq 0 ] || echo sudo)
 
@@ -35,6 +35,11 @@ test: $(STAMP) browser lint
 
 demo: $(STAMP)
 	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/python -m clipbeam.demo --output demo-output
+
+# Search the demo's index from a browser at http://127.0.0.1:8765/ (runs the demo first if needed).
+serve: $(STAMP)
+	test -f demo-output/index/index.json || $(MAKE) demo
+	$(BIN)/python -m clipbeam serve --index demo-output/index
 
 clean:
 	rm -rf $(VENV) demo-output .pytest_cache

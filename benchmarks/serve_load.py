@@ -7,7 +7,7 @@ vector queries (random unit vectors: the index search alone). Each client
 sends its next request as soon as the last one is answered. Prints a
 Markdown table: queries/s, p50/p99 latency (client side, in ms) and errors.
 
-    python benchmarks/serve_load.py --index demo-output/index [--clients 16] [--seconds 20]
+    python benchmarks/serve_load.py --index demo-output/index [--clients 8] [--seconds 20]
 """
 
 from __future__ import annotations
@@ -99,7 +99,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--index", default="demo-output/index", help="index folder (default %(default)s)")
     parser.add_argument("--url", default=None, help="a running server instead of starting one")
-    parser.add_argument("--clients", type=int, default=16, help="concurrent clients (default %(default)s)")
+    parser.add_argument("--clients", type=int, default=8, help="concurrent clients (default %(default)s)")
     parser.add_argument("--seconds", type=float, default=20.0, help="measured seconds per phase (default %(default)s)")
     parser.add_argument("--warmup", type=float, default=3.0, help="unmeasured seconds before each phase")
     args = parser.parse_args()

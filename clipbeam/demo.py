@@ -139,6 +139,8 @@ def run_demo(out: str, n: int, steps: int) -> tuple[str, str]:
         print(f"  search {panel.query!r:22} precision@10 {panel.precision:.2f}")
     print(f"  gallery page        {page}")
     print(f"  contact sheet       {sheet}")
+    print(f"\nSearch the index from a browser (http://127.0.0.1:8765/, or `make serve`):\n"
+          f"  clipbeam serve --index {shlex.quote(idx)}")
     return page, sheet
 
 

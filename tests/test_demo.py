@@ -12,6 +12,7 @@ def test_demo_gallery_opens_with_every_image(tmp_path, capsys):
     page, sheet = run_demo(str(tmp_path / "demo"), n=240, steps=3)
     printed = capsys.readouterr().out
     assert "$ clipbeam embed" in printed and "zero-shot accuracy" in printed
+    assert f"clipbeam serve --index {tmp_path / 'demo' / 'index'}" in printed
     facts = open_page("file://" + page, str(tmp_path / "gallery.png"))
     assert facts["broken"] == []
     assert facts["count"] == 10 * len(QUERIES) + 1 + len(RENDER_PROMPTS)

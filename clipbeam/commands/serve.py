@@ -56,14 +56,9 @@ def _check(args: argparse.Namespace) -> Limits:
 
 def build_engine(args: argparse.Namespace):
     """The SearchEngine for the arguments: the index opened, the recorded model loaded (if any)."""
-    import faiss
-    import torch
-
     from clipbeam.serve.engine import SearchEngine
 
     limits = _check(args)
-    torch.set_num_threads(args.threads)
-    faiss.omp_set_num_threads(args.threads)
     so = storage_options_from_args(args)
     try:
         index = ShardedIndex.open(args.index, so)
@@ -76,7 +71,9 @@ def build_engine(args: argparse.Namespace):
     else:
         LOG.warning("the index records no model and --model is not given: only vector queries will work")
     name = args.name or posixpath.basename(args.index.rstrip("/")) or "index"
-    return SearchEngine(index, clip, limits, name, so)
+    engine = SearchEngine(index, clip, limits, name, so, threads=args.threads)
+    engine.prepare_thread()  # this thread too: thumbnails and lookups run outside the worker
+    return engine
 
 
 def _is_loopback(host: str) -> bool:

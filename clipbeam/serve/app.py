@@ -192,7 +192,7 @@ async def http_error(request: Request, exc: Exception) -> Response:
 def create_app(engine: SearchEngine, allow_origins: tuple[str, ...] = ()) -> Starlette:
     """The app for one engine; `allow_origins` lets pages on those origins (clip-retrieval's front) call it."""
     files = resources.files("clipbeam.serve") / "static"
-    state = ServeState(engine, Batcher(engine.run), QueryStats(),
+    state = ServeState(engine, Batcher(engine.run, initializer=engine.prepare_thread), QueryStats(),
                        {name: (files / name).read_bytes() for name in STATIC})
 
     @contextlib.asynccontextmanager

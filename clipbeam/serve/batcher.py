@@ -19,12 +19,15 @@ Item = TypeVar("Item")
 class Batcher(Generic[Item]):
     """`await submit(item)` -> that item's entry of `work(batch)`, run on one thread, `max_batch` at a time."""
 
-    def __init__(self, work: Callable[[list[Item]], list[Any]], max_batch: int = 64) -> None:
+    def __init__(self, work: Callable[[list[Item]], list[Any]], max_batch: int = 64,
+                 initializer: Callable[[], None] | None = None) -> None:
         self._work = work
         self._max_batch = max_batch
         self._pending: list[tuple[Item, asyncio.Future]] = []
         self._draining = False
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="clipbeam-serve")
+        # OpenMP thread counts are per thread: the worker sets its own (see SearchEngine.prepare_thread).
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="clipbeam-serve",
+                                            initializer=initializer)
 
     async def submit(self, item: Item) -> Any:
         future = asyncio.get_running_loop().create_future()

@@ -39,8 +39,9 @@ class SearchEngine:
     """An opened index, the CLIP that made its vectors (None: vector and like queries only), and limits."""
 
     def __init__(self, index: ShardedIndex, clip: Any, limits: Limits, name: str,
-                 storage_options: dict | None = None, thumbnail_cache: int = 2048) -> None:
+                 storage_options: dict | None = None, thumbnail_cache: int = 2048, threads: int = 1) -> None:
         self.index = index
+        self.threads = threads
         self.clip = clip
         self.limits = limits
         self.name = name
@@ -53,6 +54,15 @@ class SearchEngine:
             self._preprocess = image_preprocessor(preprocess_config(clip.spec))
         self.thumbnail = functools.lru_cache(maxsize=thumbnail_cache)(self._thumbnail)
         self.stored_vector = functools.lru_cache(maxsize=1024)(self._stored_vector)
+
+    def prepare_thread(self) -> None:
+        """Set torch's and faiss's thread counts in the calling thread (OpenMP's setting is per thread:
+        left alone, faiss in a new thread spins a team per search and runs several times slower)."""
+        import faiss
+        import torch
+
+        torch.set_num_threads(self.threads)
+        faiss.omp_set_num_threads(self.threads)
 
     @property
     def column(self) -> str:
@@ -132,10 +142,11 @@ class SearchEngine:
         finally:
             if params:
                 self.index.set_search_params(self.default_params)
+        rows = self.index.lookup(ids)  # the whole batch at once: a lookup costs more per call than per row
         out = []
-        for row_scores, row_ids in zip(scores, ids, strict=True):
-            rows = self.index.lookup(row_ids)
-            out.append([Hit(int(i), float(s), row) for s, i, row in zip(row_scores, row_ids, rows, strict=True)
+        for q, (row_scores, row_ids) in enumerate(zip(scores, ids, strict=True)):
+            found = rows[q * k:(q + 1) * k]
+            out.append([Hit(int(i), float(s), row) for s, i, row in zip(row_scores, row_ids, found, strict=True)
                         if i >= 0 and row is not None])
         return out
 
