@@ -1,16 +1,24 @@
 """`clipbeam index` and ShardedIndex end to end, on clustered synthetic embeddings."""
 
+import argparse
+import dataclasses
 import json
 import os
 
+import apache_beam as beam
 import faiss
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+from apache_beam.testing.test_pipeline import TestPipeline
+from apache_beam.testing.util import assert_that, equal_to
+from synthetic_embeddings import clustered, unreadable_pages, write_embed_output, write_plain_parquet
 
 from clipbeam.cli import main
+from clipbeam.commands import index_build
 from clipbeam.index import IndexInputError, ShardedIndex
-from synthetic_embeddings import clustered, write_embed_output, write_plain_parquet
+from clipbeam.layout import UnitLedger
+from clipbeam.transforms.index_shards import BuildShards
 
 DIM = 32
 RUNNER = ["--runner", "DirectRunner"]
@@ -48,7 +56,7 @@ def test_recall_meets_target(data, tmp_path, factory):
     queries /= np.linalg.norm(queries, axis=1, keepdims=True)
     _, found = index.search(queries, 10)
     truth = exact_top(vectors, queries.astype(np.float32), 10)
-    recall = np.mean([len(set(f) & set(t)) / 10 for f, t in zip(found, truth)])
+    recall = np.mean([len(set(f) & set(t)) / 10 for f, t in zip(found, truth, strict=True)])
     assert recall >= 0.93
     rows = index.lookup(found[0][:3])
     assert [r["id"] for r in rows] == [ids[i] for i in found[0][:3]]
@@ -186,3 +194,72 @@ def test_bad_inputs_exit_2(data, tmp_path, capsys):
     (out / "shard-00001.faiss").unlink()
     assert main(["search", "--index", str(out), "--vectors", str(tmp_path / "q.npy")]) == 2
     assert "missing" in capsys.readouterr().err
+
+
+def test_worker_failure_exits_1_and_a_rerun_resumes(tmp_path, capsys):
+    emb, out = tmp_path / "emb", tmp_path / "idx"
+    vectors = clustered(900, DIM, seed=6)
+    write_embed_output(str(emb), vectors, parts=3, dtype=np.float32)
+    with unreadable_pages(str(emb / "embeddings" / "part-00002.parquet")):
+        assert build(emb, out, "--index-factory", "Flat", "--shards", "3") == 1
+    err = capsys.readouterr().err
+    assert "rerun the same command to resume" in err and "Traceback" not in err
+    assert not (out / "index.json").exists()
+    finished = {n: (out / n).stat().st_mtime_ns for n in os.listdir(out) if n.endswith(".faiss")}
+    assert build(emb, out, "--index-factory", "Flat", "--shards", "3") == 0
+    assert {n: (out / n).stat().st_mtime_ns for n in finished} == finished  # kept, not rebuilt
+    index = ShardedIndex.open(str(out))
+    assert index.ntotal == 900 and not (out / "_work").exists()
+    _, found = index.search(vectors[850:860], 1)
+    assert list(found[:, 0]) == list(range(850, 860))
+
+
+def test_resume_with_other_options_refuses(tmp_path, capsys):
+    emb, out = tmp_path / "emb", tmp_path / "idx"
+    write_embed_output(str(emb), clustered(900, DIM, seed=6), parts=3, dtype=np.float32)
+    with unreadable_pages(str(emb / "embeddings" / "part-00002.parquet")):
+        assert build(emb, out, "--index-factory", "IVF8,Flat", "--shards", "3") == 1  # stopped partway
+    capsys.readouterr()
+    assert build(emb, out, "--index-factory", "IVF16,Flat", "--shards", "3") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "factory: 'IVF8,Flat' -> 'IVF16,Flat'" in err[0]
+    assert build(emb, out, "--index-factory", "IVF16,Flat", "--shards", "3", "--overwrite") == 0
+    assert ShardedIndex.open(str(out)).manifest["factory"] == "IVF16,Flat"
+
+
+def test_build_shards_transform(data, tmp_path):
+    """BuildShards alone: trains once, builds every planned shard with global ids, marks each done."""
+    emb, vectors, _ = data
+    parser = argparse.ArgumentParser()
+    index_build.add_arguments(parser)
+    args = parser.parse_args(["--embeddings", str(emb), "--output", str(tmp_path / "idx"),
+                              "--index-factory", "IVF8,Flat", "--shards", "2"])
+    config = dataclasses.replace(index_build.prepare(args).config, ledger=UnitLedger(str(tmp_path / "idx")))
+    os.makedirs(tmp_path / "idx")
+    with TestPipeline() as pipeline:
+        shards = pipeline | BuildShards(config, list(config.shards), [], trained=False)
+        assert_that(shards | beam.Map(lambda s: (s.number, s.ntotal, s.id_start, s.id_end)),
+                    equal_to([(0, 1500, 0, 1500), (1, 1500, 1500, 3000)]))
+    shard = faiss.read_index(str(tmp_path / "idx" / "shard-00001.faiss"))
+    assert shard.ntotal == 1500 and faiss.extract_index_ivf(shard).nlist == 8
+    assert sorted(UnitLedger(str(tmp_path / "idx")).done()) == ["shard-00000", "shard-00001"]
+
+
+def test_failed_append_leaves_the_index_searchable_and_a_rerun_finishes_it(tmp_path, capsys):
+    emb, out = tmp_path / "emb", tmp_path / "idx"
+    vectors = clustered(600, DIM, seed=8)
+    write_embed_output(str(emb), vectors, parts=3, dtype=np.float32)
+    manifest = json.loads((emb / "manifest.json").read_text())
+    grown = dict(manifest, parts=manifest["parts"][:2])
+    (emb / "manifest.json").write_text(json.dumps(grown))  # day one: two parts
+    assert build(emb, out, "--index-factory", "Flat", "--append") == 0  # no index yet: --append builds one
+    (emb / "manifest.json").write_text(json.dumps(manifest))  # day two: a third part
+    with unreadable_pages(str(emb / "embeddings" / "part-00002.parquet")):
+        assert build(emb, out, "--append") == 1
+    assert "rerun the same command to resume" in capsys.readouterr().err
+    assert ShardedIndex.open(str(out)).ntotal == 400  # yesterday's index, still complete
+    assert build(emb, out, "--append") == 0
+    index = ShardedIndex.open(str(out))
+    assert index.ntotal == 600 and len(index.manifest["shards"]) == 2
+    _, found = index.search(vectors[590:600], 1)
+    assert list(found[:, 0]) == list(range(590, 600))
