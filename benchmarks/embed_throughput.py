@@ -1,29 +1,63 @@
-"""Throughput and memory of `clipbeam embed` against a bare open_clip loop.
+"""Throughput of `clipbeam embed` against a bare open_clip loop, lever by lever (issue 10).
 
-Prints one table: the bare loop (decode + open_clip preprocess + forward, the
-same batch size and torch threads, no Beam) and `clipbeam embed` end to end on
-the same corpus, images/s of each and their ratio, and the peak RSS of each;
-then peak RSS of the pipeline at 1x and 4x the corpus size. Every measurement
-runs in a fresh child process, so peak RSS is that measurement's own.
+Rows, each measured in a fresh child process (so peak RSS is its own, and
+images/s is over the whole process: interpreter start, imports, model load and
+Beam start-up included):
 
-    python benchmarks/embed_throughput.py --n 2000 --model ViT-S-32
+1. the bare loop as users write it: PIL decode + open_clip preprocess +
+   encode_image + encode_text at the full context, one process
+   (1b: the same without captions, the baseline of `--no-text`);
+2. `clipbeam embed` with everything on (its vectors are compared with row 1's);
+3. `clipbeam embed` with each lever switched off in turn;
+4. the data plane: `--model clipbeam-tiny` (a model that costs nothing) at
+   `--decode-threads` 1 and 2, against a bare one-thread decode + preprocess loop;
+5. large photos (3000 px): exact decoding against reduced-scale decoding
+   (decode + preprocess, one thread), with the embeddings' cosine between them.
+
+The corpus: JPEGs (256 px by default) in webdataset shards with captions of
+3-40 words, about 10% of them repeated. Row 5 uses scikit-image's sample photos
+upscaled (`pip install scikit-image`), or synthetic photos without it.
+
+    python benchmarks/embed_throughput.py                  # the issue's sizes: 2,000 images, ViT-S-32
+    python benchmarks/embed_throughput.py --n 64 --photos 8 --model clipbeam-tiny   # a smoke run
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
 import json
 import os
+import re
 import resource
 import subprocess
 import sys
 import tempfile
 import time
 
+WORDS = ("red green blue small large old new wooden metal glass dog cat bird car house tree street beach "
+         "mountain river city photo picture view of a the on in with near under at night morning sunny "
+         "bottle chair table lamp shoe shirt phone book cup stainless steel leather cotton vintage modern").split()
+COMMON = ["image", "photo", "untitled", "Stainless steel water bottle 750 ml", "a picture of a cat"]
+
+
+def captions(n: int, seed: int = 0) -> list[str]:
+    """n captions of 3-40 words; about 10% repeat a common or an earlier caption."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    out: list[str] = []
+    for i in range(n):
+        if i and rng.random() < 0.10:
+            out.append(COMMON[rng.integers(len(COMMON))] if rng.random() < 0.5 else out[rng.integers(len(out))])
+        else:
+            out.append(" ".join(rng.choice(WORDS, size=int(rng.integers(3, 41)))))
+    return out
+
 
 def make_corpus(root: str, n: int, shard_size: int, size: int) -> str:
-    """n JPEGs (size x size, smooth random pictures) with captions, webdataset tars."""
+    """n JPEGs (size x size, smooth pictures with texture) with captions, in webdataset tars."""
     import numpy as np
     import webdataset as wds
     from PIL import Image
@@ -31,133 +65,277 @@ def make_corpus(root: str, n: int, shard_size: int, size: int) -> str:
     os.makedirs(root, exist_ok=True)
     rng = np.random.default_rng(0)
     y, x = np.mgrid[0:size, 0:size]
+    texts = captions(n)
     shards = (n + shard_size - 1) // shard_size
     for shard in range(shards):
         with wds.TarWriter(os.path.join(root, f"{shard:05d}.tar")) as sink:
             for i in range(shard * shard_size, min(n, (shard + 1) * shard_size)):
                 base, slope = rng.uniform(0, 255, 3), rng.uniform(-1, 1, (2, 3))
-                arr = np.clip(base + x[..., None] * slope[0] + y[..., None] * slope[1], 0, 255).astype(np.uint8)
+                arr = base + x[..., None] * slope[0] + y[..., None] * slope[1] + rng.normal(0, 8, (size, size, 3))
                 buf = io.BytesIO()
-                Image.fromarray(arr).save(buf, "JPEG", quality=90)
-                sink.write({"__key__": f"{i:09d}", "jpg": buf.getvalue(), "txt": f"a picture number {i}"})
+                Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8)).save(buf, "JPEG", quality=90)
+                sink.write({"__key__": f"{i:09d}", "jpg": buf.getvalue(), "txt": texts[i]})
     return os.path.join(root, f"{{00000..{shards - 1:05d}}}.tar")
 
 
-def child_bare(corpus_root: str, model: str, batch_size: int) -> dict:
-    """Decode + preprocess + forward in a plain loop over the same tars."""
+def tar_samples(root: str):
+    """(key, jpeg bytes, caption) from the corpus tars, in order."""
     import glob
     import tarfile
 
+    for path in sorted(glob.glob(os.path.join(root, "*.tar"))):
+        with tarfile.open(path) as tar:
+            pending: dict[str, dict] = {}
+            for member in tar:
+                key, ext = member.name.rsplit(".", 1)
+                pending.setdefault(key, {})[ext] = tar.extractfile(member).read()
+                if {"jpg", "txt"} <= pending[key].keys():
+                    sample = pending.pop(key)
+                    yield key, sample["jpg"], sample["txt"].decode()
+
+
+def child_bare(job: dict) -> dict:
+    """Row 1: the loop users write, with open_clip directly (no clipbeam code)."""
+    import numpy as np
+    import open_clip
     import torch
+    from PIL import Image
 
-    from clipbeam.models.clip import ClipSpec, encode_images, encode_texts, load_clip
-    from clipbeam.models.images import decode_image
+    from clipbeam.models.clip import register_configs
 
-    clip = load_clip(ClipSpec(model, "none"))
-    start = time.monotonic()
-    count = 0
-    batch, texts = [], []
+    register_configs()
+    torch.manual_seed(0)
+    model, _, preprocess = open_clip.create_model_and_transforms(job["model"], pretrained=None)
+    model.eval()
+    tokenizer = open_clip.get_tokenizer(job["model"])
+    vectors, batch, texts, keys = {}, [], [], []
 
     def flush():
-        encode_images(clip, torch.stack(batch))
-        encode_texts(clip, texts)
+        with torch.no_grad():
+            images = torch.nn.functional.normalize(model.encode_image(torch.stack(batch)), dim=-1)
+            if job["text"]:
+                model.encode_text(tokenizer(texts))
+        vectors.update(zip(keys, images.numpy(), strict=True))
 
-    for path in sorted(glob.glob(os.path.join(corpus_root, "*.tar"))):
-        with tarfile.open(path) as tar:
-            for member in tar:
-                data = tar.extractfile(member).read()
-                if member.name.endswith(".jpg"):
-                    batch.append(clip.preprocess(decode_image(data)))
-                    count += 1
-                elif member.name.endswith(".txt"):
-                    texts.append(data.decode())
-                if len(batch) == batch_size and len(texts) == batch_size:
-                    flush()
-                    batch, texts = [], []
+    for key, data, caption in tar_samples(job["corpus"]):
+        batch.append(preprocess(Image.open(io.BytesIO(data)).convert("RGB")))
+        texts.append(caption)
+        keys.append(key)
+        if len(batch) == job["batch_size"]:
+            flush()
+            batch, texts, keys = [], [], []
     if batch:
         flush()
-    seconds = time.monotonic() - start
-    return {"images": count, "seconds": seconds, "threads": torch.get_num_threads()}
+    np.save(job["vectors"], np.stack([vectors[k] for k in sorted(vectors)]))
+    return {"images": len(vectors)}
 
 
-def child_pipeline(pattern: str, model: str, batch_size: int, out: str) -> dict:
+def child_decode_loop(job: dict) -> dict:
+    """Row 4's baseline: decode + open_clip preprocess, one thread, no model."""
+    import open_clip
+    from PIL import Image
+
+    from clipbeam.models.clip import ClipSpec, build_preprocess, preprocess_config
+
+    preprocess = build_preprocess(preprocess_config(ClipSpec(job["model"])))
+    count = 0
+    for _, data, _ in tar_samples(job["corpus"]):
+        preprocess(Image.open(io.BytesIO(data)).convert("RGB"))
+        count += 1
+    del open_clip
+    return {"images": count}
+
+
+def child_pipeline(job: dict) -> dict:
+    """Rows 2-4: `clipbeam embed` in this process, its summary captured for the cache hit rate."""
     from clipbeam.cli import main
 
-    start = time.monotonic()
-    code = main(["embed", "--input", pattern, "--output", out, "--model", model, "--pretrained", "none",
-                 "--batch-size", str(batch_size), "--no-progress", "--overwrite"])
-    seconds = time.monotonic() - start
-    with open(os.path.join(out, "manifest.json")) as handle:
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        code = main(["embed", "--input", job["pattern"], "--output", job["out"], "--model", job["model"],
+                     "--pretrained", "none", "--batch-size", str(job["batch_size"]), "--no-progress",
+                     "--overwrite", "--dtype", "float32", *job["flags"]])
+    sys.stderr.write(err.getvalue()[-2000:])
+    with open(os.path.join(job["out"], "manifest.json")) as handle:
         rows = json.load(handle)["rows"]
-    import torch
+    hits = re.search(r"caption cache hits\s+([\d.]+%)", err.getvalue())
+    result = {"images": rows, "code": code, "cache_hits": hits.group(1) if hits else "-"}
+    if job.get("compare"):
+        result["min_cos_vs_bare"] = min_cosine_vs_bare(job["out"], job["compare"])
+    return result
 
-    return {"images": rows, "seconds": seconds, "code": code, "threads": torch.get_num_threads()}
+
+def min_cosine_vs_bare(out: str, bare_vectors: str) -> float:
+    """The lowest cosine between the pipeline's image vectors and the bare loop's (same keys, sorted)."""
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(os.path.join(out, "embeddings"), columns=["id", "image_embedding"]).to_pydict()
+    rows = sorted(zip((i.rsplit("/", 1)[-1] for i in table["id"]), table["image_embedding"], strict=True))
+    ours = np.asarray([vector for _, vector in rows], dtype=np.float32)
+    return float((ours * np.load(bare_vectors)).sum(axis=1).min())
 
 
-def run_child(*args: str) -> dict:
+def run_child(job: dict) -> dict:
     start = time.monotonic()
-    proc = subprocess.run([sys.executable, __file__, "--child", *args], capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, __file__, "--child", json.dumps(job)], capture_output=True, text=True,
                           env=dict(os.environ, HF_HUB_OFFLINE="1"))
     if proc.returncode != 0:
         sys.stderr.write(proc.stderr[-3000:])
-        raise SystemExit(f"child {args[0]} failed")
+        raise SystemExit(f"child {job['kind']} failed")
     result = json.loads(proc.stdout.strip().splitlines()[-1])
-    result["process_seconds"] = time.monotonic() - start  # interpreter start, imports, model load included
+    result["seconds"] = time.monotonic() - start
     return result
+
+
+SKIMAGE_PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "hubble_deep_field", "immunohistochemistry", "camera",
+                  "retina", "cat", "colorwheel", "brick", "grass", "gravel", "moon", "text", "clock", "coins", "horse")
+
+
+def photos(n: int, sides: tuple[int, ...]) -> list[bytes]:
+    """n JPEG photos (quality 90) upscaled to the given long sides in turn: scikit-image's sample photos
+    where the package is installed, synthetic ones (gradients, shapes and noise) where not."""
+    import numpy as np
+    from PIL import Image
+
+    try:
+        import skimage.data as sample
+
+        sources = [Image.fromarray(np.asarray(getattr(sample, name)())).convert("RGB") for name in SKIMAGE_PHOTOS]
+    except ImportError:
+        rng = np.random.default_rng(1)
+        sources = [Image.fromarray(np.clip(rng.normal(128, 40, (48, 64, 3)), 0, 255).astype(np.uint8))
+                   .resize((640, 480), Image.BICUBIC) for _ in range(12)]
+    out = []
+    for i in range(n):
+        image, side = sources[i % len(sources)], sides[(i // len(sources)) % len(sides)]
+        scale = side / max(image.size)
+        big = image.resize((round(image.width * scale), round(image.height * scale)), Image.BICUBIC)
+        buf = io.BytesIO()
+        big.save(buf, "JPEG", quality=90)
+        out.append(buf.getvalue())
+    return out
+
+
+def child_photos(job: dict) -> dict:
+    """Row 5 (and --decode-quality): exact vs reduced-scale decode + preprocess, one thread, and the
+    cosine between the two embeddings of each photo under each model."""
+    import numpy as np
+    import torch
+
+    from clipbeam.models.clip import ClipSpec, encode_pixels, load_clip, preprocess_config
+    from clipbeam.models.pixels import PixelRecipe, decode_on_cpu, uint8_transform
+
+    data = photos(job["n"], tuple(job["sides"]))
+    result: dict = {"images": len(data), "photos": "scikit-image" if _has_skimage() else "synthetic"}
+    for name, pretrained in job["models"]:
+        spec = ClipSpec(name, pretrained)
+        exact = PixelRecipe(preprocess_config(spec), 10**9)
+        fast = PixelRecipe(exact.cfg, 10**9, fast_decode=True)
+        transform = uint8_transform(exact)
+        pixels = {}
+        for mode, recipe in (("exact", exact), ("fast", fast)):
+            start = time.monotonic()
+            pixels[mode] = np.stack([decode_on_cpu(item, recipe, transform).pixels for item in data])
+            result.setdefault(f"{mode}_images_per_s", len(data) / (time.monotonic() - start))
+        clip = load_clip(spec)
+        cos = [float(encode_pixels(clip, torch.from_numpy(np.stack([a, b])), exact.mean, exact.std).prod(0).sum())
+               for a, b in zip(pixels["exact"], pixels["fast"], strict=True)]
+        result[f"{name}/{pretrained}"] = {"min_cos": min(cos), "mean_cos": sum(cos) / len(cos)}
+    return result
+
+
+def _has_skimage() -> bool:
+    try:
+        import skimage  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+CHILDREN = {"bare": child_bare, "decode": child_decode_loop, "pipeline": child_pipeline, "photos": child_photos}
+
+
+def table_rows(args, tmp: str) -> list[tuple[str, dict]]:
+    """Rows 1-4 of the issue's table, each printed as soon as it is measured."""
+    root = os.path.join(tmp, "corpus")
+    pattern = os.path.join(root, os.path.basename(make_corpus(root, args.n, args.shard_size, args.size)))
+    common = {"corpus": root, "pattern": pattern, "model": args.model, "batch_size": args.batch_size}
+    bare_vectors = os.path.join(tmp, "bare.npy")
+    plan = [
+        ("1  bare open_clip loop (full context)", {"kind": "bare", "text": True, "vectors": bare_vectors}),
+        ("1b bare open_clip loop, images only", {"kind": "bare", "text": False, "vectors": bare_vectors}),
+        ("2  clipbeam embed, everything on", {"kind": "pipeline", "flags": [], "compare": bare_vectors}),
+        ("3a   text at the full context", {"kind": "pipeline", "flags": ["--full-text-context"]}),
+        ("3b   no caption cache", {"kind": "pipeline", "flags": ["--caption-cache-mb", "0"]}),
+        ("3c   one decode thread", {"kind": "pipeline", "flags": ["--decode-threads", "1"]}),
+        ("3d   --no-text (vs 1b)", {"kind": "pipeline", "flags": ["--no-text"]}),
+        ("4  bare decode+preprocess, 1 thread", {"kind": "decode", "model": "clipbeam-tiny"}),
+        ("4a clipbeam-tiny, --decode-threads 1",
+         {"kind": "pipeline", "model": "clipbeam-tiny", "flags": ["--decode-threads", "1"]}),
+        ("4b clipbeam-tiny, --decode-threads 2",
+         {"kind": "pipeline", "model": "clipbeam-tiny", "flags": ["--decode-threads", "2"]}),
+    ]
+    rows = []
+    for i, (name, job) in enumerate(plan):
+        job = {**common, **job, "out": os.path.join(tmp, f"out{i}")}
+        result = run_child(job)
+        rows.append((name, result))
+        print(f"{name}: {json.dumps(result)}", file=sys.stderr, flush=True)
+    return rows
+
+
+def print_table(args, rows: list[tuple[str, dict]], photo: dict | None) -> None:
+    base = {name[:2].strip(): r["images"] / r["seconds"] for name, r in rows if name.startswith(("1 ", "1b", "4 "))}
+    print(f"\nembed throughput: {args.n} JPEGs {args.size}x{args.size}, captions of 3-40 words (~10% repeated), "
+          f"{args.model} (random weights), batch {args.batch_size}; whole process per row")
+    print(f"| {'run':<40} | {'images/s':>9} | {'ratio':>6} | {'peak RSS MB':>11} | {'cache hits':>10} | note |")
+    print(f"|{'-' * 42}|{'-' * 11}|{'-' * 8}|{'-' * 13}|{'-' * 12}|------|")
+    for name, r in rows:
+        key = "4" if name.startswith("4") else "1b" if name.startswith(("1b", "3d")) else "1"
+        rate = r["images"] / r["seconds"]
+        baseline = name.startswith(("1 ", "1b", "4 "))
+        note = f"min cos vs row 1: {r['min_cos_vs_bare']:.6f}" if "min_cos_vs_bare" in r else \
+            "" if baseline or key == "1" else f"vs row {key}"
+        print(f"| {name:<40} | {rate:>9.1f} | {rate / base[key]:>6.2f} | {r['peak_rss_mb']:>11.0f} | "
+              f"{r.get('cache_hits', '-'):>10} | {note} |")
+    if photo:
+        models = {k: v for k, v in photo.items() if isinstance(v, dict)}
+        cos = "; ".join(f"{k}: min cos {v['min_cos']:.5f}, mean {v['mean_cos']:.5f}" for k, v in models.items())
+        print(f"| 5  {photo['images']} photos of 3000 px ({photo['photos']}), decode+preprocess 1 thread: exact "
+              f"{photo['exact_images_per_s']:.1f}/s, reduced-scale {photo['fast_images_per_s']:.1f}/s "
+              f"({photo['fast_images_per_s'] / photo['exact_images_per_s']:.2f}x); {cos} |")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--n", type=int, default=2000)
+    parser.add_argument("--n", type=int, default=2000, help="corpus images (default 2,000)")
     parser.add_argument("--model", default="ViT-S-32")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--size", type=int, default=256, help="corpus image side in pixels")
     parser.add_argument("--shard-size", type=int, default=250)
-    parser.add_argument("--no-4x", action="store_true", help="skip the 4x-corpus memory run")
-    parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
+    parser.add_argument("--photos", type=int, default=200, help="row 5: photos of 3000 px (0: skip)")
+    parser.add_argument("--decode-quality", action="store_true",
+                        help="only measure reduced-scale decoding's cosine to exact preprocessing on scikit-image's "
+                             "photos at 2048, 3000 and 4000 px (ViT-B-32 random, shipped shapes-clip)")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        kind, *rest = args.child
-        result = child_bare(rest[0], rest[1], int(rest[2])) if kind == "bare" else \
-            child_pipeline(rest[0], rest[1], int(rest[2]), rest[3])
+        job = json.loads(args.child)
+        result = CHILDREN[job["kind"]](job)
         result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         print(json.dumps(result))
         return
-
+    if args.decode_quality:
+        print(json.dumps(run_child({"kind": "photos", "n": 3 * len(SKIMAGE_PHOTOS), "sides": [2048, 3000, 4000],
+                                    "models": [["ViT-B-32", "none"], ["shapes-clip", "shapes"]]}), indent=1))
+        return
     with tempfile.TemporaryDirectory(prefix="clipbeam-bench-") as tmp:
-        small = os.path.join(tmp, "x1")
-        pattern = make_corpus(small, args.n, args.shard_size, args.size)
-        bare = run_child("bare", small, args.model, str(args.batch_size))
-        print(f"bare loop: {bare}", file=sys.stderr, flush=True)
-        pipe = run_child("pipeline", os.path.join(small, pattern.rsplit("/", 1)[1]), args.model,
-                         str(args.batch_size), os.path.join(tmp, "out1"))
-        print(f"pipeline: {pipe}", file=sys.stderr, flush=True)
-        rows = [("bare loop (decode+preprocess+forward)", bare), ("clipbeam embed (end to end)", pipe)]
-        big = None
-        if not args.no_4x:
-            large = os.path.join(tmp, "x4")
-            pattern4 = make_corpus(large, 4 * args.n, args.shard_size, args.size)
-            big = run_child("pipeline", os.path.join(large, pattern4.rsplit("/", 1)[1]), args.model,
-                            str(args.batch_size), os.path.join(tmp, "out4"))
-            rows.append((f"clipbeam embed, 4x corpus ({4 * args.n})", big))
+        rows = table_rows(args, tmp)
+    photo = run_child({"kind": "photos", "n": args.photos, "sides": [3000], "models": [[args.model, "none"]]}) \
+        if args.photos else None
+    print_table(args, rows, photo)
 
-    print(f"\nembed throughput: {args.n} images {args.size}x{args.size} JPEG, {args.model} (random weights), "
-          f"batch {args.batch_size}, torch threads {bare['threads']}, captions embedded too")
-    print("images/s (loop): images over the seconds spent in the loop or the pipeline run itself;")
-    print("images/s (process): images over the whole child process (imports, model load, Beam start-up).")
-    print(f"| {'run':<40} | {'images':>6} | {'loop s':>7} | {'process s':>9} | {'images/s (loop)':>15} | "
-          f"{'images/s (process)':>18} | {'peak RSS MB':>11} |")
-    print(f"|{'-' * 42}|{'-' * 8}|{'-' * 9}|{'-' * 11}|{'-' * 17}|{'-' * 20}|{'-' * 13}|")
-    for name, r in rows:
-        print(f"| {name:<40} | {r['images']:>6} | {r['seconds']:>7.1f} | {r['process_seconds']:>9.1f} | "
-              f"{r['images'] / r['seconds']:>15.1f} | {r['images'] / r['process_seconds']:>18.1f} | "
-              f"{r['peak_rss_mb']:>11.0f} |")
-    loop_ratio = (pipe["images"] / pipe["seconds"]) / (bare["images"] / bare["seconds"])
-    process_ratio = (pipe["images"] / pipe["process_seconds"]) / (bare["images"] / bare["process_seconds"])
-    print(f"\npipeline / bare loop images/s, whole process: {process_ratio:.3f}; "
-          f"pipeline end to end / bare inner loop: {loop_ratio:.3f}")
-    if big is not None:
-        print(f"peak RSS 4x / 1x corpus: {big['peak_rss_mb'] / pipe['peak_rss_mb']:.3f}")
 
 if __name__ == "__main__":
     main()

@@ -7,12 +7,12 @@ import io
 import threading
 import time
 
+import imagefactory as imgs
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-import imagefactory as imgs
 from clipbeam.models.caption_cache import CaptionCache
 from clipbeam.models.clip import ClipSpec, encode_images, encode_pixels, encode_texts, load_clip, preprocess_config
 from clipbeam.models.images import decode_image, decode_sized
@@ -78,7 +78,8 @@ def test_device_decode_path_matches_cpu_and_counts_fallbacks(clip):
     transform = uint8_transform(recipe)
     jpeg, png, rotated = photo(200, 1), imgs.png(8), imgs.exif_rotated_jpeg(9)
     deferred = [decode_or_defer(data, recipe, transform, device_decode=True) for data in (jpeg, png, rotated)]
-    assert deferred[0].jpeg == jpeg and deferred[0].pixels is None and (deferred[0].width, deferred[0].height) == (300, 200)
+    assert deferred[0].jpeg == jpeg and deferred[0].pixels is None
+    assert (deferred[0].width, deferred[0].height) == (300, 200)
     assert deferred[1].jpeg is None and deferred[2].jpeg is None  # not JPEG / EXIF-rotated: CPU path
     items = [d.jpeg if d.jpeg is not None else d.pixels for d in deferred]
     batch = device_pixels(items, recipe, "cpu", transform)
@@ -148,10 +149,11 @@ def test_bf16_autocast_on_cpu_is_close_to_fp32():
     fp32 = load_clip(ClipSpec("shapes-clip", "shapes"))
     bf16 = load_clip(ClipSpec("shapes-clip", "shapes", precision="bf16"), cpu_autocast=True)
     assert bf16.autocast == torch.bfloat16 and next(bf16.model.parameters()).dtype == torch.float32
-    pixels = torch.from_numpy(np.stack([decode_on_cpu(imgs.jpeg(i, (64, 64)), PixelRecipe(
-        preprocess_config(fp32.spec), 10**8), uint8_transform(PixelRecipe(preprocess_config(fp32.spec), 10**8))
-    ).pixels for i in range(8)]))
-    mean, std = PixelRecipe(preprocess_config(fp32.spec), 10**8).mean, PixelRecipe(preprocess_config(fp32.spec), 10**8).std
+    recipe = PixelRecipe(preprocess_config(fp32.spec), 10**8)
+    transform = uint8_transform(recipe)
+    pixels = torch.from_numpy(np.stack([decode_on_cpu(imgs.jpeg(i, (64, 64)), recipe, transform).pixels
+                                        for i in range(8)]))
+    mean, std = recipe.mean, recipe.std
     image_cos = cosines(encode_pixels(fp32, pixels, mean, std), encode_pixels(bf16, pixels, mean, std))
     texts = ["a red circle", "a blue square", "a green triangle on gray"]
     text_cos = cosines(encode_texts(fp32, texts), encode_texts(bf16, texts))

@@ -6,11 +6,10 @@ from __future__ import annotations
 
 import os
 
+import imagefactory as imgs
 import numpy as np
 import pytest
 import webdataset as wds
-
-import imagefactory as imgs
 from embedhelpers import embed, manifest, read_failures, read_rows
 
 CAPTIONS = ["image", "a red circle", "a photo of a small dog on a sofa next to a window in the morning", None]

@@ -92,5 +92,5 @@ def test_length_groups_sort_and_cover_every_caption():
     groups = length_groups(lengths)
     assert 1 < len(groups) <= 4 and all(len(g) >= MIN_GROUP for g in groups)
     assert sorted(np.concatenate(groups).tolist()) == list(range(len(lengths)))
-    assert all(lengths[a].max() <= lengths[b].min() for a, b in zip(groups, groups[1:]))
+    assert all(lengths[a].max() <= lengths[b].min() for a, b in zip(groups, groups[1:], strict=False))
     assert len(length_groups(np.array([4, 2, 7]))) == 1

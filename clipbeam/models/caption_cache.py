@@ -41,7 +41,7 @@ class CaptionCache:
         for caption in known:
             self._entries.move_to_end(caption)
         missing = list(dict.fromkeys(c for c in captions if c not in known))
-        fresh = dict(zip(missing, encode(missing))) if missing else {}
+        fresh = dict(zip(missing, encode(missing), strict=True)) if missing else {}
         self.misses += len(missing)
         self.hits += len(captions) - len(missing)
         for caption, vector in fresh.items():

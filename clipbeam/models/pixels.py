@@ -145,7 +145,7 @@ def device_pixels(items: Sequence[np.ndarray | bytes], recipe: PixelRecipe, devi
             decoded = [_decode_one(tensor, device) for tensor in encoded]
     failed: dict[int, str] = {}
     fallbacks = 0
-    for i, image in zip(jpegs, decoded):
+    for i, image in zip(jpegs, decoded, strict=True):
         if image is not None:
             out[i] = _resize_crop(image, recipe)
             continue

@@ -48,8 +48,11 @@ class EmbedTuning:
         return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
+DEFAULT_TUNING = EmbedTuning()
+
+
 def pixel_recipe(preprocess_cfg: dict, max_pixels: int = DEFAULT_MAX_PIXELS,
-                 tuning: EmbedTuning = EmbedTuning()) -> PixelRecipe:
+                 tuning: EmbedTuning = DEFAULT_TUNING) -> PixelRecipe:
     return PixelRecipe(preprocess_cfg, max_pixels, tuning.fast_decode)
 
 
@@ -63,7 +66,7 @@ class ClipModelHandler(ModelHandler[dict, PredictionResult, ClipEmbedder]):
 
     def __init__(self, spec: ClipSpec, storage_options: dict | None = None, batch_size: int = 64,
                  model_copies: int = 1, preprocess_cfg: dict | None = None,
-                 tuning: EmbedTuning = EmbedTuning()) -> None:
+                 tuning: EmbedTuning = DEFAULT_TUNING) -> None:
         super().__init__()
         self._spec = spec
         self._storage_options = storage_options
@@ -98,7 +101,8 @@ class ClipModelHandler(ModelHandler[dict, PredictionResult, ClipEmbedder]):
                     outputs.extend(self._embed([sample], model))
                 except Exception as single:
                     outputs.append({"error": f"{single.__class__.__name__}: {single}"})
-        return [PredictionResult(sample, output, self._spec.model) for sample, output in zip(batch, outputs)]
+        return [PredictionResult(sample, output, self._spec.model)
+                for sample, output in zip(batch, outputs, strict=True)]
 
     def _embed(self, batch: Sequence[dict], model: ClipEmbedder) -> list[dict]:
         items = [sample["pixels"] if sample.get("pixels") is not None else sample["jpeg"] for sample in batch]

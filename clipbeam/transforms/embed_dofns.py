@@ -11,12 +11,12 @@ import apache_beam as beam
 from apache_beam.metrics import Metrics
 from apache_beam.utils.windowed_value import WindowedValue
 
-from clipbeam.transforms.corpus_plan import PartSpec
-from clipbeam.transforms.corpus_read import ReadLimits, failure, read_part
 from clipbeam.models.images import DecodeError, decode_caption, sha256_hex
 from clipbeam.models.ordered_pool import OrderedPool
 from clipbeam.models.pixels import Decoded, decode_or_defer, uint8_transform
-from clipbeam.transforms.clip_handler import NAMESPACE, EmbedTuning, pixel_recipe
+from clipbeam.transforms.clip_handler import DEFAULT_TUNING, NAMESPACE, EmbedTuning, pixel_recipe
+from clipbeam.transforms.corpus_plan import PartSpec
+from clipbeam.transforms.corpus_read import DEFAULT_LIMITS, ReadLimits, failure, read_part
 
 FAILURES = "failures"
 COUNTS = "counts"
@@ -25,7 +25,7 @@ COUNTS = "counts"
 class ReadPartDoFn(beam.DoFn):
     """(part index, PartSpec) -> raw samples; read failures and the part's sample count tagged."""
 
-    def __init__(self, storage_options: dict | None, columns=None, limits: ReadLimits = ReadLimits()) -> None:
+    def __init__(self, storage_options: dict | None, columns=None, limits: ReadLimits = DEFAULT_LIMITS) -> None:
         self._storage_options = storage_options
         self._columns = columns
         self._limits = limits
@@ -54,7 +54,7 @@ class DecodeDoFn(beam.DoFn):
     """
 
     def __init__(self, preprocess_cfg: dict, max_pixels: int, embed_text: bool,
-                 tuning: EmbedTuning = EmbedTuning(), batch_size: int = 64) -> None:
+                 tuning: EmbedTuning = DEFAULT_TUNING, batch_size: int = 64) -> None:
         self._recipe = pixel_recipe(preprocess_cfg, max_pixels, tuning)
         self._embed_text = embed_text
         self._tuning = tuning
