@@ -384,15 +384,7 @@ class Renderer:
             torch.backends.cudnn.deterministic = True
         gen = seed_everything(seed)
         cut = self.clip.image_size
-        targets: list[tuple[torch.Tensor, float, float]] = [
-            (self.embed_text(p.text), p.weight, p.stop) for p in prompts
-        ]
-        for ip in image_prompts:
-            pixels = pil_to_tensor(fit_area(ip.image, width, height)).to(self.device)
-            with torch.no_grad():
-                cuts = make_cutouts(pixels, cut, settings.cutn, settings.cut_pow, settings.augment,
-                                    settings.noise_fac, gen)
-                targets.append((self.embed_images(cuts), ip.weight, ip.stop))
+        targets = self._targets(prompts, image_prompts, width, height, settings, gen)
         z = self.initial_z(width, height, gen, init_image).requires_grad_(True)
         z_init = z.detach().clone()
         optimiser = torch.optim.Adam([z], lr=settings.lr)
@@ -432,6 +424,18 @@ class Renderer:
             loss_initial=losses[0] if losses else final_loss, loss_final=final_loss,
             clip_similarity=similarity, losses=losses, seconds=time.monotonic() - started,
         )
+
+    def _targets(self, prompts: Sequence[Prompt], image_prompts: Sequence[ImagePrompt], width: int, height: int,
+                 settings: RenderSettings, gen: torch.Generator) -> list[tuple[torch.Tensor, float, float]]:
+        """(embedding, weight, stop) per text and image prompt; image prompts are cut up like the render."""
+        targets = [(self.embed_text(p.text), p.weight, p.stop) for p in prompts]
+        for ip in image_prompts:
+            pixels = pil_to_tensor(fit_area(ip.image, width, height)).to(self.device)
+            with torch.no_grad():
+                cuts = make_cutouts(pixels, self.clip.image_size, settings.cutn, settings.cut_pow, settings.augment,
+                                    settings.noise_fac, gen)
+                targets.append((self.embed_images(cuts), ip.weight, ip.stop))
+        return targets
 
     def _similarity(self, image: torch.Tensor, prompts: Sequence[Prompt]) -> float | None:
         positive = [p for p in prompts if p.weight > 0]
