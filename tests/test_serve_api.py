@@ -223,9 +223,33 @@ def test_the_server_survives_every_bad_request(client):
     assert client.get("/stats").json()["rejected"]["400"] >= 10
 
 
+def test_a_full_queue_is_refused_with_429(client, monkeypatch):
+    from clipbeam.serve import app as serve_app
+
+    monkeypatch.setattr(serve_app, "MAX_WAITING", 0)  # as if 0 more queries fitted in the queue
+    refused = client.post("/search", json={"text": "a red circle"})
+    assert refused.status_code == 429 and "retry later" in refused.json()["error"]
+    monkeypatch.undo()
+    assert client.post("/search", json={"text": "a red circle"}).status_code == 200
+
+
 def test_cors_only_for_allowed_origins(engine):
     origin = "https://front.example"
     with TestClient(create_app(engine, (origin,))) as allowed, TestClient(create_app(engine)) as closed:
         preflight = {"Origin": origin, "Access-Control-Request-Method": "POST"}
         assert allowed.options("/knn-service", headers=preflight).headers["access-control-allow-origin"] == origin
         assert "access-control-allow-origin" not in closed.get("/indices-list", headers={"Origin": origin}).headers
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--index", "/nonexistent/index"], "has no index.json"),
+    (["--port", "70000"], "--port must be"),
+    (["--max-k", "0"], "--max-k must be at least 1"),
+], ids=["missing index", "bad port", "bad max-k"])
+def test_bad_arguments_exit_2_with_one_line(built, args, words, capsys):
+    from clipbeam.cli import main
+
+    argv = ["serve", *(["--index", built["index"]] if args[0] != "--index" else []), *args]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert words in err and "\n" not in err

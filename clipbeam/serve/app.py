@@ -37,6 +37,7 @@ PAGE_HEADERS = {"Content-Security-Policy": "default-src 'self'; img-src 'self' d
 IMAGE_HEADERS = {"X-Content-Type-Options": "nosniff", "Content-Security-Policy": "default-src 'none'",
                  "Cache-Control": "public, max-age=3600"}
 THUMBNAIL_SIZES = (16, 1024)
+MAX_WAITING = 1024  # queries queued for the worker beyond this are refused (429), so a flood cannot grow memory
 
 
 @dataclass
@@ -47,6 +48,8 @@ class ServeState:
     static: dict[str, bytes]
 
     async def answer(self, query: Query) -> list[Hit]:
+        if self.batcher.waiting >= MAX_WAITING:
+            raise ApiError(429, f"{MAX_WAITING} queries are already waiting; retry later")
         found = await self.batcher.submit(query)
         if isinstance(found, ApiError):
             raise found

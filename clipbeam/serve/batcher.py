@@ -29,6 +29,11 @@ class Batcher(Generic[Item]):
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="clipbeam-serve",
                                             initializer=initializer)
 
+    @property
+    def waiting(self) -> int:
+        """Items submitted and not yet handed to the worker."""
+        return len(self._pending)
+
     async def submit(self, item: Item) -> Any:
         future = asyncio.get_running_loop().create_future()
         self._pending.append((item, future))
