@@ -1,10 +1,11 @@
 """Peak memory of reading one manifest part, against the part's size (issue 12).
 
 Writes an N-row manifest (Parquet with ONE row group, CSV, JSONL; an image
-path, a caption and a 200-byte padding column per row) and reads the last
+path, a caption and a 1000-byte padding column per row) and reads the last
 part of each size in --parts with
-  clipbeam   transforms.manifest_table.read_manifest_table (streams record batches,
-             stops at the part's last row)
+  clipbeam   the last part as `clipbeam embed` plans it (corpus_plan.plan_parts) and reads
+             it (manifest_table.read_manifest_table: Parquet row groups in small batches,
+             CSV/JSONL only the part's own byte range)
   baseline   what the reader did before: the whole overlapping row group (Parquet)
              or the whole file (CSV/JSONL), then a slice
 Peak memory is Arrow's allocator peak plus Python's (tracemalloc), each read in
@@ -27,13 +28,14 @@ import pyarrow.csv as pacsv
 import pyarrow.json as pajson
 import pyarrow.parquet as pq
 
+from clipbeam.transforms.corpus_plan import plan_parts
 from clipbeam.transforms.manifest_table import read_manifest_table
 
 
 def write_manifests(folder: str, n: int) -> dict[str, str]:
     table = pa.table({"image": [f"images/{i:08d}.jpg" for i in range(n)],
                       "caption": [f"caption number {i}" for i in range(n)],
-                      "pad": ["p" * 200] * n})
+                      "pad": [(str(i) * 200)[:1000] for i in range(n)]})
     paths = {kind: os.path.join(folder, f"rows.{kind}") for kind in ("parquet", "csv", "jsonl")}
     pq.write_table(table, paths["parquet"], row_group_size=n)
     pacsv.write_csv(table, paths["csv"])
@@ -51,10 +53,10 @@ def baseline(path: str, start: int, stop: int) -> pa.Table:
     return table.slice(start, stop - start)
 
 
-def _measure(which: str, path: str, start: int, stop: int) -> float:
+def _measure(which: str, path: str, start: int, stop: int, byte_range: tuple[int, int] | None) -> float:
     """Peak MB of one read, in a fresh process (Arrow's pool peak is per process and only grows)."""
     read = read_manifest_table if which == "clipbeam" else baseline
-    args = (path, None, start, stop) if which == "clipbeam" else (path, start, stop)
+    args = (path, None, start, stop, byte_range) if which == "clipbeam" else (path, start, stop)
     pool = pa.default_memory_pool()
     before = pool.max_memory()
     tracemalloc.start()
@@ -65,10 +67,10 @@ def _measure(which: str, path: str, start: int, stop: int) -> float:
     return (python_peak + max(0, pool.max_memory() - before)) / 1e6
 
 
-def peak_mb(which: str, path: str, start: int, stop: int) -> float:
+def peak_mb(which: str, path: str, start: int, stop: int, byte_range: tuple[int, int] | None = None) -> float:
     context = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(max_workers=1, mp_context=context) as pool:
-        return pool.submit(_measure, which, path, start, stop).result()
+        return pool.submit(_measure, which, path, start, stop, byte_range).result()
 
 
 def main() -> None:
@@ -82,8 +84,9 @@ def main() -> None:
         for kind, path in paths.items():
             size = os.path.getsize(path) / 1e6
             for rows in args.parts:
-                start, stop = max(0, args.n - rows), args.n
-                ours = peak_mb("clipbeam", path, start, stop)
+                last = plan_parts([path], rows_per_part=rows)[-1]  # as embed plans it (CSV/JSONL: byte range)
+                start, stop = last.start, last.stop
+                ours = peak_mb("clipbeam", path, start, stop, last.byte_range)
                 theirs = peak_mb("baseline", path, start, stop)
                 print(f"{kind:8} {rows:>9} {size:>8.1f} {theirs:>12.1f} {ours:>12.1f}", flush=True)
 

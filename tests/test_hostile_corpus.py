@@ -2,24 +2,22 @@
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import shutil
 import subprocess
-import tarfile
 import tracemalloc
 
+import imagefactory as imgs
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from embedhelpers import embed, manifest, read_failures, read_rows, write_tar
 
-import imagefactory as imgs
 from clipbeam.errors import UsageError
 from clipbeam.transforms.corpus_plan import ManifestColumns, plan_parts
 from clipbeam.transforms.corpus_read import ReadLimits, image_url, read_part
 from clipbeam.transforms.manifest_table import read_manifest_table
-from embedhelpers import embed, manifest, read_failures, read_rows, write_tar
 
 
 def shard_with_sidecars(path, sidecars: dict[str, bytes]) -> None:
@@ -31,9 +29,10 @@ def shard_with_sidecars(path, sidecars: dict[str, bytes]) -> None:
     write_tar(str(path), members)
 
 
-def records(path, limits: ReadLimits = ReadLimits()) -> dict[str, dict]:
+def records(path, limits: ReadLimits | None = None) -> dict[str, dict]:
     parts = plan_parts([str(path)])
-    return {r["id"].rsplit("/", 1)[-1]: r for i, p in enumerate(parts) for r in read_part(i, p, None, None, limits)}
+    found = (r for i, p in enumerate(parts) for r in read_part(i, p, None, None, limits or ReadLimits()))
+    return {r["id"].rsplit("/", 1)[-1]: r for r in found}
 
 
 @pytest.mark.parametrize("bad", [b"1" * 5000, b"[" * 100_000, b"\xff\xfe not utf-8", b'{"n": 1' + b"0" * 30 + b"}"])
@@ -126,19 +125,55 @@ def test_duplicate_ids_are_read_failures_and_the_run_finishes(tmp_path, kind):
     assert embed(*args) == 3  # a rerun finishes too (nothing to redo)
 
 
+# Reads one part in a fresh process and prints its rows' "n" values and its peak memory (Arrow's pool,
+# which only grows within a process, plus Python's), so that nothing read before counts.
+_READ_ONE_PART = """
+import json, sys, tracemalloc
+import pyarrow as pa
+from clipbeam.transforms.manifest_table import read_manifest_table
+url, start, stop, byte_range = json.loads(sys.argv[1])
+pool = pa.default_memory_pool()
+before = pool.max_memory()
+tracemalloc.start()
+table = read_manifest_table(url, None, start, stop, tuple(byte_range) if byte_range else None)
+peak = tracemalloc.get_traced_memory()[1] + pool.max_memory() - before
+print(json.dumps([table.column("n").to_pylist(), peak]))
+"""
+
+
 @pytest.mark.parametrize("kind", ["parquet", "csv", "jsonl"])
-def test_manifest_parts_read_their_rows_as_a_stream(tmp_path, kind):
-    rows = [{"n": i, "image": f"{i}.jpg", "pad": "p" * 200} for i in range(20_000)]
+def test_a_manifest_part_reads_only_its_rows(tmp_path, kind):
+    """A 100-row part of a 20k-row, 20 MB manifest (Parquet: one row group) holds far less than the file."""
+    import sys
+
+    rows = [{"n": i, "image": f"{i}.jpg", "pad": (str(i) * 200)[:1000]} for i in range(20_000)]
     table = write_rows(tmp_path / f"rows.{kind}", rows, kind)
-    tracemalloc.start()
-    try:
-        part = read_manifest_table(table, None, 19_900, 20_000)
-        peak = tracemalloc.get_traced_memory()[1]
-    finally:
-        tracemalloc.stop()
-    assert part.column("n").to_pylist() == list(range(19_900, 20_000))
-    assert read_manifest_table(table, None, 3, 5).column("n").to_pylist() == [3, 4]
-    assert peak < 8 * 1024 * 1024, peak
+    parts = plan_parts([table], rows_per_part=100)
+    assert [(p.start, p.stop) for p in parts[:2]] == [(0, 100), (100, 200)] and len(parts) == 200
+    assert (parts[-1].byte_range is None) == (kind == "parquet")
+    for part in (parts[0], parts[117], parts[-1]):
+        argv = json.dumps([part.url, part.start, part.stop, part.byte_range])
+        done = subprocess.run([sys.executable, "-c", _READ_ONE_PART, argv], check=True, capture_output=True,
+                              text=True)
+        numbers, peak = json.loads(done.stdout)
+        assert numbers == list(range(part.start, part.stop))
+        assert peak < 16 * 1024 * 1024, peak  # reading the whole file or row group holds 29-52 MB
+
+
+def test_csv_records_may_span_lines_and_blank_lines_are_not_rows(tmp_path):
+    path = tmp_path / "rows.csv"
+    path.write_bytes(b'image,caption\r\n\r\na.jpg,"two\nlines"\r\nb.jpg,"say ""hi"",\n"\n\nc.jpg,plain\n'
+                     b"d.jpg,last")
+    parts = plan_parts([str(path)], rows_per_part=2)
+    got = [read_manifest_table(str(path), None, p.start, p.stop, p.byte_range).to_pylist() for p in parts]
+    assert got == [[{"image": "a.jpg", "caption": "two\nlines"}, {"image": "b.jpg", "caption": 'say "hi",\n'}],
+                   [{"image": "c.jpg", "caption": "plain"}, {"image": "d.jpg", "caption": "last"}]]
+    jsonl = tmp_path / "rows.jsonl"
+    jsonl.write_text('{"image": "a.jpg"}\n\n  \n{"image": "b.jpg"}\n{"image": "c.jpg"}\n')
+    parts = plan_parts([str(jsonl)], rows_per_part=2)
+    got = [read_manifest_table(str(jsonl), None, p.start, p.stop, p.byte_range).column("image").to_pylist()
+           for p in parts]
+    assert got == [["a.jpg", "b.jpg"], ["c.jpg"]]
 
 
 def test_remote_manifest_may_not_name_local_files():

@@ -10,13 +10,13 @@ from typing import List
 import pytest
 import torch
 import yaml
+from vqganhelpers import tiny_config
 
 from clipbeam.cli import main
 from clipbeam.errors import UsageError
 from clipbeam.models import train_common
 from clipbeam.models.torch_files import load_weights_only, refuse_torchscript, torchscript_entries
 from clipbeam.models.vqgan_checkpoint import load_raw_checkpoint
-from vqganhelpers import tiny_config
 
 
 class _WritesAFile(torch.nn.Module):
@@ -255,9 +255,8 @@ def test_pretrained_tag_that_cannot_be_downloaded_stops_before_the_pipeline(tmp_
 
 
 def test_max_member_bytes_flag_reaches_the_reader(tmp_path, capsys):
-    from embedhelpers import embed, read_failures, write_tar
-
     import imagefactory as imgs
+    from embedhelpers import embed, read_failures, write_tar
 
     write_tar(str(tmp_path / "s.tar"), [("a.jpg", imgs.jpeg(1)), ("b.jpg", imgs.jpeg(2) + b"\0" * 5000)])
     out = str(tmp_path / "emb")
@@ -271,7 +270,6 @@ def test_max_member_bytes_flag_reaches_the_reader(tmp_path, capsys):
 
 def test_latin1_labels_file_is_one_line(tmp_path, capsys):
     import numpy as np
-
     from synthetic_embeddings import write_embed_output
 
     emb = str(tmp_path / "emb")
@@ -318,7 +316,6 @@ def test_latin1_prompts_file_is_one_line(tmp_path, capsys):
 
 def test_generate_with_an_undownloadable_tag_stops_before_the_pipeline(tmp_path, capsys, monkeypatch):
     import huggingface_hub.constants
-
     from vqganhelpers import save_tiny_vqgan
 
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "empty-hub-cache"))

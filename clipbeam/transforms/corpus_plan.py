@@ -34,6 +34,8 @@ class PartSpec:
     "folder" (a list of image files with optional caption sidecars).
     duplicates: manifest rows of this part whose --id-column value an earlier
     row already has, with the reason; the reader records them as read failures.
+    byte_range: where a CSV/JSONL part's rows lie in its file, so that it reads
+    only those bytes (None for Parquet, tars and folders).
     """
 
     kind: str
@@ -43,6 +45,7 @@ class PartSpec:
     stop: int = 0
     files: tuple[tuple[str, str | None], ...] = field(default=())
     duplicates: tuple[tuple[int, str], ...] = field(default=())
+    byte_range: tuple[int, int] | None = None
 
     @property
     def source(self) -> str:
@@ -147,19 +150,21 @@ def pair_captions(files: list[str]) -> list[tuple[str, str | None]]:
     return pairs
 
 
-def check_manifest(url: str, storage_options: dict | None, columns: ManifestColumns | None) -> int:
-    """A manifest's row count, after checking that it parses and has the columns asked for.
+def check_manifest(url: str, storage_options: dict | None, columns: ManifestColumns | None,
+                   rows_per_part: int) -> tuple[int, tuple[int, ...] | None]:
+    """A manifest's row count and its parts' byte offsets (manifest_table.part_offsets), after
+    checking that it parses and has the columns asked for.
 
     Runs before any pipeline starts, so a corrupt Parquet file, a malformed
     CSV or a missing --image-column is one line and exit 2, not a run that
     writes a failure row for every sample.
     """
-    from clipbeam.transforms.manifest_table import choose_columns, count_rows, manifest_schema
+    from clipbeam.transforms.manifest_table import choose_columns, manifest_schema, part_offsets
 
     columns = columns or ManifestColumns()
     try:
         choose_columns(manifest_schema(url, storage_options), columns.image, columns.caption, columns.id, url)
-        return count_rows(url, storage_options)
+        return part_offsets(url, storage_options, rows_per_part)
     except UsageError:
         raise
     except Exception as exc:  # ArrowInvalid, OSError, UnicodeDecodeError: the file is not a readable table
@@ -223,7 +228,9 @@ def plan_parts(
     sources = list_sources(expand_inputs(inputs, storage_options), fmt, storage_options)
     labels = unique_labels([url for url, _ in sources])
     manifests = sorted((url, labels[url]) for url, kind in sources if kind == "manifest")
-    totals = {url: check_manifest(url, storage_options, columns) for url, _ in manifests}
+    if rows_per_part <= 0:
+        raise UsageError("--rows-per-part must be positive")
+    layouts = {url: check_manifest(url, storage_options, columns, rows_per_part) for url, _ in manifests}
     repeated = duplicate_ids(manifests, columns.id, storage_options) if columns and columns.id else {}
     parts: list[PartSpec] = []
     for url, kind in sources:
@@ -231,10 +238,11 @@ def plan_parts(
         if kind == "webdataset":
             parts.append(PartSpec("tar", url, label))
         elif kind == "manifest":
-            total, dups = totals[url], repeated.get(url, {})
+            (total, offsets), dups = layouts[url], repeated.get(url, {})
             parts.extend(PartSpec("manifest", url, label, a, b,
-                                  duplicates=tuple((r, dups[r]) for r in range(a, b) if r in dups))
-                         for a, b in cut_ranges(total, rows_per_part))
+                                  duplicates=tuple((r, dups[r]) for r in range(a, b) if r in dups),
+                                  byte_range=(offsets[k], offsets[k + 1]) if offsets else None)
+                         for k, (a, b) in enumerate(cut_ranges(total, rows_per_part)))
             if total == 0:
                 LOG.warning("manifest %s has no rows", url)
         else:

@@ -52,12 +52,15 @@ class ReadLimits:
     allow_any_path: bool = False
 
 
+DEFAULT_LIMITS = ReadLimits()
+
+
 def failure(part: int, sample_id: str, source: str, stage: str, error: str) -> dict:
     return {"id": sample_id, "part": part, "source": source, "stage": stage, "error": error[:2000]}
 
 
 def read_part(index: int, spec: PartSpec, storage_options: dict | None, columns=None,
-              limits: ReadLimits = ReadLimits()) -> Iterator[dict]:
+              limits: ReadLimits = DEFAULT_LIMITS) -> Iterator[dict]:
     """Yield samples and failures of one part; every sample goes out as exactly one of them."""
     if spec.kind == "tar":
         yield from _read_tar(index, spec, storage_options, limits)
@@ -220,7 +223,7 @@ def _read_manifest(index: int, spec: PartSpec, storage_options: dict | None, col
                    limits: ReadLimits) -> Iterator[dict]:
     source = spec.url
     try:
-        table = read_manifest_table(spec.url, storage_options, spec.start, spec.stop)
+        table = read_manifest_table(spec.url, storage_options, spec.start, spec.stop, spec.byte_range)
         image_col, caption_col, id_col = choose_columns(
             table.schema, columns.image if columns else None, columns.caption if columns else None,
             columns.id if columns else None, spec.url)
