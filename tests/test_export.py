@@ -132,7 +132,7 @@ def test_export_parts_transform(tmp_path):
     config = ExportConfig(str(out), {}, 8, 5, 4, True, "drop", None)
     with TestPipeline() as pipeline:
         assert_that(pipeline | beam.Create(parts) | ExportParts(config),
-                    equal_to([Partition(1, 15, True, parts[0].file.url)]))
+                    equal_to([Partition(1, 15, True, parts[0].file.url, 15)]))
     assert sorted(os.listdir(out / "img_emb")) == ["img_emb_00001.npy"]
     np.testing.assert_allclose(np.load(out / "text_emb" / "text_emb_00001.npy"), texts[15:], atol=2e-3)
     meta = pq.read_table(out / "metadata" / "metadata_00001.parquet")

@@ -15,8 +15,6 @@ import argparse
 import dataclasses
 import logging
 
-import apache_beam as beam
-
 from clipbeam import __version__, storage
 from clipbeam.commands.common import (
     Stopwatch,
@@ -24,14 +22,13 @@ from clipbeam.commands.common import (
     add_storage_arguments,
     beam_options,
     print_summary,
-    run_pipeline,
     storage_options_from_args,
 )
+from clipbeam.commands.part_jobs import run_parts
 from clipbeam.commands.query_model import add_query_model_arguments, load_query_model, query_spec
 from clipbeam.errors import UsageError
 from clipbeam.index.inputs import resolve_embeddings
 from clipbeam.layout import Mode, OutputFolder, open_output
-from clipbeam.layout.embeddings import part_name
 from clipbeam.layout.labels import FORMAT_VERSION, LABELS
 from clipbeam.models.zero_shot import DEFAULT_TEMPLATE, LOGIT_SCALE, label_embeddings
 from clipbeam.transforms.classify_parts import ClassifyConfig, ClassifyParts
@@ -104,15 +101,6 @@ def prepare(args: argparse.Namespace) -> tuple[ClassifyConfig, dict, list[Embedd
     return config, settings, embeddings_parts(inputs)
 
 
-def pending_parts(parts: list[EmbeddingsPart], done: dict[str, dict]) -> list[EmbeddingsPart]:
-    """The parts without a done-marker for the same embeddings file and row count (a re-embedded part is redone)."""
-    def finished(part: EmbeddingsPart) -> bool:
-        marker = done.get(part_name(part.number))
-        return marker is not None and (marker.get("source"), marker.get("rows_in")) == (part.file.url, part.file.rows)
-
-    return [part for part in parts if not finished(part)]
-
-
 def commit(out: OutputFolder, settings: dict) -> dict:
     """manifest.json, last: every labelled part (earlier runs' too), in part order."""
     parts = sorted((m for m in out.done_units().values()), key=lambda m: m["number"])
@@ -126,18 +114,13 @@ def run(args: argparse.Namespace, beam_args: list[str]) -> int:
     options = beam_options(beam_args)
     config, settings, parts = prepare(args)
     with open_output(args.output, LABELS, settings, Mode.from_flags(args.overwrite), config.storage_options) as out:
-        pending = pending_parts(parts, out.done_units())
-        LOG.info("%d parts done already, %d to run", len(parts) - len(pending), len(pending))
-        if pending:
-            pipeline = beam.Pipeline(options=options)
-            _ = (pipeline
-                 | "Parts" >> beam.Create(pending)
-                 | "Classify" >> ClassifyParts(dataclasses.replace(config, ledger=out.ledger)))
-            if run_pipeline(pipeline, "classify"):
-                return 1
+        ran = run_parts(out, parts, options, "classify",
+                        lambda ledger: ClassifyParts(dataclasses.replace(config, ledger=ledger)))
+        if ran.code:
+            return ran.code
         manifest = commit(out, settings)
     print_summary(f"clipbeam classify -> {args.output}", [
         ("labels", ", ".join(config.labels)), ("templates", len(settings["templates"])),
-        ("parts", f"{len(manifest['parts'])} ({len(parts) - len(pending)} done already, {len(pending)} run now)"),
+        ("parts", ran.summary(len(manifest["parts"]))),
         ("images", manifest["rows"]), ("seconds", f"{watch.seconds:.1f}")])
     return 0

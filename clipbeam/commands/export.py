@@ -15,8 +15,6 @@ import argparse
 import dataclasses
 import logging
 
-import apache_beam as beam
-
 from clipbeam import __version__, storage
 from clipbeam.commands.common import (
     Stopwatch,
@@ -24,14 +22,13 @@ from clipbeam.commands.common import (
     add_storage_arguments,
     beam_options,
     print_summary,
-    run_pipeline,
     storage_options_from_args,
 )
+from clipbeam.commands.part_jobs import run_parts
 from clipbeam.errors import UsageError
 from clipbeam.index.inputs import resolve_embeddings
 from clipbeam.layout import Mode, OutputFolder, open_output
 from clipbeam.layout.clip_retrieval import EXPORT, FORMAT_VERSION, partition_width
-from clipbeam.layout.embeddings import part_name
 from clipbeam.transforms.embeddings_parts import EmbeddingsPart, embeddings_parts
 from clipbeam.transforms.export_parts import TEXT_MISSING, ExportConfig, ExportParts
 
@@ -68,15 +65,6 @@ def prepare(args: argparse.Namespace) -> tuple[ExportConfig, dict, list[Embeddin
     return config, settings, parts
 
 
-def pending_parts(parts: list[EmbeddingsPart], done: dict[str, dict]) -> list[EmbeddingsPart]:
-    """The parts without a done-marker for the same embeddings file and row count."""
-    def finished(part: EmbeddingsPart) -> bool:
-        marker = done.get(part_name(part.number))
-        return marker is not None and (marker.get("source"), marker.get("rows")) == (part.file.url, part.file.rows)
-
-    return [part for part in parts if not finished(part)]
-
-
 def commit(out: OutputFolder, config: ExportConfig, settings: dict) -> dict:
     """export.json, last; under --text-missing drop, text_emb goes unless every partition kept it."""
     partitions = sorted(out.done_units().values(), key=lambda m: m["number"])
@@ -95,20 +83,14 @@ def run(args: argparse.Namespace, beam_args: list[str]) -> int:
     options = beam_options(beam_args)
     config, settings, parts = prepare(args)
     with open_output(args.output, EXPORT, settings, Mode.from_flags(args.overwrite), config.storage_options) as out:
-        pending = pending_parts(parts, out.done_units())
-        LOG.info("%d parts done already, %d to run", len(parts) - len(pending), len(pending))
-        if pending:
-            pipeline = beam.Pipeline(options=options)
-            _ = (pipeline
-                 | "Parts" >> beam.Create(pending)
-                 | "Export" >> ExportParts(dataclasses.replace(config, ledger=out.ledger)))
-            if run_pipeline(pipeline, "export"):
-                return 1
+        ran = run_parts(out, parts, options, "export",
+                        lambda ledger: ExportParts(dataclasses.replace(config, ledger=ledger)))
+        if ran.code:
+            return ran.code
         manifest = commit(out, config, settings)
     print_summary(f"clipbeam export -> {args.output}", [
         ("format", args.format),
-        ("partitions", f"{len(manifest['partitions'])} ({len(parts) - len(pending)} done already, "
-                       f"{len(pending)} run now)"),
+        ("partitions", ran.summary(len(manifest["partitions"]))),
         ("rows", manifest["rows"]),
         ("text_emb", "yes" if manifest["text"] else "no" if not config.with_text else "no (--text-missing drop)"),
         ("seconds", f"{watch.seconds:.1f}")])

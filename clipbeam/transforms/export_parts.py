@@ -62,12 +62,16 @@ class ExportConfig:
 
 @dataclass(frozen=True)
 class Partition:
-    """A finished partition: rows written, whether its text_emb file was kept, where its rows came from."""
+    """A finished partition: rows written, whether its text_emb file was kept, where its rows came from.
+
+    `source` and `rows_in` name the embeddings file, so that a rerun redoes a partition whose part changed.
+    """
 
     number: int
     rows: int
     text: bool
     source: str
+    rows_in: int
 
 
 def image_path(ids: pa.Array, sources: pa.Array) -> pa.Array:
@@ -135,7 +139,7 @@ def export_part(part: EmbeddingsPart, config: ExportConfig) -> Partition:
     keep_text = config.with_text and (complete_text or config.text_missing == "zero")
     if not keep_text:
         storage.remove_if_present(text_url, storage_options)
-    result = Partition(part.number, rows, keep_text, file.url)
+    result = Partition(part.number, rows, keep_text, file.url, file.rows)
     if config.ledger is not None:
         # Under "drop" the commit may remove text_emb later: a text file is not part of what makes a unit done.
         kinds = ("img_emb", "metadata", *(("text_emb",) if keep_text and config.text_missing == "zero" else ()))
