@@ -8,7 +8,7 @@ import numpy as np
 import open_clip
 import pyarrow.parquet as pq
 import torch
-from apache_beam.testing.test_pipeline import TestPipeline
+from apache_beam.testing.test_pipeline import TestPipeline as BeamTestPipeline
 from apache_beam.testing.util import assert_that, equal_to
 from synthetic_embeddings import clustered, unreadable_pages, write_embed_output
 
@@ -133,7 +133,7 @@ def test_classify_parts_transform(tmp_path):
     parts = embeddings_parts(inputs)
     ledger = UnitLedger(str(tmp_path / "out"))
     config = ClassifyConfig(str(tmp_path / "out"), {}, "image_embedding", 8, ("a", "b", "c"), classes, 2, 16, ledger)
-    with TestPipeline() as pipeline:
+    with BeamTestPipeline() as pipeline:
         done = (pipeline | beam.Create(parts) | ClassifyParts(config)
                 | beam.Map(lambda r: (r.path, r.rows, r.skipped, r.rows_in)))
         assert_that(done, equal_to([(f"labels/part-0000{i}.parquet", 20, 0, 20) for i in range(2)]))
@@ -141,3 +141,12 @@ def test_classify_parts_transform(tmp_path):
     assert table.column("label").to_pylist() == ["abc"[i % 3] for i in range(20, 40)]
     assert [len(t) for t in table.column("top_labels").to_pylist()] == [2] * 20
     assert sorted(ledger.done()) == ["part-00000", "part-00001"]
+
+
+def test_multiprocess_runner(tmp_path):
+    emb, out = tmp_path / "emb", tmp_path / "labels"
+    write_embed_output(str(emb), clustered(60, 64), parts=3)
+    assert main(classify_args(emb, out, "cat,dog", "--direct_num_workers", "2",
+                              "--direct_running_mode", "multi_processing")) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["rows"] == 60 and sorted(os.listdir(out / "_done")) == [f"part-0000{i}.json" for i in range(3)]

@@ -6,7 +6,7 @@ import os
 import apache_beam as beam
 import numpy as np
 import pyarrow.parquet as pq
-from apache_beam.testing.test_pipeline import TestPipeline
+from apache_beam.testing.test_pipeline import TestPipeline as BeamTestPipeline
 from apache_beam.testing.util import assert_that, equal_to
 from synthetic_embeddings import clustered, unreadable_pages, write_embed_output
 
@@ -130,10 +130,28 @@ def test_export_parts_transform(tmp_path):
     write_embed_output(str(emb), images, parts=2, text=texts, captions=[None] + [f"c{i}" for i in range(1, 30)])
     parts = embeddings_parts(resolve_embeddings(str(emb)))[1:]  # part 1 alone: partition 1, not 0
     config = ExportConfig(str(out), {}, 8, 5, 4, True, "drop", None)
-    with TestPipeline() as pipeline:
+    with BeamTestPipeline() as pipeline:
         assert_that(pipeline | beam.Create(parts) | ExportParts(config),
                     equal_to([Partition(1, 15, True, parts[0].file.url, 15)]))
     assert sorted(os.listdir(out / "img_emb")) == ["img_emb_00001.npy"]
     np.testing.assert_allclose(np.load(out / "text_emb" / "text_emb_00001.npy"), texts[15:], atol=2e-3)
     meta = pq.read_table(out / "metadata" / "metadata_00001.parquet")
     assert meta.column_names[:3] == ["image_path", "caption", "has_text"] and all(meta.column("has_text").to_pylist())
+
+
+def test_export_to_s3_resumes_there(tmp_path, s3_server):
+    import s3fs
+
+    storage_options = s3_server["storage_options"]
+    emb, out = tmp_path / "emb", f"s3://{s3_server['bucket']}/cr"
+    images = clustered(60, 8)
+    write_embed_output(str(emb), images, parts=2, dtype=np.float32)
+    args = export_args(emb, out, "--storage-options", json.dumps(storage_options))
+    assert main(args) == 0
+    fs = s3fs.S3FileSystem(**storage_options)
+    assert sorted(p.rsplit("/", 1)[-1] for p in fs.ls(f"{out}/img_emb")) == ["img_emb_00000.npy", "img_emb_00001.npy"]
+    with fs.open(f"{out}/img_emb/img_emb_00001.npy") as handle:
+        np.testing.assert_allclose(np.load(handle), images[30:], atol=2e-3)
+    assert not fs.exists(f"{out}/_lease.json")
+    assert main(args) == 0  # a rerun finds both parts done there
+    assert json.loads(fs.cat(f"{out}/export.json"))["rows"] == 60

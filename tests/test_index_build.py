@@ -10,7 +10,7 @@ import faiss
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from apache_beam.testing.test_pipeline import TestPipeline
+from apache_beam.testing.test_pipeline import TestPipeline as BeamTestPipeline
 from apache_beam.testing.util import assert_that, equal_to
 from synthetic_embeddings import clustered, unreadable_pages, write_embed_output, write_plain_parquet
 
@@ -236,7 +236,7 @@ def test_build_shards_transform(data, tmp_path):
                               "--index-factory", "IVF8,Flat", "--shards", "2"])
     config = dataclasses.replace(index_build.prepare(args).config, ledger=UnitLedger(str(tmp_path / "idx")))
     os.makedirs(tmp_path / "idx")
-    with TestPipeline() as pipeline:
+    with BeamTestPipeline() as pipeline:
         shards = pipeline | BuildShards(config, list(config.shards), [], trained=False)
         assert_that(shards | beam.Map(lambda s: (s.number, s.ntotal, s.id_start, s.id_end)),
                     equal_to([(0, 1500, 0, 1500), (1, 1500, 1500, 3000)]))
