@@ -29,8 +29,12 @@ def cache_dir() -> Path:
     base = os.environ.get("CLIPBEAM_CACHE_DIR") or os.path.join(
         os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "clipbeam")
     folder = Path(base) / "checkpoints"
-    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
-    info = folder.stat()
+    try:
+        folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+        info = folder.stat()
+    except OSError as exc:
+        raise UsageError(f"cannot create the checkpoint cache {folder} ({exc.strerror}); set CLIPBEAM_CACHE_DIR"
+                         ) from None
     if info.st_uid != os.getuid():
         raise UsageError(f"checkpoint cache {folder} belongs to another user; set CLIPBEAM_CACHE_DIR")
     if info.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
