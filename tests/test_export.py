@@ -155,3 +155,21 @@ def test_export_to_s3_resumes_there(tmp_path, s3_server):
     assert not fs.exists(f"{out}/_lease.json")
     assert main(args) == 0  # a rerun finds both parts done there
     assert json.loads(fs.cat(f"{out}/export.json"))["rows"] == 60
+
+
+def test_an_export_of_version_1_is_replaced_with_overwrite_only(tmp_path, capsys):
+    emb, out = tmp_path / "emb", tmp_path / "cr"
+    write_embed_output(str(emb), clustered(40, 8), parts=2)
+    for kind, ext in (("img_emb", "npy"), ("text_emb", "npy"), ("metadata", "parquet")):
+        os.makedirs(out / kind)
+        for n in range(3):
+            (out / kind / f"{kind}_{n:05d}.{ext}").write_bytes(b"old")
+    (out / "export.json").write_text(json.dumps({"format": "clip-retrieval", "rows": 3, "partitions": [
+        {"partition": f"{n:05d}", "rows": 1, "text": True, "source": "x"} for n in range(3)]}))
+    (out / "notes.txt").write_text("mine")
+    assert main(export_args(emb, out)) == 2
+    assert "--overwrite" in capsys.readouterr().err and (out / "img_emb" / "img_emb_00002.npy").exists()
+    assert main(export_args(emb, out, "--overwrite")) == 0
+    assert sorted(os.listdir(out / "img_emb")) == ["img_emb_00000.npy", "img_emb_00001.npy"]
+    assert (out / "notes.txt").read_text() == "mine"
+    assert json.loads((out / "export.json").read_text())["version"] == 2
