@@ -315,8 +315,6 @@ def check_writable(url: str, storage_options: dict | None = None) -> None:
         raise
     except Exception as exc:  # bad protocol, bad options
         raise UsageError(f"cannot open output {url}: {exc}") from None
-    if _is_bucket_store(fs):
-        _require_bucket(fs, path, url)
     created = not fs.exists(path)
     probe = join(path, f".probe-{uuid.uuid4().hex[:8]}")
     try:
@@ -333,18 +331,20 @@ def check_writable(url: str, storage_options: dict | None = None) -> None:
         if created:
             with contextlib.suppress(Exception):
                 fs.rm(path, recursive=True)
+        if _is_bucket_store(fs) and not _bucket_exists(fs, path):
+            bucket = path.strip("/").split("/", 1)[0]
+            raise UsageError(f"output {url}: bucket {bucket!r} does not exist (clipbeam never creates buckets)"
+                             ) from None
         raise UsageError(f"output {url} is not writable: {exc.__class__.__name__}: {exc}") from None
 
 
-def _require_bucket(fs, path: str, url: str) -> None:
-    bucket = path.strip("/").split("/", 1)[0]
+def _bucket_exists(fs, path: str) -> bool:
+    """Asked only after a write failed (a probe can also fail for want of permission to look)."""
     try:
-        found = fs.exists(bucket)
-    except Exception as exc:  # no permission to look: the probe write below says more
-        LOG.debug("cannot check bucket %s: %s", bucket, exc)
-        return
-    if not found:
-        raise UsageError(f"output {url}: bucket {bucket!r} does not exist (clipbeam never creates buckets)")
+        return bool(fs.exists(path.strip("/").split("/", 1)[0]))
+    except Exception as exc:
+        LOG.debug("cannot check the bucket of %s: %s", path, exc)
+        return True
 
 
 def local_path(url: str) -> str | None:
