@@ -94,6 +94,13 @@ def test_the_page_in_chromium(server, tmp_path):
         after = driver.execute_script(IDS)
         assert after[0] == before[0] and after != before  # the sample itself first, then its neighbours
         assert "more like" in driver.find_element(By.ID, "status").text
+        # an uploaded picture (a blue star of the corpus) finds itself first
+        star = httpx.post(server + "/search", json={"text": "a blue star", "k": 1}).json()["results"][0]
+        (tmp_path / "star.png").write_bytes(httpx.get(server + star["image_url"]).content)
+        driver.find_element(By.ID, "file").send_keys(str(tmp_path / "star.png"))
+        WebDriverWait(driver, 60).until(lambda d: d.execute_script(IDS)[:1] == [str(star["faiss_id"])]
+                                        and d.execute_script(LOADED, 10))
+        assert "star.png" in driver.find_element(By.ID, "status").text
         driver.save_screenshot(str(tmp_path / "serve.png"))
     shot = Image.open(tmp_path / "serve.png")
     assert shot.size[0] > 0 and len(set(shot.convert("L").getdata())) > 2
