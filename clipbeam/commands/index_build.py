@@ -42,10 +42,10 @@ from clipbeam.index.factory import choose_factory, default_train_sample, format_
 from clipbeam.index.faiss_io import METRICS, make_index
 from clipbeam.index.inputs import EmbeddingsInput, describe, resolve_embeddings
 from clipbeam.index.plan import plan_sample, plan_shards, query_count, sample_reads, shard_count
-from clipbeam.layout import RUN_RECORD, Mode, OutputFolder, OutputKind, open_output
+from clipbeam.layout import RUN_RECORD, Mode, OutputFolder, open_output
+from clipbeam.layout.index import INDEX, WORK
 from clipbeam.transforms.index_shards import (
     RECALL_K,
-    WORK,
     BuildShards,
     BuiltShard,
     IndexConfig,
@@ -54,16 +54,6 @@ from clipbeam.transforms.index_shards import (
 )
 
 LOG = logging.getLogger(__name__)
-
-
-def _index_files(manifest: dict) -> list[str]:
-    """What a committed index.json owns: the trained index and every shard's two files."""
-    shards = manifest.get("shards", [])
-    return [index_layout.TRAINED_INDEX, *(s["index"] for s in shards), *(s["ids"] for s in shards)]
-
-
-INDEX = OutputKind(index_layout.FORMAT, manifest=index_layout.INDEX_JSON, markers="_done", scratch=(WORK,),
-                   manifest_files=_index_files)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -35,10 +35,10 @@ from clipbeam.index.sample import read_sample
 from clipbeam.index.topk import ExactTopK, merge_topk
 from clipbeam.index.tune import tune
 from clipbeam.layout import UnitLedger
+from clipbeam.layout.index import WORK
 
 LOG = logging.getLogger(__name__)
 RECALL_K = 10
-WORK = "_work"
 
 
 @dataclass(frozen=True)
