@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import importlib
 import inspect
 import json
 import logging
@@ -62,10 +63,12 @@ def get_fs(url: str, storage_options: dict | None = None):
 # Keys every fsspec filesystem takes (AbstractFileSystem / DirCache), whatever its own __init__ names.
 _COMMON_OPTION_KEYS = {"use_listings_cache", "listings_expiry_time", "max_paths", "skip_instance_cache",
                        "asynchronous", "loop"}
-# Not checked: HTTP hands unnamed options on to every request (headers, auth), and local and memory
-# filesystems ignore options, which one --storage-options shares with the remote side of a command
-# (s3:// inputs, a local --output).
-_PASS_THROUGH_PROTOCOLS = {"http", "https", "file", "local", "memory"}
+# Filesystems whose options are checked up front, with where their unnamed options go. s3fs hands
+# them to aiobotocore's AioSession, which fails with a TypeError only at the first request. Others
+# are not checked: HTTP passes unnamed options on to every request (headers, auth), local and memory
+# filesystems ignore options (one --storage-options serves both sides of `--input s3://... --output
+# /local`), and for the rest clipbeam cannot tell a typo from an option a backend takes.
+_CHECKED_PROTOCOLS = {"s3": "aiobotocore.session:AioSession", "s3a": "aiobotocore.session:AioSession"}
 # Object stores: no real folders, and a makedirs at the top would create a bucket.
 _BUCKET_PROTOCOLS = {"s3", "s3a", "gs", "gcs", "abfs", "az", "adl", "oss"}
 
@@ -74,19 +77,25 @@ _BUCKET_PROTOCOLS = {"s3", "s3a", "gs", "gcs", "abfs", "az", "adl", "oss"}
 def _check_option_keys(fs_class: type, keys: tuple[str, ...]) -> None:
     """Raise UsageError for --storage-options keys that `fs_class` does not take (checked once per class)."""
     protocols = fs_class.protocol if isinstance(fs_class.protocol, (tuple, list)) else (fs_class.protocol,)
-    if not keys or _PASS_THROUGH_PROTOCOLS & set(protocols):
+    receiver = next((_CHECKED_PROTOCOLS[p] for p in protocols if p in _CHECKED_PROTOCOLS), None)
+    if not keys or receiver is None:
         return
-    known = set(_COMMON_OPTION_KEYS)
+    module, name = receiver.split(":")
+    known = set(_COMMON_OPTION_KEYS) | _named_parameters(getattr(importlib.import_module(module), name))
     for klass in fs_class.__mro__:
-        init = klass.__dict__.get("__init__")
-        if init is None:
-            continue
-        params = inspect.signature(init).parameters.values()
-        known |= {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)} - {"self"}
+        known |= _named_parameters(klass)
     unknown = [k for k in keys if k not in known]
     if unknown:
         raise UsageError(f"unknown --storage-options key {unknown[0]!r} for {protocols[0]}:// "
                          f"(known: {', '.join(sorted(known))})")
+
+
+def _named_parameters(klass: type) -> set[str]:
+    init = klass.__dict__.get("__init__")
+    if init is None:
+        return set()
+    params = inspect.signature(init).parameters.values()
+    return {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)} - {"self"}
 
 
 def _is_bucket_store(fs) -> bool:
