@@ -18,7 +18,7 @@ from clipbeam.cli import main
 from clipbeam.commands import index_build
 from clipbeam.index import IndexInputError, ShardedIndex
 from clipbeam.layout import UnitLedger
-from clipbeam.transforms.index_shards import BuildShards
+from clipbeam.transforms.index_shards import BuildShards, TuneShards
 
 DIM = 32
 RUNNER = ["--runner", "DirectRunner"]
@@ -228,7 +228,8 @@ def test_resume_with_other_options_refuses(tmp_path, capsys):
 
 
 def test_build_shards_transform(data, tmp_path):
-    """BuildShards alone: trains once, builds every planned shard with global ids, marks each done."""
+    """BuildShards and TuneShards alone: train once, build every planned shard with global ids, mark each
+    done, then tune on both shards together."""
     emb, vectors, _ = data
     parser = argparse.ArgumentParser()
     index_build.add_arguments(parser)
@@ -240,6 +241,10 @@ def test_build_shards_transform(data, tmp_path):
         shards = pipeline | BuildShards(config, list(config.shards), [], trained=False)
         assert_that(shards | beam.Map(lambda s: (s.number, s.ntotal, s.id_start, s.id_end)),
                     equal_to([(0, 1500, 0, 1500), (1, 1500, 1500, 3000)]))
+        tuned = shards | TuneShards(config)
+        assert_that(tuned | beam.Map(lambda t: (t["measured_on_shards"], t["target_reached"],
+                                                t["search_params"].startswith("nprobe="))),
+                    equal_to([([0, 1], True, True)]), label="Tuned")
     shard = faiss.read_index(str(tmp_path / "idx" / "shard-00001.faiss"))
     assert shard.ntotal == 1500 and faiss.extract_index_ivf(shard).nlist == 8
     assert sorted(UnitLedger(str(tmp_path / "idx")).done()) == ["shard-00000", "shard-00001"]
