@@ -98,7 +98,7 @@ def decode_or_defer(data: bytes, recipe: PixelRecipe, transform, device_decode: 
 
 
 def _resize_crop(image, recipe: PixelRecipe):
-    """A decoded CHW uint8 tensor -> the model's input size, as open_clip's Resize + CenterCrop do."""
+    """Decoded uint8 [..., C, H, W] tensors -> the model's input size, as open_clip's Resize + CenterCrop do."""
     from torchvision.transforms import InterpolationMode
     from torchvision.transforms.v2 import functional as F
 
@@ -145,9 +145,16 @@ def device_pixels(items: Sequence[np.ndarray | bytes], recipe: PixelRecipe, devi
             decoded = [_decode_one(tensor, device) for tensor in encoded]
     failed: dict[int, str] = {}
     fallbacks = 0
+    same_size: dict[tuple, list[int]] = {}  # images of one size are resized in one call
     for i, image in zip(jpegs, decoded, strict=True):
         if image is not None:
-            out[i] = _resize_crop(image, recipe)
+            same_size.setdefault(tuple(image.shape), []).append(i)
+            out[i] = image
+    for group in same_size.values():
+        for i, image in zip(group, _resize_crop(torch.stack([out[i] for i in group]), recipe), strict=True):
+            out[i] = image
+    for i, image in zip(jpegs, decoded, strict=True):
+        if image is not None:
             continue
         fallbacks += 1
         try:
