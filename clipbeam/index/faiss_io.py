@@ -4,13 +4,16 @@ Every shard starts as a copy of one trained empty index and receives vectors
 with global ids, so shards can be searched together and merged (or combined
 with faiss's merge_into). Index types that cannot take ids themselves (Flat,
 HNSW, PQ) are wrapped in IndexIDMap. Files are plain `faiss.write_index`
-output, streamed through fsspec (any URL) and memory-mapped when local.
+output, streamed through fsspec (any URL) and memory-mapped when local; their
+SHA-256 is computed while they are written, for index.json (see checksum.py).
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
+from dataclasses import dataclass
 
 import faiss
 import numpy as np
@@ -61,20 +64,30 @@ def train_index(index: faiss.Index, vectors: np.ndarray, use_gpu: bool | None = 
     return {"samples": int(len(vectors)), "seconds": round(seconds, 3), "device": device}
 
 
-def write_index(index: faiss.Index, url: str, storage_options: dict | None = None) -> int:
-    """Write `index` atomically to `url`, streamed (no second copy in memory); returns bytes written."""
+@dataclass(frozen=True)
+class WrittenFile:
+    """What index.json records of a file just written: its size and SHA-256."""
+
+    bytes: int
+    sha256: str
+
+
+def write_index(index: faiss.Index, url: str, storage_options: dict | None = None) -> WrittenFile:
+    """Write `index` atomically to `url`, streamed (no second copy in memory) and hashed on the way."""
     written = 0
+    digest = hashlib.sha256()
 
     with storage.atomic_open(url, "wb", storage_options) as handle:
         def sink(data: bytes) -> None:
             nonlocal written
             handle.write(data)
+            digest.update(data)
             written += len(data)
 
         writer = faiss.PyCallbackIOWriter(sink)
         faiss.write_index(index, writer)
         del writer
-    return written
+    return WrittenFile(written, digest.hexdigest())
 
 
 def read_index(url: str, storage_options: dict | None = None, mmap: bool = True,
