@@ -18,6 +18,8 @@ from typing import Any
 
 import numpy as np
 
+from clipbeam.models.images import DEFAULT_MAX_PIXELS
+
 # Search parameters a client may set, with the largest value accepted.
 PARAM_LIMITS = {"nprobe": 65_536, "efSearch": 16_384}
 MAX_TEXT_CHARS = 2_000
@@ -38,7 +40,7 @@ class Limits:
 
     max_k: int = 1000
     max_body_bytes: int = 16 * 1024 * 1024
-    max_pixels: int = 89_478_485
+    max_pixels: int = DEFAULT_MAX_PIXELS  # embed's cap
 
 
 @dataclass(frozen=True)
