@@ -239,3 +239,28 @@ def test_unreadable_manifest_is_one_line_and_writes_nothing(tmp_path, capsys, ca
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and message in lines[0], lines
     assert not out.exists()
+
+
+def test_compressed_tar_bomb_member_is_skipped_unread(tmp_path):
+    """A .tar.gz whose member inflates to 64 MB of zeros (a few KB on disk) fails before it is read."""
+    import io as _io
+    import tarfile
+
+    shard = tmp_path / "bomb.tar.gz"
+    with tarfile.open(shard, "w:gz", compresslevel=1) as tar:
+        info = tarfile.TarInfo("a.jpg")
+        info.size = 64 * 1024 * 1024
+        tar.addfile(info, _io.BytesIO(bytes(info.size)))
+        ok = imgs.jpeg(2)
+        info = tarfile.TarInfo("b.jpg")
+        info.size = len(ok)
+        tar.addfile(info, _io.BytesIO(ok))
+    assert shard.stat().st_size < 1024 * 1024
+    tracemalloc.start()
+    try:
+        got = records(shard, ReadLimits(max_member_bytes=1024 * 1024))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert "over --max-member-bytes" in got["a"]["error"] and "stage" not in got["b"]
+    assert peak < 8 * 1024 * 1024, peak
