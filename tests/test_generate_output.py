@@ -8,7 +8,7 @@ import shutil
 import apache_beam as beam
 import pyarrow.parquet as pq
 import pytest
-from apache_beam.testing.test_pipeline import TestPipeline
+from apache_beam.testing import test_pipeline
 from apache_beam.testing.util import assert_that, equal_to
 from PIL import Image
 from vqganhelpers import save_tiny_vqgan
@@ -43,7 +43,7 @@ def test_render_prompts_transform(tmp_path, vqgan_file):
                           settings=RenderSettings(cutn=2), image_prompts=(), output=str(tmp_path / "out"),
                           storage_options={}, animation="gif", metadata={"software": "test"},
                           ledger=UnitLedger(str(tmp_path / "out"), "renders"))
-    with TestPipeline() as pipeline:
+    with test_pipeline.TestPipeline() as pipeline:
         rendered, failed = pipeline | beam.Create(jobs) | RenderPrompts(config)
         assert_that(rendered | "RowIds" >> beam.Map(lambda r: (r["id"], r["path"], r["width"])),
                     equal_to([("00000-a-red-cube-s3", "images/00000-a-red-cube-s3.png", 16)]), label="rows")

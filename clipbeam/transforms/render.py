@@ -33,6 +33,7 @@ from clipbeam.layout.renders import (
 from clipbeam.models.images import load_image
 from clipbeam.models.prompts import parse_prompts
 from clipbeam.models.vqgan_clip import RenderSettings
+from clipbeam.storage import atomic_open, join, remove_if_present
 from clipbeam.transforms.render_plan import RenderJob
 
 LOG = logging.getLogger(__name__)
@@ -68,8 +69,6 @@ class RenderConfig:
 
 
 def _write_bytes(url: str, data: bytes, storage_options: dict | None) -> None:
-    from clipbeam.storage import atomic_open
-
     with atomic_open(url, "wb", storage_options) as handle:
         handle.write(data)
 
@@ -197,8 +196,6 @@ class RenderDoFn(beam.DoFn):
 
 
 def _join(config: RenderConfig, name: str) -> str:
-    from clipbeam.storage import join
-
     return join(config.output, name)
 
 
@@ -206,8 +203,6 @@ class _Frames:
     """The frames of one render with --save-every, written as they come, then the animation."""
 
     def __init__(self, config: RenderConfig, job: RenderJob) -> None:
-        from clipbeam.storage import remove_if_present
-
         self.config, self.job = config, job
         self.pixels: list = []
         self.names: list[str] = []
@@ -269,8 +264,6 @@ class WriteRenderTables(beam.PTransform):
         self.previous_rows = previous_rows
 
     def expand(self, rendered):
-        from clipbeam.storage import join
-
         rows, failures = rendered
         previous = rows.pipeline | "Completed" >> beam.Create(self.previous_rows)
         written = (
