@@ -76,17 +76,18 @@ def test_reduced_scale_decode_only_for_large_jpegs(clip):
 def test_device_decode_path_matches_cpu_and_counts_fallbacks(clip):
     recipe = PixelRecipe(preprocess_config(SPEC), 10**8)
     transform = uint8_transform(recipe)
-    jpeg, png, rotated = photo(200, 1), imgs.png(8), imgs.exif_rotated_jpeg(9)
-    deferred = [decode_or_defer(data, recipe, transform, device_decode=True) for data in (jpeg, png, rotated)]
+    jpeg, png, rotated, twin = photo(200, 1), imgs.png(8), imgs.exif_rotated_jpeg(9), photo(200, 2)
+    sources = (jpeg, png, rotated, twin)  # jpeg and twin share a size: resized in one call
+    deferred = [decode_or_defer(data, recipe, transform, device_decode=True) for data in sources]
     assert deferred[0].jpeg == jpeg and deferred[0].pixels is None
     assert (deferred[0].width, deferred[0].height) == (300, 200)
     assert deferred[1].jpeg is None and deferred[2].jpeg is None  # not JPEG / EXIF-rotated: CPU path
     items = [d.jpeg if d.jpeg is not None else d.pixels for d in deferred]
     batch = device_pixels(items, recipe, "cpu", transform)
-    assert batch.pixels.dtype == torch.uint8 and tuple(batch.pixels.shape) == (3, 3, 64, 64)
+    assert batch.pixels.dtype == torch.uint8 and tuple(batch.pixels.shape) == (4, 3, 64, 64)
     assert batch.fallbacks == 0 and batch.failed == {}
     ours = encode_pixels(clip, batch.pixels, recipe.mean, recipe.std)
-    cpu = np.stack([decode_on_cpu(d, recipe, transform).pixels for d in (jpeg, png, rotated)])
+    cpu = np.stack([decode_on_cpu(d, recipe, transform).pixels for d in sources])
     assert cosines(ours, encode_pixels(clip, torch.from_numpy(cpu), recipe.mean, recipe.std)).min() >= 0.999
     # a JPEG the device decoder rejects goes to the CPU path (counted); one that fails there too is
     # reported (PIL's own message: the CPU path really ran), and the rest of the batch goes on
