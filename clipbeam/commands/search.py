@@ -21,6 +21,7 @@ from clipbeam.commands.query_model import add_query_model_arguments, load_query_
 from clipbeam.errors import UsageError
 from clipbeam.index import ShardedIndex
 from clipbeam.index.manifest import query_model
+from clipbeam.models.images import DEFAULT_MAX_PIXELS, DecodeError, load_image
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -48,18 +49,31 @@ def _load_vectors(url: str, storage_options: dict) -> np.ndarray:
     return vectors[None, :] if vectors.ndim == 1 else vectors
 
 
-def _encode_images(clip, urls: list[str], storage_options: dict) -> np.ndarray:
+def _corpus_decoding(index: ShardedIndex) -> tuple[int, bool]:
+    """(max_pixels, reduced-scale JPEG decoding) as embed used them for the indexed corpus, so that a query
+    photo is decoded as its copy in the corpus was (older manifests: exact decoding)."""
+    for source in index.manifest.get("embeddings", []):
+        info = source.get("manifest") or {}
+        if info.get("model"):
+            return int(info.get("max_pixels") or DEFAULT_MAX_PIXELS), bool(info.get("fast_decode", False))
+    return DEFAULT_MAX_PIXELS, False
+
+
+def _encode_images(clip, urls: list[str], index: ShardedIndex, storage_options: dict) -> np.ndarray:
     """Query images -> vectors, decoded and preprocessed exactly as `clipbeam embed` does corpus images."""
     import torch
 
     from clipbeam.models.clip import encode_images, image_preprocessor, preprocess_config
-    from clipbeam.models.images import DecodeError, load_image
 
-    preprocess = image_preprocessor(preprocess_config(clip.spec))
+    cfg = preprocess_config(clip.spec)
+    max_pixels, fast_decode = _corpus_decoding(index)
+    size = cfg["size"]
+    min_side = (size if isinstance(size, int) else min(size)) if fast_decode else None
+    preprocess = image_preprocessor(cfg)
     pixels = []
     for url in urls:
         try:
-            image = load_image(url, storage_options)
+            image = load_image(url, storage_options, max_pixels, min_side)
         except FileNotFoundError:
             raise UsageError(f"--image {url} does not exist") from None
         except DecodeError as exc:
@@ -82,7 +96,7 @@ def queries_from_args(args: argparse.Namespace, index: ShardedIndex,
     clip = load_query_model(query_spec(args, query_model(index.manifest)), index.dim, storage_options)
     if args.text:
         return list(args.text), encode_texts(clip, args.text)
-    return list(args.image), _encode_images(clip, args.image, storage_options)
+    return list(args.image), _encode_images(clip, args.image, index, storage_options)
 
 
 def run(args: argparse.Namespace, beam_args: list[str]) -> int:

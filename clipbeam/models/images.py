@@ -1,4 +1,6 @@
-"""Image and caption bytes -> what CLIP expects, or a clear reason why not (no Beam: queries, renders and corpora share it).
+"""Image and caption bytes -> what CLIP expects, or a clear reason why not.
+
+No Beam: corpora, search queries and render inputs share it.
 
 Handles what real corpora hold: EXIF orientation, CMYK, 16-bit and float
 images, palettes, alpha (composited on white, not dropped to black), animated
@@ -114,20 +116,21 @@ def _header(image: Image.Image) -> ImageHeader:
     return ImageHeader(image.format, width, height, orientation not in (1, 0))
 
 
-def load_image(url: str, storage_options: dict | None = None,
-               max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+def load_image(url: str, storage_options: dict | None = None, max_pixels: int = DEFAULT_MAX_PIXELS,
+               min_side: int | None = None) -> Image.Image:
     """A single image file (a search query, an init image, an image prompt) -> RGB.
 
-    Decoded by `decode_image`, exactly as corpus images are, so a query photo
+    Decoded by `decode_sized`, exactly as corpus images are, so a query photo
     and the same photo inside a corpus give the same pixels (EXIF orientation,
-    alpha on white, the pixel cap). Raises FileNotFoundError for a missing
-    file and DecodeError for bytes that are not a usable image.
+    alpha on white, the pixel cap; `min_side` as embed's reduced-scale JPEG
+    decoding when the corpus was embedded with it). Raises FileNotFoundError
+    for a missing file and DecodeError for bytes that are not a usable image.
     """
     from clipbeam.storage import open_input
 
     with open_input(url, storage_options) as handle:
         data = handle.read()
-    return decode_image(data, max_pixels)
+    return decode_sized(data, max_pixels, min_side)[0]
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
