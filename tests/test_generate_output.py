@@ -104,3 +104,15 @@ def test_query_images_decode_like_corpus_images(tmp_path, vqgan_file):
     assert generate(out, vqgan_file, "--init-image", str(tmp_path / "rotated.jpg"),
                     "--image-prompt", f"{tmp_path / 'alpha.png'}:0.5") == 0
     assert pq.read_table(out / "renders.parquet").num_rows == 2
+
+
+def test_more_prompts_and_seeds_resume_with_the_same_settings(tmp_path, vqgan_file, capsys):
+    out = tmp_path / "out"
+    assert generate(out, vqgan_file, "--seeds", "0") == 0
+    first = (out / "images" / "00000-a-green-tree-s0.png").stat().st_mtime_ns
+    capsys.readouterr()
+    assert generate(out, vqgan_file, "--prompt", "a red house") == 0  # seeds 0,1 and a second prompt
+    assert "(1 resumed, 3 rendered now)" in capsys.readouterr().err
+    assert (out / "images" / "00000-a-green-tree-s0.png").stat().st_mtime_ns == first
+    assert pq.read_table(out / "renders.parquet").column("id").to_pylist() == [
+        "00000-a-green-tree-s0", "00000-a-green-tree-s1", "00001-a-red-house-s0", "00001-a-red-house-s1"]
