@@ -264,3 +264,15 @@ def test_compressed_tar_bomb_member_is_skipped_unread(tmp_path):
         tracemalloc.stop()
     assert "over --max-member-bytes" in got["a"]["error"] and "stage" not in got["b"]
     assert peak < 8 * 1024 * 1024, peak
+
+
+def test_jsonl_rows_may_add_fields_as_they_go(tmp_path):
+    """JSON lines whose later rows add a field (pyarrow's streaming reader refuses them; parts do not)."""
+    (tmp_path / "a.jpg").write_bytes(imgs.jpeg(1))
+    rows = [{"image": "a.jpg", "caption": f"c{i}"} for i in range(9)] + [{"image": "a.jpg", "extra": 5, "uid": "x"}]
+    jsonl = write_rows(tmp_path / "rows.jsonl", rows, "jsonl")
+    parts = plan_parts([jsonl], rows_per_part=4, columns=ManifestColumns(id="uid"))
+    assert [(p.start, p.stop) for p in parts] == [(0, 4), (4, 8), (8, 10)]
+    got = [r for i, p in enumerate(parts) for r in read_part(i, p, None, ManifestColumns(id="uid"))]
+    assert len(got) == 10 and not any("stage" in r for r in got)
+    assert got[-1]["id"] == "x" and got[-1]["meta"]["extra"] == 5

@@ -151,63 +151,57 @@ def pair_captions(files: list[str]) -> list[tuple[str, str | None]]:
 
 
 def check_manifest(url: str, storage_options: dict | None, columns: ManifestColumns | None,
-                   rows_per_part: int) -> tuple[int, tuple[int, ...] | None]:
-    """A manifest's row count and its parts' byte offsets (manifest_table.part_offsets), after
-    checking that it parses and has the columns asked for.
+                   rows_per_part: int):
+    """A manifest's ManifestInfo (rows, schema, part offsets, ids), after checking that every row
+    parses and that it has the columns asked for.
 
     Runs before any pipeline starts, so a corrupt Parquet file, a malformed
     CSV or a missing --image-column is one line and exit 2, not a run that
     writes a failure row for every sample.
     """
-    from clipbeam.transforms.manifest_table import choose_columns, manifest_schema, part_offsets
+    from clipbeam.transforms.manifest_table import choose_columns, inspect_manifest
 
     columns = columns or ManifestColumns()
     try:
-        choose_columns(manifest_schema(url, storage_options), columns.image, columns.caption, columns.id, url)
-        return part_offsets(url, storage_options, rows_per_part)
+        info = inspect_manifest(url, storage_options, rows_per_part, columns.id)
     except UsageError:
         raise
     except Exception as exc:  # ArrowInvalid, OSError, UnicodeDecodeError: the file is not a readable table
         first = (str(exc).strip().splitlines() or [""])[0][:300]
         raise UsageError(f"cannot read manifest {url}: {exc.__class__.__name__}: {first}") from None
+    choose_columns(info.schema, columns.image, columns.caption, columns.id, url)
+    return info
 
 
-def duplicate_ids(manifests: list[tuple[str, str]], id_column: str, storage_options: dict | None
-                  ) -> dict[str, dict[int, str]]:
+def duplicate_ids(manifests: list[tuple[str, str]], ids: dict) -> dict[str, dict[int, str]]:
     """{url: {row: reason}} for every manifest row whose id an earlier row (of any manifest) already has.
 
-    The first row with an id keeps it; each later one becomes a read failure
+    `ids` holds each manifest's id column as strings (ManifestInfo.ids). The
+    first row with an id keeps it; each later one becomes a read failure
     "duplicate id X, first at row N of LABEL", so that ids stay unique and a
-    rerun can finish. Only the id column is read (projected).
+    rerun can finish.
     """
     import pyarrow as pa
     import pyarrow.compute as pc
 
-    from clipbeam.transforms.manifest_table import read_column
-
-    ids, owners = [], []
-    for number, (url, _) in enumerate(manifests):
-        column = pc.cast(read_column(url, storage_options, id_column), pa.string())
-        ids.append(column)
-        owners.append(pa.array([number] * len(column), pa.int32()))
-    if not ids:
+    columns = [ids[url] for url, _ in manifests]
+    if not columns:
         return {}
-    table = pa.table({"id": pa.chunked_array([c for col in ids for c in col.chunks], pa.string()),
+    owners = [pa.array([n] * len(col), pa.int32()) for n, col in enumerate(columns)]
+    table = pa.table({"id": pa.chunked_array([c for col in columns for c in col.chunks], pa.string()),
                       "owner": pa.chunked_array(owners),
-                      "row": pa.chunked_array([pa.array(range(len(col)), pa.int64()) for col in ids])})
+                      "row": pa.chunked_array([pa.array(range(len(col)), pa.int64()) for col in columns])})
     table = table.filter(pc.is_valid(table["id"]))
     counts = table.group_by("id").aggregate([("id", "count")])
     repeated = counts.filter(pc.greater(counts["id_count"], 1))["id"]
     out: dict[str, dict[int, str]] = {}
     first: dict[str, tuple[int, int]] = {}
     for row in table.filter(pc.is_in(table["id"], value_set=repeated)).to_pylist():
-        where = (row["owner"], row["row"])
         if row["id"] not in first:
-            first[row["id"]] = where
+            first[row["id"]] = (row["owner"], row["row"])
             continue
         owner, first_row = first[row["id"]]
-        url = manifests[row["owner"]][0]
-        out.setdefault(url, {})[row["row"]] = (
+        out.setdefault(manifests[row["owner"]][0], {})[row["row"]] = (
             f"duplicate id {row['id']}, first at row {first_row} of {manifests[owner][1]}")
     return out
 
@@ -230,15 +224,15 @@ def plan_parts(
     manifests = sorted((url, labels[url]) for url, kind in sources if kind == "manifest")
     if rows_per_part <= 0:
         raise UsageError("--rows-per-part must be positive")
-    layouts = {url: check_manifest(url, storage_options, columns, rows_per_part) for url, _ in manifests}
-    repeated = duplicate_ids(manifests, columns.id, storage_options) if columns and columns.id else {}
+    infos = {url: check_manifest(url, storage_options, columns, rows_per_part) for url, _ in manifests}
+    repeated = duplicate_ids(manifests, {u: i.ids for u, i in infos.items()}) if columns and columns.id else {}
     parts: list[PartSpec] = []
     for url, kind in sources:
         label = labels[url]
         if kind == "webdataset":
             parts.append(PartSpec("tar", url, label))
         elif kind == "manifest":
-            (total, offsets), dups = layouts[url], repeated.get(url, {})
+            total, offsets, dups = infos[url].rows, infos[url].offsets, repeated.get(url, {})
             parts.extend(PartSpec("manifest", url, label, a, b,
                                   duplicates=tuple((r, dups[r]) for r in range(a, b) if r in dups),
                                   byte_range=(offsets[k], offsets[k + 1]) if offsets else None)

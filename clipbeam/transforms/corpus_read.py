@@ -219,11 +219,23 @@ def read_capped(fs, path: str, max_bytes: int) -> bytes:
     return data
 
 
+def _with_named_columns(table, columns):
+    """JSON lines may hold a field only in some rows, so a part may lack a column that planning found
+    in the manifest (corpus_plan.check_manifest): here it reads as nulls."""
+    import pyarrow as pa
+
+    for name in (columns.image, columns.caption, columns.id) if columns else ():
+        if name and name not in table.column_names:
+            table = table.append_column(name, pa.nulls(table.num_rows))
+    return table
+
+
 def _read_manifest(index: int, spec: PartSpec, storage_options: dict | None, columns,
                    limits: ReadLimits) -> Iterator[dict]:
     source = spec.url
     try:
-        table = read_manifest_table(spec.url, storage_options, spec.start, spec.stop, spec.byte_range)
+        table = _with_named_columns(read_manifest_table(spec.url, storage_options, spec.start, spec.stop,
+                                                        spec.byte_range), columns)
         image_col, caption_col, id_col = choose_columns(
             table.schema, columns.image if columns else None, columns.caption if columns else None,
             columns.id if columns else None, spec.url)

@@ -5,11 +5,18 @@ parts decode their row groups in small batches through a buffered reader (a
 100-row part of a 20k-row, one-row-group file no longer holds the group), and
 CSV/JSONL parts read just their own byte range, found when the run is
 planned (text_rows.py). A part's memory follows its own size, not the file's.
+
+Planning inspects each manifest once (`inspect_manifest`): Parquet from its
+footer; a text manifest is scanned for its parts' offsets and every part is
+parsed exactly as its reader will parse it, so a malformed row anywhere stops
+the run before it starts, and the schema covers every row (JSON lines may
+add fields as they go).
 """
 
 from __future__ import annotations
 
-import itertools
+import io
+from dataclasses import dataclass
 from typing import Iterator
 
 import pyarrow as pa
@@ -21,9 +28,17 @@ from clipbeam.transforms import text_rows
 IMAGE_COLUMN_GUESSES = ("image", "image_path", "img", "path", "filepath", "file", "url", "image_url", "jpg")
 CAPTION_COLUMN_GUESSES = ("caption", "text", "txt", "title", "prompt")
 BATCH_ROWS = 4096
-BLOCK_BYTES = 1 << 20
 PARQUET_BUFFER = 1 << 20
-SCHEMA_SAMPLE_ROWS = 1000
+
+
+@dataclass(frozen=True)
+class ManifestInfo:
+    """What planning needs of one manifest."""
+
+    rows: int
+    schema: pa.Schema
+    offsets: tuple[int, ...] | None  # CSV/JSONL: byte offset of each part's first row, then the end
+    ids: pa.ChunkedArray | None  # the id column as strings, when one was asked for and exists
 
 
 def manifest_kind(url: str) -> str:
@@ -37,60 +52,7 @@ def manifest_kind(url: str) -> str:
     raise UsageError(f"unknown manifest type: {url} (expected .parquet, .csv or .jsonl)")
 
 
-def _batches(handle, kind: str, columns: list[str] | None = None, batch_rows: int = BATCH_ROWS
-             ) -> Iterator[pa.RecordBatch]:
-    """The table's record batches in order, never more than one block in memory."""
-    if kind == "parquet":
-        import pyarrow.parquet as pq
-
-        pfile = pq.ParquetFile(handle, buffer_size=PARQUET_BUFFER, pre_buffer=False)
-        yield from pfile.iter_batches(batch_size=batch_rows, columns=columns)
-        return
-    # A buffered Arrow stream over the Python file: handed the file itself, Arrow's reader
-    # pulls it through Python in large reads (most of a 20 MB CSV at once).
-    stream = pa.input_stream(handle, buffer_size=BLOCK_BYTES)
-    if kind == "csv":
-        import pyarrow.csv as pacsv
-
-        convert = pacsv.ConvertOptions(include_columns=columns) if columns else None
-        reader = pacsv.open_csv(stream, read_options=pacsv.ReadOptions(block_size=BLOCK_BYTES, use_threads=False),
-                                convert_options=convert)
-    else:
-        import pyarrow.json as pajson
-
-        reader = pajson.open_json(stream, read_options=pajson.ReadOptions(block_size=BLOCK_BYTES))
-    for batch in reader:
-        yield batch.select(columns) if columns else batch
-
-
-def read_manifest_table(url: str, storage_options: dict | None, start: int = 0, stop: int | None = None,
-                        byte_range: tuple[int, int] | None = None) -> pa.Table:
-    """Rows [start, stop) of a Parquet, CSV or JSONL table as a pyarrow Table.
-
-    Parquet skips whole row groups before `start` from the footer and decodes
-    the rest in small batches. CSV and JSONL read only `byte_range` (the
-    part's own bytes, found by planning: text_rows.scan) and parse just those;
-    without one, they stream from the start and stop at `stop`.
-    """
-    kind = manifest_kind(url)
-    fs, path = get_fs(url, storage_options)
-    with fs.open(path, "rb") as handle:
-        if kind == "parquet":
-            return _parquet_rows(handle, start, stop)
-        if byte_range is None:
-            return _collect(_batches(handle, kind, batch_rows=BATCH_ROWS), start, stop)
-        header = text_rows.header_record(handle) if kind == "csv" else b""
-        data = text_rows.read_range(handle, *byte_range)
-    table = _parse_text(header + data, kind)
-    if stop is not None and table.num_rows != stop - start:
-        raise ValueError(f"{url} changed since the run was planned ({table.num_rows} rows where "
-                         f"{stop - start} were planned)")
-    return table
-
-
 def _parse_text(data: bytes, kind: str) -> pa.Table:
-    import io
-
     if kind == "csv":
         import pyarrow.csv as pacsv
 
@@ -100,44 +62,83 @@ def _parse_text(data: bytes, kind: str) -> pa.Table:
     return pajson.read_json(io.BytesIO(data))
 
 
-def part_offsets(url: str, storage_options: dict | None, rows_per_part: int) -> tuple[int, tuple[int, ...] | None]:
-    """(rows, byte offsets of each part's first row plus the end) of a manifest; None for Parquet,
-    whose parts find their rows from the footer. A text manifest is parsed whole once here (so a
-    malformed row anywhere stops the run before it starts) and scanned for its row offsets."""
+def _ids(table: pa.Table, column: str | None) -> pa.ChunkedArray | None:
+    if column is None or column not in table.column_names:
+        return None
+    return table.column(column).cast(pa.string())
+
+
+def inspect_manifest(url: str, storage_options: dict | None, rows_per_part: int,
+                     id_column: str | None = None) -> ManifestInfo:
+    """Rows, schema, part offsets (text) and ids (when `id_column` is given) of one manifest."""
     kind = manifest_kind(url)
     fs, path = get_fs(url, storage_options)
     with fs.open(path, "rb") as handle:
         if kind == "parquet":
             import pyarrow.parquet as pq
 
-            return pq.ParquetFile(handle).metadata.num_rows, None
-        parsed = sum(batch.num_rows for batch in _batches(handle, kind))  # every row parses, or an error
-    with fs.open(path, "rb") as handle:  # (Arrow's stream closed the first handle)
-        layout = text_rows.scan(handle, quoted=kind == "csv", header=kind == "csv", every=rows_per_part)
-    if layout.rows != parsed:
-        raise UsageError(f"cannot cut manifest {url} into parts: pyarrow reads {parsed} rows where "
-                         f"{layout.rows} records were found")
-    return layout.rows, layout.offsets
+            pfile = pq.ParquetFile(handle)
+            has_id = id_column in pfile.schema_arrow.names
+            ids = _ids(pfile.read(columns=[id_column]), id_column) if has_id else None
+            return ManifestInfo(pfile.metadata.num_rows, pfile.schema_arrow, None, ids)
+        quoted = kind == "csv"
+        layout = text_rows.scan(handle, quoted=quoted, header=quoted, every=rows_per_part)
+        header = text_rows.header_record(handle) if quoted else b""
+        schemas, id_chunks = [], []
+        for number, (start, stop) in enumerate(zip(layout.offsets, layout.offsets[1:], strict=False)):
+            part = _parse_text(header + text_rows.read_range(handle, start, stop), kind)
+            planned = min(rows_per_part, layout.rows - number * rows_per_part)
+            if part.num_rows != planned:
+                raise UsageError(f"cannot cut manifest {url} into parts: part {number} parses to "
+                                 f"{part.num_rows} rows where {planned} records were found")
+            schemas.append(part.schema)
+            found = _ids(part, id_column)
+            id_chunks += found.chunks if found is not None else [pa.nulls(part.num_rows, pa.string())]
+    if not schemas and header:
+        schemas.append(_parse_text(header, kind).schema)
+    schema = pa.unify_schemas(schemas, promote_options="permissive") if schemas else pa.schema([])
+    ids = pa.chunked_array(id_chunks, pa.string()) if id_column in schema.names else None
+    return ManifestInfo(layout.rows, schema, layout.offsets, ids)
 
 
-def _collect(batches: Iterator[pa.RecordBatch], start: int, stop: int | None, offset: int = 0,
-             schema: pa.Schema | None = None) -> pa.Table:
+def read_manifest_table(url: str, storage_options: dict | None, start: int = 0, stop: int | None = None,
+                        byte_range: tuple[int, int] | None = None) -> pa.Table:
+    """Rows [start, stop) of a Parquet, CSV or JSONL table as a pyarrow Table.
+
+    Parquet skips whole row groups before `start` from the footer and decodes
+    the rest in small batches. CSV and JSONL read only `byte_range`, the
+    part's own bytes as `inspect_manifest` found them, and parse just those.
+    """
+    kind = manifest_kind(url)
+    if kind != "parquet" and byte_range is None:
+        raise ValueError(f"{url}: a CSV/JSONL part needs its byte range (from plan_parts)")
+    fs, path = get_fs(url, storage_options)
+    with fs.open(path, "rb") as handle:
+        if kind == "parquet":
+            return _parquet_rows(handle, start, stop)
+        header = text_rows.header_record(handle) if kind == "csv" else b""
+        data = text_rows.read_range(handle, *byte_range)
+    table = _parse_text(header + data, kind)
+    if stop is not None and table.num_rows != stop - start:
+        raise ValueError(f"{url} changed since the run was planned ({table.num_rows} rows where "
+                         f"{stop - start} were planned)")
+    return table
+
+
+def _collect(batches: Iterator[pa.RecordBatch], start: int, stop: int, offset: int, schema: pa.Schema) -> pa.Table:
     """The rows [start, stop) of a batch stream whose first row is row `offset`."""
     kept = []
     for batch in batches:
-        schema = schema or batch.schema
         end = offset + batch.num_rows
         if end > start:
             lo = max(start - offset, 0)
-            hi = batch.num_rows if stop is None else min(stop - offset, batch.num_rows)
+            hi = min(stop - offset, batch.num_rows)
             if hi > lo:
                 kept.append(batch.slice(lo, hi - lo))
         offset = end
-        if stop is not None and offset >= stop:
+        if offset >= stop:
             break
-    if kept:
-        return pa.Table.from_batches(kept)
-    return schema.empty_table() if schema is not None else pa.table({})
+    return pa.Table.from_batches(kept) if kept else schema.empty_table()
 
 
 def _parquet_rows(handle, start: int, stop: int | None) -> pa.Table:
@@ -159,30 +160,7 @@ def _parquet_rows(handle, start: int, stop: int | None) -> pa.Table:
         return pfile.schema_arrow.empty_table()
     batch_rows = max(1, min(BATCH_ROWS, stop - start))
     batches = pfile.iter_batches(batch_size=batch_rows, row_groups=groups)
-    return _collect(batches, start, stop, offset=first_row, schema=pfile.schema_arrow)
-
-
-def manifest_schema(url: str, storage_options: dict | None) -> pa.Schema:
-    """A manifest's column names and types (Parquet: the footer; CSV/JSONL: the header and first rows)."""
-    kind = manifest_kind(url)
-    fs, path = get_fs(url, storage_options)
-    with fs.open(path, "rb") as handle:
-        if kind == "parquet":
-            import pyarrow.parquet as pq
-
-            return pq.ParquetFile(handle).schema_arrow
-        found = text_rows.records(handle, quoted=kind == "csv")
-        head = b"".join(record for _, record in itertools.islice(found, SCHEMA_SAMPLE_ROWS))
-    return _parse_text(head, kind).schema if head else pa.schema([])
-
-
-def read_column(url: str, storage_options: dict | None, column: str) -> pa.ChunkedArray:
-    """One column of a whole manifest (projected: Parquet and CSV read no other column)."""
-    kind = manifest_kind(url)
-    fs, path = get_fs(url, storage_options)
-    with fs.open(path, "rb") as handle:
-        chunks = [batch.column(0) for batch in _batches(handle, kind, columns=[column])]
-    return pa.chunked_array(chunks) if chunks else pa.chunked_array([], pa.null())
+    return _collect(batches, start, stop, first_row, pfile.schema_arrow)
 
 
 def choose_columns(schema: pa.Schema, image: str | None, caption: str | None, id_column: str | None,
