@@ -14,13 +14,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 import yaml
+from vqganhelpers import PUBLIC_CONFIGS, reference_keys, save_tiny_vqgan, tiny_config, tiny_vqgan
 
 from clipbeam.cli import main
 from clipbeam.errors import UsageError
 from clipbeam.models import vqgan_checkpoint as ckpt
 from clipbeam.models.vqgan import AttnBlock, Downsample, build_vqgan, config_from_dict, config_from_yaml
 from clipbeam.models.vqgan_checkpoint import load_vqgan, resolve_vqgan, save_vqgan
-from vqganhelpers import PUBLIC_CONFIGS, reference_keys, save_tiny_vqgan, tiny_config, tiny_vqgan
 
 
 @pytest.mark.parametrize("name", sorted(PUBLIC_CONFIGS))

@@ -20,9 +20,9 @@ from dataclasses import dataclass
 from typing import Iterator
 
 from clipbeam.errors import UsageError
+from clipbeam.models.images import DEFAULT_MAX_PIXELS, decode_caption, decode_image
 from clipbeam.transforms.corpus_plan import ManifestColumns, PartSpec, plan_parts
 from clipbeam.transforms.corpus_read import read_part
-from clipbeam.models.images import DEFAULT_MAX_PIXELS, decode_caption, decode_image
 
 LOG = logging.getLogger(__name__)
 
