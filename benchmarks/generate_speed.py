@@ -85,7 +85,7 @@ def our_loop(renderer, size: int, cutn: int, steps: int, lr: float) -> list[floa
     start = time.perf_counter()
     renderer.render(parse_prompts("a red cube"), seed=0, steps=steps, width=size, height=size,
                     settings=RenderSettings(cutn=cutn, lr=lr), progress=progress)
-    return [b - a for a, b in zip([start] + stamps[:-1], stamps)]
+    return [b - a for a, b in zip([start] + stamps[:-1], stamps, strict=True)]
 
 
 def main() -> int:

@@ -60,10 +60,10 @@ def search_panels(index_dir: str, images: dict) -> list[SearchPanel]:
     clip = load_clip(ClipSpec("shapes-clip", "shapes", device="cpu"))
     scores, ids = index.search(encode_texts(clip, list(QUERIES)), k=10)
     panels = []
-    for query, row_scores, row_ids in zip(QUERIES, scores, ids):
+    for query, row_scores, row_ids in zip(QUERIES, scores, ids, strict=True):
         rows = index.lookup(row_ids)
         hits = [Hit(rank + 1, float(score), row["id"], row.get("caption"), images[row["id"]])
-                for rank, (score, row) in enumerate(zip(row_scores, rows))]
+                for rank, (score, row) in enumerate(zip(row_scores, rows, strict=True))]
         precision = sum(hit.caption == query for hit in hits) / len(hits)
         panels.append(SearchPanel(query, hits, precision))
     return panels

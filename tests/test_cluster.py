@@ -25,16 +25,16 @@ import time
 from pathlib import Path
 
 import grpc
+import imagefactory as imgs
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import s3fs
 import webdataset as wds
 from apache_beam.portability.api import beam_job_api_pb2, beam_job_api_pb2_grpc
+from cluster import LoopbackCluster
 from PIL import Image
 
-import imagefactory as imgs
-from cluster import LoopbackCluster
 from clipbeam.cli import COMMANDS, main
 
 TINY = ["--model", "clipbeam-tiny", "--pretrained", "none", "--seed", "0"]
@@ -137,7 +137,7 @@ def assert_same(a, b, where: str = "") -> None:
             assert_same(a[key], b[key], f"{where}/{key}")
     elif isinstance(a, list) and isinstance(b, list):
         assert len(a) == len(b), f"{where}: {len(a)} items != {len(b)}"
-        for i, (x, y) in enumerate(zip(a, b)):
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
             assert_same(x, y, f"{where}[{i}]")
     else:
         assert a == b, f"{where}: {str(a)[:200]} != {str(b)[:200]}"
@@ -262,7 +262,8 @@ def test_killed_pool_then_rerun_completes_only_the_missing_parts(cluster, s3_ser
     assert f"{parts} ({len(done)} skipped as done)" in rerun.stderr
     fs.invalidate_cache()
     # the parts finished before the kill were not written again
-    assert {name: fs.info(f"{out}/embeddings/{name.replace('.json', '.parquet')}")["LastModified"] for name in done} == kept
+    parquet = {name: f"{out}/embeddings/{name.replace('.json', '.parquet')}" for name in done}
+    assert {name: fs.info(path)["LastModified"] for name, path in parquet.items()} == kept
     names = sorted(p.rsplit("/", 1)[1] for p in fs.ls(f"{out}/embeddings", detail=False))
     assert names == [f"part-{i:05d}.parquet" for i in range(parts)]  # no temp files left by the killed worker
 

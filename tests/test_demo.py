@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+from browser import open_page
 from PIL import Image
 
-from browser import open_page
 from clipbeam.demo import QUERIES, RENDER_PROMPTS, run_demo
 
 

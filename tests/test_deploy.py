@@ -11,14 +11,14 @@ import argparse
 import importlib
 import re
 import sys
-import tomllib
 from pathlib import Path
 
 import apache_beam as beam
+import imagefactory as imgs
 import pytest
+import tomllib
 import webdataset as wds
 
-import imagefactory as imgs
 from clipbeam.cli import COMMANDS, main
 
 REPO = Path(__file__).resolve().parents[1]
@@ -97,7 +97,8 @@ def corpus(tmp_path_factory):
 
 # command -> (arguments minus --output, the steps that must get the GPU and only they)
 HINTED = {
-    "embed": (lambda c: ["embed", "--input", c["shards"], *TINY, "--batch-size", "4", "--no-progress"], ["EmbedCorpus/Embed"]),
+    "embed": (lambda c: ["embed", "--input", c["shards"], *TINY, "--batch-size", "4", "--no-progress"],
+              ["EmbedCorpus/Embed"]),
     "generate": (lambda c: ["generate", "--prompt", "a red square", "--vqgan", c["vqgan"], "--steps", "1",
                             "--cutn", "2", "--size", "16", "16", *TINY], ["Render"]),
 }

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import os
 
-import numpy as np
-
 import imagefactory as imgs
+import numpy as np
 from embedhelpers import embed, manifest, read_failures, read_rows, write_tar
 
 

@@ -6,15 +6,14 @@ import io
 import json
 import os
 
+import imagefactory as imgs
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
 import webdataset as wds
-from PIL import Image
-
-import imagefactory as imgs
 from embedhelpers import embed, manifest, read_rows, write_tar
+from PIL import Image
 
 
 @pytest.fixture(scope="module")

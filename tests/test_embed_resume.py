@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import os
 
+import imagefactory as imgs
 import pytest
 import webdataset as wds
-
-import imagefactory as imgs
 from embedhelpers import embed, manifest, read_rows
+
 from clipbeam.cli import main
 
 

@@ -5,11 +5,10 @@ from __future__ import annotations
 
 import json
 
+import imagefactory as imgs
 import pytest
 import s3fs
 import webdataset as wds
-
-import imagefactory as imgs
 from embedhelpers import embed, read_rows
 
 

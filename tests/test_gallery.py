@@ -5,9 +5,9 @@ from __future__ import annotations
 import os
 
 import numpy as np
+from browser import open_page
 from PIL import Image
 
-from browser import open_page
 from clipbeam.gallery import Classification, Gallery, Hit, RenderPanel, SearchPanel, write_gallery
 
 

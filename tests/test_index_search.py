@@ -3,10 +3,10 @@
 import json
 
 import numpy as np
+from synthetic_embeddings import clustered, write_embed_output
 
 from clipbeam.cli import main
 from clipbeam.models.clip import ClipSpec, encode_texts, load_clip
-from synthetic_embeddings import clustered, write_embed_output
 
 
 def test_search_vectors_and_text(tmp_path, capsys):

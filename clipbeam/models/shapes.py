@@ -131,7 +131,7 @@ def outline(shape: str, cx: float, cy: float, radius: float, rotation: float) ->
     else:
         raise ValueError(f"no polygon for {shape!r}")
     points = []
-    for angle, r in zip(angles, radii):
+    for angle, r in zip(angles, radii, strict=True):
         theta = math.radians(angle + rotation)
         points.append((cx + r * math.cos(theta), cy + r * math.sin(theta)))
     return points

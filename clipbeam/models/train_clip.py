@@ -99,12 +99,12 @@ class ClipTask:
     def tokens(self, captions: list[str]) -> torch.Tensor:
         missing = [c for c in dict.fromkeys(captions) if c not in self._tokens]
         if missing:
-            for caption, row in zip(missing, self.tokenizer(missing)):
+            for caption, row in zip(missing, self.tokenizer(missing), strict=True):
                 self._tokens[caption] = row
         return torch.stack([self._tokens[c] for c in captions]).to(self.device)
 
     def step(self, images: list, captions: list[str | None]) -> tuple[torch.Tensor, dict[str, float]]:
-        pairs = [(image, caption) for image, caption in zip(images, captions) if caption]
+        pairs = [(image, caption) for image, caption in zip(images, captions, strict=True) if caption]
         pixels = torch.stack([self.preprocess(image) for image, _ in pairs]).to(self.device)
         texts = [caption for _, caption in pairs]
         with torch.no_grad():

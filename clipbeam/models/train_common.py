@@ -155,7 +155,7 @@ def write_history(output: str, history: Sequence[dict], storage_options: dict | 
 
     fig, axes = plt.subplots(len(plotted), 1, figsize=(7, 2.2 * len(plotted)), sharex=True, squeeze=False)
     steps = [row["step"] for row in history]
-    for ax, name in zip(axes[:, 0], plotted):
+    for ax, name in zip(axes[:, 0], plotted, strict=True):
         ax.plot(steps, [row.get(name, float("nan")) for row in history], lw=1.2)
         ax.set_ylabel(name)
         ax.grid(alpha=0.3)

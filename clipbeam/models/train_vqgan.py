@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from clipbeam.models.vqgan import VQGANConfig, VectorQuantizer2, build_vqgan, config_from_dict
+from clipbeam.models.vqgan import VectorQuantizer2, VQGANConfig, build_vqgan, config_from_dict
 from clipbeam.storage import join
 
 LOG = logging.getLogger(__name__)
