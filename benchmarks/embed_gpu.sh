@@ -5,7 +5,7 @@
 # 4 minutes, writing its table to $OUT/embed_gpu.txt. Run from the repository root.
 set -euo pipefail
 OUT="${OUT:-.}"
-python3 -m pip install --quiet --no-index --no-deps --find-links .whl --target /tmp/site \
+python3 -m pip install --quiet --upgrade --no-index --no-deps --find-links .whl --target /tmp/site \
     open_clip_torch ftfy wcwidth regex tqdm
 export PYTHONPATH=/tmp/site:.
 export HF_HUB_OFFLINE=1

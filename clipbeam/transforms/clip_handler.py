@@ -66,8 +66,9 @@ class ClipModelHandler(ModelHandler[dict, PredictionResult, ClipEmbedder]):
 
     def __init__(self, spec: ClipSpec, storage_options: dict | None = None, batch_size: int = 64,
                  model_copies: int = 1, preprocess_cfg: dict | None = None,
-                 tuning: EmbedTuning = DEFAULT_TUNING) -> None:
+                 tuning: EmbedTuning = DEFAULT_TUNING, max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
         super().__init__()
+        self._max_pixels = max_pixels  # for JPEGs the GPU could not decode, decoded here on the CPU
         self._spec = spec
         self._storage_options = storage_options
         self._batch_size = batch_size
@@ -85,7 +86,7 @@ class ClipModelHandler(ModelHandler[dict, PredictionResult, ClipEmbedder]):
         clip = load_clip(self._spec, self._storage_options, cpu_autocast=True)
         LOG.info("loaded CLIP %s (%s) on %s", self._spec.model, clip.weights, clip.device)
         cfg = self._preprocess_cfg or preprocess_config(self._spec)
-        return ClipEmbedder(clip, pixel_recipe(cfg, tuning=self._tuning), trim_text=self._tuning.trim_text)
+        return ClipEmbedder(clip, pixel_recipe(cfg, self._max_pixels, self._tuning), trim_text=self._tuning.trim_text)
 
     def run_inference(self, batch: Sequence[dict], model: ClipEmbedder,
                       inference_args: dict[str, Any] | None = None) -> Iterable[PredictionResult]:

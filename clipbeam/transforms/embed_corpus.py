@@ -86,7 +86,8 @@ class EmbedCorpus(beam.PTransform):
             DecodeDoFn(cfg.preprocess, cfg.max_pixels, cfg.embed_text, cfg.tuning, cfg.batch_size)).with_outputs(
             FAILURES, main="decoded")
         handler = ClipModelHandler(cfg.spec, cfg.storage_options, batch_size=cfg.batch_size,
-                                   model_copies=cfg.model_copies, preprocess_cfg=cfg.preprocess, tuning=cfg.tuning)
+                                   model_copies=cfg.model_copies, preprocess_cfg=cfg.preprocess, tuning=cfg.tuning,
+                                   max_pixels=cfg.max_pixels)
         inference = RunInference(handler)
         if cfg.accelerator:  # only inference goes to GPU workers; reading, decoding, writing stay on CPUs
             inference = inference.with_resource_hints(accelerator=cfg.accelerator)
