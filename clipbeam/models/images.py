@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -50,28 +49,29 @@ def decode_sized(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS,
     `draft`), never below `min_side` on either side: several times faster on
     large photos, and the image is resized to the model's input anyway. The
     header keeps the full size, so the stored width and height do not change.
+
+    Safe to call from several threads at once (embed decodes on a pool): the
+    pixel cap is checked explicitly from the header, not by turning PIL's
+    DecompressionBombWarning into an error with warnings.catch_warnings, whose
+    filter changes are process-wide and race between threads.
     """
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", Image.DecompressionBombWarning)
-        image = _open_checked(data, max_pixels)
-        header = _header(image)
-        try:
-            if min_side and image.format == "JPEG" and min(image.size) >= 2 * min_side:
-                image.draft(image.mode, (min_side, min_side))
-            image.seek(0)
-            image.load()
-            image = ImageOps.exif_transpose(image) or image
-        except Exception as exc:
-            raise DecodeError(f"corrupt or truncated image: {exc.__class__.__name__}: {exc}") from None
-        return to_rgb(image), header
+    image = _open_checked(data, max_pixels)
+    header = _header(image)
+    try:
+        if min_side and image.format == "JPEG" and min(image.size) >= 2 * min_side:
+            image.draft(image.mode, (min_side, min_side))
+        image.seek(0)
+        image.load()
+        image = ImageOps.exif_transpose(image) or image
+    except Exception as exc:
+        raise DecodeError(f"corrupt or truncated image: {exc.__class__.__name__}: {exc}") from None
+    return to_rgb(image), header
 
 
 def probe_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> ImageHeader:
     """The header of an image, checked like `decode_image` checks it, without decoding pixels
     (for images that are decoded elsewhere, e.g. JPEGs decoded on the GPU)."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", Image.DecompressionBombWarning)
-        return _header(_open_checked(data, max_pixels))
+    return _header(_open_checked(data, max_pixels))
 
 
 def _open_checked(data: bytes, max_pixels: int) -> Image.Image:
