@@ -23,6 +23,10 @@ import numpy as np
 
 from clipbeam.models.images import DecodeError, ImageHeader, decode_sized, probe_image
 
+# torchvision 0.29 deprecates its decoders in favour of TorchCodec; they still work (set once, not per call:
+# warnings.catch_warnings changes process-wide state and races with the decode threads)
+warnings.filterwarnings("ignore", category=DeprecationWarning, module="torchvision.io.image")
+
 
 @dataclass(frozen=True)
 class PixelRecipe:
@@ -131,39 +135,52 @@ def device_pixels(items: Sequence[np.ndarray | bytes], recipe: PixelRecipe, devi
     fails there too is reported in `failed`, so the rest of the batch goes on.
     """
     import torch
-    from torchvision.io import ImageReadMode, decode_jpeg
 
     jpegs = [i for i, item in enumerate(items) if isinstance(item, (bytes, bytearray))]
     out: list = [None if isinstance(item, (bytes, bytearray)) else torch.from_numpy(np.asarray(item)).to(device)
                  for item in items]
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # torchvision 0.29 deprecates its decoders in favour of TorchCodec
-        encoded = [torch.frombuffer(bytearray(items[i]), dtype=torch.uint8) for i in jpegs]
-        try:
-            decoded = decode_jpeg(encoded, mode=ImageReadMode.RGB, device=device) if encoded else []
-        except Exception:
-            decoded = [_decode_one(tensor, device) for tensor in encoded]
+    decoded = dict(zip(jpegs, _decode_on_device([items[i] for i in jpegs], device), strict=True))
+    resized = _resize_by_size({i: image for i, image in decoded.items() if image is not None}, recipe)
+    for i, image in resized.items():
+        out[i] = image
     failed: dict[int, str] = {}
-    fallbacks = 0
-    same_size: dict[tuple, list[int]] = {}  # images of one size are resized in one call
-    for i, image in zip(jpegs, decoded, strict=True):
-        if image is not None:
-            same_size.setdefault(tuple(image.shape), []).append(i)
-            out[i] = image
-    for group in same_size.values():
-        for i, image in zip(group, _resize_crop(torch.stack([out[i] for i in group]), recipe), strict=True):
-            out[i] = image
-    for i, image in zip(jpegs, decoded, strict=True):
-        if image is not None:
-            continue
-        fallbacks += 1
+    fallbacks = [i for i in jpegs if decoded[i] is None]
+    for i in fallbacks:
         try:
             out[i] = torch.from_numpy(decode_on_cpu(bytes(items[i]), recipe, transform or uint8_transform(recipe))
                                       .pixels).to(device)
         except Exception as exc:
             failed[i] = str(exc) if isinstance(exc, DecodeError) else f"{exc.__class__.__name__}: {exc}"
             out[i] = torch.zeros((3, *recipe.size), dtype=torch.uint8, device=device)
-    return DevicePixels(torch.stack(out), failed, fallbacks)
+    return DevicePixels(torch.stack(out), failed, len(fallbacks))
+
+
+def _decode_on_device(jpegs: list[bytes], device: str) -> list:
+    """One batched decode call; if it fails, one call per JPEG (None for those that fail alone)."""
+    import torch
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    encoded = [torch.frombuffer(bytearray(data), dtype=torch.uint8) for data in jpegs]
+    if not encoded:
+        return []
+    try:
+        return decode_jpeg(encoded, mode=ImageReadMode.RGB, device=device)
+    except Exception:
+        return [_decode_one(tensor, device) for tensor in encoded]
+
+
+def _resize_by_size(images: dict[int, object], recipe: PixelRecipe) -> dict[int, object]:
+    """Decoded images -> the model's input size; images of one size are resized in one call."""
+    import torch
+
+    same_size: dict[tuple, list[int]] = {}
+    for i, image in images.items():
+        same_size.setdefault(tuple(image.shape), []).append(i)
+    out = {}
+    for group in same_size.values():
+        resized = _resize_crop(torch.stack([images[i] for i in group]), recipe)
+        out.update(zip(group, resized, strict=True))
+    return out
 
 
 def _decode_one(tensor, device: str):
