@@ -111,16 +111,39 @@ def plain_faiss(npy: str, out: str, factory: str, train: int, target: float, see
         json.dump({"params": params}, handle)
 
 
-def run_measured(command: list[str]) -> tuple[float, int]:
-    """(wall seconds, peak RSS bytes) of a child process."""
+LAUNCHER = r"""
+import json, os, subprocess, sys, time
+for line in sys.stdin:
+    command, log = json.loads(line)
     start = time.monotonic()
-    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    _, status, usage = os.wait4(proc.pid, 0)
-    seconds = time.monotonic() - start
-    err = proc.stderr.read().decode()
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise SystemExit(f"{' '.join(command)} failed:\n{err[-3000:]}")
-    return seconds, usage.ru_maxrss * 1024
+    with open(log, "wb") as err:
+        proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=err)
+        _, status, usage = os.wait4(proc.pid, 0)
+    print(json.dumps([time.monotonic() - start, usage.ru_maxrss * 1024, os.waitstatus_to_exitcode(status)]), flush=True)
+"""
+
+
+class Launcher:
+    """Runs each measured command from a small process started before this one holds the vectors.
+
+    Linux starts a forked child's peak RSS (ru_maxrss) at its parent's size, and keeps it across exec,
+    so a child forked from this process would report at least the vectors this process holds. The
+    children of the launcher start from its size instead (an interpreter with numpy and faiss loaded).
+    """
+
+    def __init__(self) -> None:
+        self.proc = subprocess.Popen([sys.executable, "-c", LAUNCHER], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, text=True)
+
+    def run(self, command: list[str], log: str) -> tuple[float, int]:
+        """(wall seconds, peak RSS bytes) of one child process; its stderr goes to `log`."""
+        self.proc.stdin.write(json.dumps([command, log]) + "\n")
+        self.proc.stdin.flush()
+        seconds, rss, code = json.loads(self.proc.stdout.readline())
+        if code != 0:
+            with open(log) as handle:
+                raise SystemExit(f"{' '.join(command)} failed:\n{handle.read()[-3000:]}")
+        return seconds, rss
 
 
 def measure(index, x: np.ndarray, query_ids: np.ndarray, truth: np.ndarray) -> tuple[float, float]:
@@ -133,8 +156,8 @@ def measure(index, x: np.ndarray, query_ids: np.ndarray, truth: np.ndarray) -> t
     return recall_without_self(found, truth, query_ids), len(queries) / seconds
 
 
-def run_case(tmp: str, x: np.ndarray, eval_ids: np.ndarray, truth: np.ndarray, budget: str, shards: list[int],
-             args: argparse.Namespace) -> None:
+def run_case(launcher: Launcher, tmp: str, x: np.ndarray, eval_ids: np.ndarray, truth: np.ndarray, budget: str,
+             shards: list[int], args: argparse.Namespace) -> None:
     """Plain faiss and clipbeam at one budget; prints one table."""
     from clipbeam.index import ShardedIndex, choose_factory, parse_memory
     from clipbeam.index.factory import default_train_sample
@@ -143,9 +166,9 @@ def run_case(tmp: str, x: np.ndarray, eval_ids: np.ndarray, truth: np.ndarray, b
     factory = choose_factory(n, dim, parse_memory(budget)).factory
     train = default_train_sample(factory, n)
     out = os.path.join(tmp, f"plain-{budget}.faiss")
-    seconds, rss = run_measured([sys.executable, __file__, "--worker", json.dumps(
+    seconds, rss = launcher.run([sys.executable, __file__, "--worker", json.dumps(
         {"npy": os.path.join(tmp, "x.npy"), "out": out, "factory": factory, "train": train,
-         "target": args.target_recall, "seed": 0})])
+         "target": args.target_recall, "seed": 0})], os.path.join(tmp, "faiss.log"))
     index = faiss.read_index(out)
     params = json.load(open(out + ".json"))["params"]
     faiss.ParameterSpace().set_index_parameters(index, params)
@@ -156,7 +179,7 @@ def run_case(tmp: str, x: np.ndarray, eval_ids: np.ndarray, truth: np.ndarray, b
                    "--output", out, "--shards", str(count), "--target-recall", str(args.target_recall)]
         if budget != DEFAULT_BUDGET:
             command += ["--max-index-memory", budget]
-        seconds, rss = run_measured(command)
+        seconds, rss = launcher.run(command, os.path.join(tmp, "clipbeam.log"))
         sharded = ShardedIndex.open(out)
         assert sharded.manifest["factory"] == factory, (sharded.manifest["factory"], factory)
         rows.append((f"clipbeam {count} shard{'s' if count > 1 else ''}", seconds, rss, sharded.search_params,
@@ -188,6 +211,7 @@ def main() -> None:
     if args.worker:
         plain_faiss(**json.loads(args.worker))
         return
+    launcher = Launcher()  # before this process holds any vectors
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
     from synthetic_embeddings import clustered
 
@@ -199,9 +223,9 @@ def main() -> None:
             np.save(os.path.join(tmp, "x.npy"), x)
             eval_ids = np.sort(np.random.default_rng(123).choice(n, 1000, replace=False))
             _, truth = faiss.knn(x[eval_ids], x, K + 1, metric=faiss.METRIC_INNER_PRODUCT)
-            run_case(tmp, x, eval_ids, truth, DEFAULT_BUDGET, [4], args)
+            run_case(launcher, tmp, x, eval_ids, truth, DEFAULT_BUDGET, [4], args)
             if number == 0 and args.small_budget:
-                run_case(tmp, x, eval_ids, truth, args.small_budget, [1, 4], args)
+                run_case(launcher, tmp, x, eval_ids, truth, args.small_budget, [1, 4], args)
 
 
 if __name__ == "__main__":
