@@ -87,3 +87,21 @@ def test_index_without_checksums_cannot_be_verified(built, tmp_path):
     with pytest.raises(IndexInputError, match="records no checksum for shard-00000.faiss"):
         ShardedIndex.open(str(copy), verify=True)
     assert ShardedIndex.open(str(copy)).ntotal == 1500
+
+
+def test_verify_on_s3(built, s3_server, capsys):
+    import fsspec
+
+    out, _ = built
+    so = s3_server["storage_options"]
+    remote = f"s3://{s3_server['bucket']}/idx"
+    fs = fsspec.filesystem("s3", **so)
+    fs.put(str(out), remote, recursive=True)
+    assert ShardedIndex.open(remote, storage_options=so, verify=True).ntotal == 1500
+    assert main(["index", "--verify", "--output", remote, "--storage-options", json.dumps(so)]) == 0
+    data = bytearray(fs.cat(f"{remote}/shard-00000.faiss"))
+    data[len(data) // 2] ^= 0xFF
+    fs.pipe(f"{remote}/shard-00000.faiss", bytes(data))
+    capsys.readouterr()
+    assert main(["index", "--verify", "--output", remote, "--storage-options", json.dumps(so)]) == 2
+    assert "shard-00000.faiss is corrupt" in capsys.readouterr().err
