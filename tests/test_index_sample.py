@@ -46,6 +46,23 @@ def test_read_rows_equals_reading_row_by_row(tmp_path, fixed):
         read_rows(file, "v", DIM, np.array([10, 50]))
 
 
+def test_read_rows_decodes_only_the_row_groups_it_needs(tmp_path):
+    vectors = np.random.default_rng(2).standard_normal((28, DIM)).astype(np.float16).astype(np.float32)
+    path = tmp_path / "a.parquet"
+    _write(path, vectors, fixed=True)  # row groups of 7 rows: 0-6, 7-13, 14-20, 21-27
+    chunk = pq.ParquetFile(path).metadata.row_group(1).column(1)
+    data = bytearray(path.read_bytes())
+    start = chunk.data_page_offset + 40
+    data[start:start + 64] = b"\xff" * 64  # vector pages of row group 1 no longer decode
+    path.write_bytes(bytes(data))
+    file = resolve_embeddings(str(path), "v").files[0]
+    got, ids = read_rows(file, "v", DIM, np.array([2, 22, 27]))
+    assert ids.tolist() == [2, 22, 27]
+    np.testing.assert_array_equal(got, vectors[[2, 22, 27]])
+    with pytest.raises(OSError, match="page header"):  # a row of group 1 needs it
+        read_rows(file, "v", DIM, np.array([2, 8]))
+
+
 def _files(groups_per_file, group_size, count):
     files, start = [], 0
     for i in range(count):
