@@ -100,7 +100,7 @@ HINTED = {
     "embed": (lambda c: ["embed", "--input", c["shards"], *TINY, "--batch-size", "4", "--no-progress"],
               ["EmbedCorpus/Embed"]),
     "generate": (lambda c: ["generate", "--prompt", "a red square", "--vqgan", c["vqgan"], "--steps", "1",
-                            "--cutn", "2", "--size", "16", "16", *TINY], ["Render"]),
+                            "--cutn", "2", "--size", "16", "16", *TINY], ["RenderPrompts/Render"]),
 }
 
 

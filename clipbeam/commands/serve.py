@@ -86,9 +86,13 @@ def _is_loopback(host: str) -> bool:
 def run(args: argparse.Namespace, beam_args: list[str]) -> int:
     if beam_args:
         raise UsageError(f"unrecognized arguments: {' '.join(beam_args)}")
-    import uvicorn
+    try:
+        import uvicorn
 
-    from clipbeam.serve.app import create_app
+        from clipbeam.serve.app import create_app
+    except ImportError as exc:
+        raise UsageError(f"clipbeam serve needs the serve extra ({exc.name} is missing): "
+                         "pip install 'clipbeam[serve]'") from None
 
     engine = build_engine(args)
     if not _is_loopback(args.host):
