@@ -33,8 +33,9 @@ DECODE_DEVICES = ("cpu", "cuda")
 
 @dataclass(frozen=True)
 class EmbedTuning:
-    """How embed runs fast. Only `fast_decode` changes the vectors (slightly; see README), so only it
-    belongs in the resume fingerprint; the rest change speed and memory, never results."""
+    """How embed runs fast. Only `fast_decode` changes the vectors by design (slightly; see README), so
+    only it belongs in the resume fingerprint; GPU decoding differs from the CPU path by float rounding
+    and resampling only (cosine >= 0.999); the rest change speed and memory, never results."""
 
     decode_threads: int = 0         # threads decoding in each worker; 0: the worker's cores
     decode_device: str = "cpu"      # "cuda": JPEGs decoded in batches on the model's GPU
