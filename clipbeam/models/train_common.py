@@ -175,90 +175,128 @@ def _format_eta(seconds: float) -> str:
     return f"{seconds // 60}m{seconds % 60:02d}s"
 
 
+@dataclass
+class TrainState:
+    """Where a run stands: what a checkpoint saves and a resume restores."""
+
+    step: int = 0
+    epoch: int = 0
+    batch_in_epoch: int = 0
+    history: list = field(default_factory=list)
+    decode_failures: int = 0
+    seconds_before: float = 0.0  # training seconds of the runs this one resumes
+
+
+def _restore(task: TrainTask, optimizer, cfg: LoopConfig) -> TrainState:
+    """The output's checkpoint restored into task and optimizer, or a fresh state (seeded)."""
+    if not checkpoint_exists(cfg.output, cfg.storage_options):
+        torch.manual_seed(cfg.seed)
+        return TrainState()
+    saved = load_torch(join(cfg.output, CHECKPOINT), cfg.storage_options)
+    check_resume_settings(saved["settings"], task.settings)
+    task.model.load_state_dict(saved["model"])
+    optimizer.load_state_dict(saved["optimizer"])
+    torch.set_rng_state(saved["torch_rng"])
+    state = TrainState(saved["step"], saved["epoch"], saved["batch_in_epoch"], list(saved["history"]),
+                       int(saved.get("decode_failures", 0)), float(saved.get("seconds", 0.0)))
+    LOG.info("resuming %s from step %d (epoch %d, batch %d)", task.name, state.step, state.epoch,
+             state.batch_in_epoch)
+    return state
+
+
+def _save(task: TrainTask, optimizer, state: TrainState, cfg: LoopConfig, seconds: float) -> None:
+    save_torch({
+        "model": task.model.state_dict(), "optimizer": optimizer.state_dict(), "step": state.step,
+        "epoch": state.epoch, "batch_in_epoch": state.batch_in_epoch, "history": state.history,
+        "settings": task.settings, "decode_failures": state.decode_failures, "torch_rng": torch.get_rng_state(),
+        "seconds": state.seconds_before + seconds,
+    }, join(cfg.output, CHECKPOINT), cfg.storage_options)
+    write_history(cfg.output, state.history, cfg.storage_options)
+
+
+def _decode_batch(source: RecordSource, records: list, state: TrainState) -> tuple[list, list]:
+    """The batch's images and captions; records that do not decode are counted and skipped."""
+    images, captions = [], []
+    for record in records:
+        try:
+            images.append(source.decode(record))
+        except ValueError as exc:
+            state.decode_failures += 1
+            LOG.debug("skipping %s: %s", getattr(record, "id", "?"), exc)
+            continue
+        captions.append(getattr(record, "caption", None))
+    return images, captions
+
+
+def _optimise(task: TrainTask, optimizer, images: list, captions: list, lr: float, step: int) -> dict:
+    """One optimiser step at learning rate `lr`; the step's metrics with its loss."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    loss, metrics = task.step(images, captions)
+    if not torch.isfinite(loss):
+        raise RuntimeError(f"{task.name}: loss is {loss.item()} at step {step}; lower --lr")
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return dict(metrics, loss=float(loss.detach()))
+
+
+class _ProgressWindow:
+    """Metrics averaged over the steps since the last progress line, logged and kept in the history."""
+
+    def __init__(self) -> None:
+        self._reset()
+
+    def _reset(self) -> None:
+        self.start, self.samples, self.metrics = time.monotonic(), 0, []
+
+    def add(self, samples: int, metrics: dict) -> None:
+        self.samples += samples
+        self.metrics.append(metrics)
+
+    def report(self, task: TrainTask, state: TrainState, cfg: LoopConfig, lr: float) -> None:
+        elapsed = time.monotonic() - self.start
+        mean = {k: sum(m[k] for m in self.metrics) / len(self.metrics) for k in self.metrics[-1]}
+        rate = self.samples / max(elapsed, 1e-9)
+        state.history.append({"step": state.step, "epoch": state.epoch, "lr": lr,
+                              "samples_per_s": round(rate, 1), **mean})
+        eta = (cfg.total_steps - state.step) * (elapsed / len(self.metrics))
+        shown = " ".join(f"{k} {v:.4g}" for k, v in mean.items())
+        LOG.info("%s step %d/%d epoch %d %s lr %.2e %.0f samples/s eta %s", task.name, state.step,
+                 cfg.total_steps, state.epoch, shown, lr, rate, _format_eta(eta))
+        self._reset()
+
+
 def run_training(task: TrainTask, source: RecordSource, cfg: LoopConfig, device: str) -> dict:
     """Train until cfg.total_steps (resuming from the output's checkpoint if there is one); returns a summary."""
-    so = cfg.storage_options
     optimizer = torch.optim.AdamW(task.parameter_groups(cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.98), eps=1e-6)
-    step = epoch = batch_in_epoch = 0
-    history: list[dict] = []
-    decode_failures = 0
-    seconds_before = 0.0
-    if checkpoint_exists(cfg.output, so):
-        state = load_torch(join(cfg.output, CHECKPOINT), so)
-        check_resume_settings(state["settings"], task.settings)
-        task.model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        step, epoch, batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
-        history = list(state["history"])
-        decode_failures = int(state.get("decode_failures", 0))
-        seconds_before = float(state.get("seconds", 0.0))
-        torch.set_rng_state(state["torch_rng"])
-        LOG.info("resuming %s from step %d (epoch %d, batch %d)", task.name, step, epoch, batch_in_epoch)
-    else:
-        torch.manual_seed(cfg.seed)
-    if step >= cfg.total_steps:
-        LOG.info("%s already trained for %d steps", task.name, step)
+    state = _restore(task, optimizer, cfg)
+    if state.step >= cfg.total_steps:
+        LOG.info("%s already trained for %d steps", task.name, state.step)
     task.model.to(device).train()
-
-    def save() -> None:
-        save_torch({
-            "model": task.model.state_dict(), "optimizer": optimizer.state_dict(), "step": step, "epoch": epoch,
-            "batch_in_epoch": batch_in_epoch, "history": history, "settings": task.settings,
-            "decode_failures": decode_failures, "torch_rng": torch.get_rng_state(),
-            "seconds": seconds_before + (time.monotonic() - start),
-        }, join(cfg.output, CHECKPOINT), so)
-        write_history(cfg.output, history, so)
-
     start = time.monotonic()
-    window_start, window_samples, window_metrics = time.monotonic(), 0, []
-    batches = _batches(source, cfg.batch_size, cfg.seed, epoch, batch_in_epoch)
-    while step < cfg.total_steps:
-        epoch, batch_index, records = next(batches)
-        images, captions = [], []
-        for record in records:
-            try:
-                images.append(source.decode(record))
-            except ValueError as exc:
-                decode_failures += 1
-                LOG.debug("skipping %s: %s", getattr(record, "id", "?"), exc)
-                continue
-            captions.append(getattr(record, "caption", None))
-        batch_in_epoch = batch_index + 1
+    window = _ProgressWindow()
+    batches = _batches(source, cfg.batch_size, cfg.seed, state.epoch, state.batch_in_epoch)
+    while state.step < cfg.total_steps:
+        state.epoch, batch_index, records = next(batches)
+        images, captions = _decode_batch(source, records, state)
+        state.batch_in_epoch = batch_index + 1
         if len(images) < 2:
             continue
-        lr = learning_rate(step, cfg)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        loss, metrics = task.step(images, captions)
-        if not torch.isfinite(loss):
-            raise RuntimeError(f"{task.name}: loss is {loss.item()} at step {step}; lower --lr")
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        step += 1
-        window_samples += len(images)
-        window_metrics.append(dict(metrics, loss=float(loss.detach())))
-        if step % cfg.log_every == 0 or step == cfg.total_steps:
-            elapsed = time.monotonic() - window_start
-            mean = {k: sum(m[k] for m in window_metrics) / len(window_metrics) for k in window_metrics[-1]}
-            rate = window_samples / max(elapsed, 1e-9)
-            row = {"step": step, "epoch": epoch, "lr": lr, "samples_per_s": round(rate, 1), **mean}
-            history.append(row)
-            eta = (cfg.total_steps - step) * (elapsed / len(window_metrics))
-            shown = " ".join(f"{k} {v:.4g}" for k, v in mean.items())
-            LOG.info("%s step %d/%d epoch %d %s lr %.2e %.0f samples/s eta %s", task.name, step,
-                     cfg.total_steps, epoch, shown, lr, rate, _format_eta(eta))
-            window_start, window_samples, window_metrics = time.monotonic(), 0, []
-        if step % cfg.save_every == 0 and step < cfg.total_steps:
-            save()
-    save()
+        lr = learning_rate(state.step, cfg)
+        window.add(len(images), _optimise(task, optimizer, images, captions, lr, state.step))
+        state.step += 1
+        if state.step % cfg.log_every == 0 or state.step == cfg.total_steps:
+            window.report(task, state, cfg, lr)
+        if state.step % cfg.save_every == 0 and state.step < cfg.total_steps:
+            _save(task, optimizer, state, cfg, time.monotonic() - start)
+    _save(task, optimizer, state, cfg, time.monotonic() - start)
     task.model.eval()
-    written = task.export(cfg.output, so)
     return {
-        "steps": step,
-        "epochs_started": epoch + 1,
-        "decode_failures": decode_failures,
-        "seconds": round(seconds_before + time.monotonic() - start, 1),
-        "final": history[-1] if history else {},
-        "written": written,
+        "steps": state.step,
+        "epochs_started": state.epoch + 1,
+        "decode_failures": state.decode_failures,
+        "seconds": round(state.seconds_before + time.monotonic() - start, 1),
+        "final": state.history[-1] if state.history else {},
+        "written": task.export(cfg.output, cfg.storage_options),
     }
