@@ -219,7 +219,7 @@ def load_clip(spec: ClipSpec, storage_options: dict | None = None, cpu_autocast:
         raise UsageError(f"cannot load {spec.model} weights from {spec.pretrained}: "
                          f"{exc.__class__.__name__}: {first_line}") from None
     model.eval()
-    tokenizer = open_clip.get_tokenizer(spec.model)
+    tokenizer = load_tokenizer(spec)
     image_size = model.visual.image_size
     image_size = image_size[0] if isinstance(image_size, (tuple, list)) else int(image_size)
     context_length = int(getattr(tokenizer, "context_length", None) or getattr(model, "context_length", 77))
@@ -283,18 +283,44 @@ def encode_pixels(clip: LoadedClip, pixels, mean: Sequence[float], std: Sequence
     return encode_images(clip, x)
 
 
+def load_tokenizer(spec: ClipSpec):
+    """The tokenizer `load_clip(spec)` would give, without building the model.
+
+    For decode workers: tokenising (ftfy and a regex BPE in pure Python) holds
+    the GIL, so it belongs where decoding runs, in every worker process, not on
+    the thread that feeds the model.
+    """
+    import open_clip
+
+    register_configs()
+    return open_clip.get_tokenizer(spec.model)
+
+
+def tokenize_texts(tokenizer, texts: Sequence[str]) -> np.ndarray:
+    """Texts -> token ids [N, context] as int32 (half the bytes through Beam; every vocabulary fits),
+    the ids `encode_texts` feeds the text tower."""
+    return tokenizer(list(texts)).numpy().astype(np.int32)
+
+
 def encode_texts(clip: LoadedClip, texts: Sequence[str], trim: bool = True) -> np.ndarray:
     """Texts -> L2-normalised float32 [N, D]; texts longer than the context are truncated.
 
     With `trim` (and a tower where it is exact, see text_trim.py) captions are
     encoded without the padding after their EOT token; the result is the same.
     """
-    import torch
-
     if len(texts) == 0:
         return np.zeros((0, clip.dim), dtype=np.float32)
+    return encode_tokens(clip, tokenize_texts(clip.tokenizer, texts), trim)
+
+
+def encode_tokens(clip: LoadedClip, tokens: np.ndarray, trim: bool = True) -> np.ndarray:
+    """Token ids [N, context] (from `tokenize_texts`) -> L2-normalised float32 [N, D], as `encode_texts`."""
+    import torch
+
+    if len(tokens) == 0:
+        return np.zeros((0, clip.dim), dtype=np.float32)
     with _inference(clip):
-        tokens = clip.tokenizer(list(texts)).to(clip.device)
+        tokens = torch.from_numpy(np.ascontiguousarray(tokens, dtype=np.int64)).to(clip.device)
         if trim and clip.text_tower is not None:
             features = encode_trimmed(clip.text_tower, tokens).float()
         else:

@@ -4,7 +4,7 @@ The Beam ModelHandler (transforms/clip_handler.py) loads one of these per
 worker, or shares one among a worker's processes through Beam's
 multi_process_shared proxy (`--model-copies`), which is why images and
 captions each come in one call with picklable arguments: uint8 pixel arrays
-and JPEG bytes, and strings. benchmarks/embed_gpu.py drives the same object
+and JPEG bytes, and token ids (or strings). benchmarks/embed_gpu.py drives the same object
 without Beam.
 """
 
@@ -15,8 +15,8 @@ from typing import Sequence
 
 import numpy as np
 
-from clipbeam.models.clip import LoadedClip, encode_pixels, encode_texts
-from clipbeam.models.pixels import DevicePixels, PixelRecipe, device_pixels, uint8_transform
+from clipbeam.models.clip import LoadedClip, encode_pixels, encode_texts, encode_tokens
+from clipbeam.models.pixels import DevicePixels, PixelRecipe, device_pixels, to_device, uint8_transform
 
 
 @dataclass
@@ -38,10 +38,8 @@ class ClipEmbedder:
 
     def embed_images(self, items: Sequence[np.ndarray | bytes]) -> ImageVectors:
         """L2-normalised float32 [N, D]; JPEG bytes are decoded on the model's device first."""
-        import torch
-
         if all(isinstance(item, np.ndarray) for item in items):
-            batch = DevicePixels(torch.from_numpy(np.stack(items)), {}, 0)
+            batch = DevicePixels(to_device(items, self.clip.device), {}, 0)
         else:
             batch = device_pixels(items, self.recipe, self.clip.device, self._transform)
         vectors = encode_pixels(self.clip, batch.pixels, self.recipe.mean, self.recipe.std)
@@ -50,3 +48,8 @@ class ClipEmbedder:
     def embed_texts(self, texts: list[str]) -> np.ndarray:
         """L2-normalised float32 [N, D], encoded without padding where that is exact."""
         return encode_texts(self.clip, texts, trim=self.trim_text)
+
+    def embed_tokens(self, tokens: np.ndarray) -> np.ndarray:
+        """As `embed_texts`, from token ids [N, context] made where the images were decoded
+        (clip.tokenize_texts), so the model's thread does not tokenise."""
+        return encode_tokens(self.clip, tokens, trim=self.trim_text)

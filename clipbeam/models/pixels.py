@@ -137,22 +137,39 @@ def device_pixels(items: Sequence[np.ndarray | bytes], recipe: PixelRecipe, devi
     import torch
 
     jpegs = [i for i, item in enumerate(items) if isinstance(item, (bytes, bytearray))]
-    out: list = [None if isinstance(item, (bytes, bytearray)) else torch.from_numpy(np.asarray(item)).to(device)
-                 for item in items]
+    on_host = {i: item for i, item in enumerate(items) if not isinstance(item, (bytes, bytearray))}
     decoded = dict(zip(jpegs, _decode_on_device([items[i] for i in jpegs], device), strict=True))
     resized = _resize_by_size({i: image for i, image in decoded.items() if image is not None}, recipe)
-    for i, image in resized.items():
-        out[i] = image
     failed: dict[int, str] = {}
     fallbacks = [i for i in jpegs if decoded[i] is None]
     for i in fallbacks:
         try:
-            out[i] = torch.from_numpy(decode_on_cpu(bytes(items[i]), recipe, transform or uint8_transform(recipe))
-                                      .pixels).to(device)
+            on_host[i] = decode_on_cpu(bytes(items[i]), recipe, transform or uint8_transform(recipe)).pixels
         except Exception as exc:
             failed[i] = str(exc) if isinstance(exc, DecodeError) else f"{exc.__class__.__name__}: {exc}"
-            out[i] = torch.zeros((3, *recipe.size), dtype=torch.uint8, device=device)
-    return DevicePixels(torch.stack(out), failed, len(fallbacks))
+            on_host[i] = np.zeros((3, *recipe.size), dtype=np.uint8)
+    out = torch.empty((len(items), 3, *recipe.size), dtype=torch.uint8, device=device)
+    if on_host:
+        rows = list(on_host)
+        out[torch.tensor(rows, device=device)] = to_device([on_host[i] for i in rows], device)
+    for i, image in resized.items():
+        out[i] = image
+    return DevicePixels(out, failed, len(fallbacks))
+
+
+def to_device(arrays: Sequence[np.ndarray], device: str):
+    """uint8 arrays of one shape -> one [N, ...] tensor on `device`, in a single host-to-device copy.
+
+    On CUDA the arrays are stacked straight into pinned memory, so the copy is
+    one DMA that does not block the host; one small copy per image would pay
+    the launch and synchronisation cost N times.
+    """
+    import torch
+
+    shape = np.shape(arrays[0])
+    host = torch.empty((len(arrays), *shape), dtype=torch.uint8, pin_memory=device.startswith("cuda"))
+    np.stack(arrays, out=host.numpy())
+    return host.to(device, non_blocking=True)
 
 
 def _decode_on_device(jpegs: list[bytes], device: str) -> list:

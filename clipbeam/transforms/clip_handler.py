@@ -58,8 +58,8 @@ def pixel_recipe(preprocess_cfg: dict, max_pixels: int = DEFAULT_MAX_PIXELS,
 
 
 class ClipModelHandler(ModelHandler[dict, PredictionResult, ClipEmbedder]):
-    """Embeds decoded samples: `pixels` (uint8) or `jpeg` (bytes for the GPU) always, `caption` where
-    `embed_text` is set.
+    """Embeds decoded samples: `pixels` (uint8) or `jpeg` (bytes for the GPU) always, `caption` (from its
+    `tokens` where DecodeDoFn attached them) where `embed_text` is set.
 
     Each PredictionResult's inference is {"image": vector, "text": vector|None}
     or {"error": message}.
@@ -112,7 +112,8 @@ class ClipModelHandler(ModelHandler[dict, PredictionResult, ClipEmbedder]):
         self._fallbacks.inc(images.fallbacks)
         with_text = [i for i, sample in enumerate(batch) if sample.get("embed_text")]
         hits, misses = self._cache.hits, self._cache.misses
-        texts = self._cache.embed([batch[i]["caption"] for i in with_text], model.embed_texts)
+        texts = self._cache.embed([batch[i]["caption"] for i in with_text],
+                                  _caption_encoder([batch[i] for i in with_text], model))
         self._hits.inc(self._cache.hits - hits)
         self._misses.inc(self._cache.misses - misses)
         text_rows: list[np.ndarray | None] = [None] * len(batch)
@@ -135,6 +136,20 @@ class ClipModelHandler(ModelHandler[dict, PredictionResult, ClipEmbedder]):
 
     def get_metrics_namespace(self) -> str:
         return NAMESPACE
+
+
+def _caption_encoder(samples: Sequence[dict], model: ClipEmbedder):
+    """captions -> vectors for the cache's misses: from the token ids DecodeDoFn attached (tokenising is
+    pure Python and would hold the model's thread), from the text where a sample has none."""
+    tokens = {sample["caption"]: sample.get("tokens") for sample in samples}
+
+    def encode(captions: list[str]) -> np.ndarray:
+        rows = [tokens.get(caption) for caption in captions]
+        if not rows or any(row is None for row in rows):
+            return model.embed_texts(captions)
+        return model.embed_tokens(np.stack(rows))
+
+    return encode
 
 
 def inference_summary(result) -> list[tuple[str, object]]:

@@ -83,8 +83,8 @@ class EmbedCorpus(beam.PTransform):
                 FAILURES, COUNTS, main="samples")
         )
         decoded = read.samples | "Decode" >> beam.ParDo(
-            DecodeDoFn(cfg.preprocess, cfg.max_pixels, cfg.embed_text, cfg.tuning, cfg.batch_size)).with_outputs(
-            FAILURES, main="decoded")
+            DecodeDoFn(cfg.preprocess, cfg.max_pixels, cfg.embed_text, cfg.tuning, cfg.batch_size,
+                       spec=cfg.spec)).with_outputs(FAILURES, main="decoded")
         handler = ClipModelHandler(cfg.spec, cfg.storage_options, batch_size=cfg.batch_size,
                                    model_copies=cfg.model_copies, preprocess_cfg=cfg.preprocess, tuning=cfg.tuning,
                                    max_pixels=cfg.max_pixels)

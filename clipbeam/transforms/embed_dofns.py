@@ -11,6 +11,7 @@ import apache_beam as beam
 from apache_beam.metrics import Metrics
 from apache_beam.utils.windowed_value import WindowedValue
 
+from clipbeam.models.clip import ClipSpec, load_tokenizer, tokenize_texts
 from clipbeam.models.images import DecodeError, decode_caption, sha256_hex
 from clipbeam.models.ordered_pool import OrderedPool
 from clipbeam.models.pixels import Decoded, decode_or_defer, uint8_transform
@@ -51,10 +52,13 @@ class DecodeDoFn(beam.DoFn):
 
     Decoding runs on a bounded pool of threads (PIL releases the GIL), at most
     a couple of batches ahead of the model; samples leave in the order they came.
+    Given the model's `spec`, captions to embed are tokenised here too (`tokens`):
+    tokenising is pure Python, and decode DoFns run in every SDK process of a
+    worker, while the model may be one copy shared by all of them.
     """
 
     def __init__(self, preprocess_cfg: dict, max_pixels: int, embed_text: bool,
-                 tuning: EmbedTuning = DEFAULT_TUNING, batch_size: int = 64) -> None:
+                 tuning: EmbedTuning = DEFAULT_TUNING, batch_size: int = 64, spec: ClipSpec | None = None) -> None:
         self._recipe = pixel_recipe(preprocess_cfg, max_pixels, tuning)
         self._embed_text = embed_text
         self._tuning = tuning
@@ -62,9 +66,13 @@ class DecodeDoFn(beam.DoFn):
         self._failed = Metrics.counter(NAMESPACE, "failed_decode")
         self._pool: OrderedPool | None = None
         self._transform = None
+        self._spec = spec
+        self._tokenizer = None
 
     def setup(self) -> None:
         self._transform = uint8_transform(self._recipe)
+        if self._embed_text and self._spec is not None:
+            self._tokenizer = load_tokenizer(self._spec)
         self._pool = OrderedPool(self._decode, self._tuning.threads(), self._window)
 
     def teardown(self) -> None:
@@ -99,6 +107,8 @@ class DecodeDoFn(beam.DoFn):
         if note:
             sample["meta"] = dict(sample.get("meta") or {}, caption_note=note)
         sample["embed_text"] = self._embed_text and caption is not None
+        if sample["embed_text"] and self._tokenizer is not None:
+            sample["tokens"] = tokenize_texts(self._tokenizer, [caption])[0]
         sample["width"], sample["height"] = decoded.width, decoded.height
         sample["sha256"] = sha256
         sample["pixels"], sample["jpeg"] = decoded.pixels, decoded.jpeg
