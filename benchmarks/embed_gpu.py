@@ -1,18 +1,25 @@
 """One GPU run of clipbeam's embed data plane and model code: CPU decode against GPU decode (issue 10).
 
 Needs only torch, torchvision, pillow, numpy and open_clip (no Beam, webdataset
-or faiss): it runs the functions the embed pipeline's DoFn and ModelHandler
-call (models.pixels.decode_or_defer on a models.ordered_pool of threads, then
-models.embedder.ClipEmbedder and models.caption_cache.CaptionCache), in one
-process, over 256 px webdataset shards it writes itself with tarfile.
+or faiss): it runs the functions the embed pipeline's DecodeDoFn calls per
+sample (models.pixels.decode_or_defer, images.sha256_hex, clip.tokenize_texts)
+in a pool of --procs worker processes, the way a Beam GPU worker runs one SDK
+process per core feeding one shared model (`--model-copies`); the main process
+only reads the shards, stacks, copies and runs models.embedder.ClipEmbedder
+with a models.caption_cache.CaptionCache, as ClipModelHandler does. The
+shards (256 px JPEGs with captions, webdataset tars) are written with tarfile.
 
-Modes, each run for at most --seconds over the shards (repeating them):
-- model only: pixels decoded once up front, the model's own ceiling;
-- cpu decode: decode + resize + crop on --threads CPU threads, uint8 to the GPU;
-- gpu decode: JPEG headers checked on the CPU threads, batched nvjpeg decode,
+Modes (--modes), each run for at most --seconds over the shards (repeating them):
+- model: one batch decoded and tokenised up front, embedded over and over: the model's own ceiling;
+- model-images: the same without captions, which separates the text tower's cost;
+- cpu: decode + resize + crop + tokenise in the worker processes, uint8 to the GPU in one copy per batch;
+- gpu: JPEG headers checked and captions tokenised in the worker processes, batched nvjpeg decode,
   resize and crop on the GPU (what `--decode-device cuda` does).
-Prints images/s (steady state, the first batch excluded) and GPU utilisation
-(nvidia-smi, sampled every 200 ms). Without CUDA it says so and runs on CPU.
+The shards repeat, so with the caption cache on (--caption-cache-mb, default
+64 as in the pipeline) later passes hit it; 0 turns it off (every caption
+through the text tower). Prints images/s (steady state, the first batch
+excluded) and GPU utilisation (nvidia-smi, every 200 ms). Without CUDA it
+says so and runs on CPU.
 
     python benchmarks/embed_gpu.py --out embed_gpu.txt            # on the GPU machine (see embed_gpu.sh)
     python benchmarks/embed_gpu.py --n 64 --seconds 3 --batch-size 16   # a smoke run anywhere
@@ -29,6 +36,7 @@ import tarfile
 import tempfile
 import threading
 import time
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 
 SIDE = 256
@@ -134,46 +142,100 @@ def synchronize(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def run_mode(mode: str, embedder, recipe, paths: list[str], args) -> dict:
-    """Embed batches until the deadline; images/s after the first (warm-up) batch."""
-    from clipbeam.models.caption_cache import CaptionCache
+_WORKER: dict = {}  # per worker process: the recipe, its transform and the tokenizer, made once
+
+
+def init_worker(spec, recipe, text: bool) -> None:
+    """What DecodeDoFn.setup does, once in each worker process (no model, no CUDA)."""
+    import torch
+
+    from clipbeam.models.clip import load_tokenizer
+    from clipbeam.models.pixels import uint8_transform
+
+    torch.set_num_threads(1)
+    _WORKER.update(recipe=recipe, transform=uint8_transform(recipe), tokenizer=load_tokenizer(spec) if text else None)
+
+
+def decode_chunk(task: tuple[bool, list]) -> list[tuple]:
+    """What DecodeDoFn does for each sample, in a worker process: decode (or only check a JPEG left for the
+    GPU), hash, tokenise the caption. -> [(Decoded, sha256, caption, token ids or None)]"""
+    from clipbeam.models.clip import tokenize_texts
     from clipbeam.models.images import sha256_hex
-    from clipbeam.models.ordered_pool import ordered_map
-    from clipbeam.models.pixels import decode_or_defer, uint8_transform
+    from clipbeam.models.pixels import decode_or_defer
 
-    transform = uint8_transform(recipe)
-    on_device = mode == "gpu decode"
-    cache = CaptionCache(64 << 20)
+    on_device, chunk = task
+    recipe, transform, tokenizer = _WORKER["recipe"], _WORKER["transform"], _WORKER["tokenizer"]
+    out = []
+    for data, caption in chunk:
+        tokens = tokenize_texts(tokenizer, [caption])[0] if tokenizer is not None else None
+        out.append((decode_or_defer(data, recipe, transform, on_device), sha256_hex(data), caption, tokens))
+    return out
 
-    def decode(sample):  # what DecodeDoFn does for each sample, on its pool of threads
-        data, caption = sample
-        return decode_or_defer(data, recipe, transform, on_device), sha256_hex(data), caption
 
+def decoded_in_order(pool, stream, on_device: bool, chunk: int, in_flight: int):
+    """The stream's samples decoded by the worker processes, in order, with at most `in_flight` chunks
+    queued (Pool.imap would read the whole stream ahead)."""
+    pending: deque = deque()
+    for part in _batched(stream, chunk):
+        pending.append(pool.apply_async(decode_chunk, ((on_device, part),)))
+        if len(pending) >= in_flight:
+            yield from pending.popleft().get()
+    while pending:
+        yield from pending.popleft().get()
+
+
+def tokens_encoder(batch: list[tuple], embedder):
+    """The cache's misses (captions) -> vectors, from the token ids the worker processes made."""
+    import numpy as np
+
+    tokens = {caption: row for _, _, caption, row in batch}
+    return lambda missing: embedder.embed_tokens(np.stack([tokens[c] for c in missing]))
+
+
+MODES = {  # --modes key -> (row label, decode where, captions embedded)
+    "model": ("model only", None, True),
+    "model-images": ("model only, images only", None, False),
+    "cpu": ("cpu decode", "cpu", True),
+    "gpu": ("gpu decode", "gpu", True),
+}
+
+
+def run_mode(key: str, embedder, recipe, paths: list[str], pool, args) -> dict:
+    """Embed batches until the deadline; images/s after the first (warm-up) batch. The main process only
+    reads the shards, stacks, copies and runs the model; the worker processes do the per-sample work."""
+    import numpy as np
+
+    from clipbeam.models.caption_cache import CaptionCache
+
+    label, decode_on, with_text = MODES[key]
+    with_text = with_text and args.text
+    cache = CaptionCache(args.caption_cache_mb << 20)
     deadline = time.monotonic() + args.seconds
     stream = samples(paths, deadline)
-    if mode == "model only":  # one batch decoded up front, embedded over and over
-        batches = _repeat_until([decode(next(stream)) for _ in range(args.batch_size)], deadline)
+    if decode_on is None:  # one batch decoded and tokenised up front, embedded over and over
+        init_worker(embedder.clip.spec, recipe, with_text)
+        batches = _repeat_until(decode_chunk((False, [next(stream) for _ in range(args.batch_size)])), deadline)
     else:
-        work = ordered_map(decode, stream, args.threads, 2 * args.batch_size)
+        work = decoded_in_order(pool, stream, decode_on == "gpu", args.chunk, 4 * args.procs)
         batches = _batched(work, args.batch_size)
     fallbacks, count, start, first = 0, 0, None, 0
     with GpuUtilisation() as util:
         for batch in batches:
-            items = [d.pixels if d.pixels is not None else d.jpeg for d, _, _ in batch]
-            images = embedder.embed_images(items)
+            images = embedder.embed_images([d.pixels if d.pixels is not None else d.jpeg for d, _, _, _ in batch])
             fallbacks += images.fallbacks
-            if args.text and mode == "model only":  # the same batch over and over: no cache
-                embedder.embed_texts([caption for _, _, caption in batch])
-            elif args.text:
-                cache.embed([caption for _, _, caption in batch], embedder.embed_texts)
+            if with_text and decode_on is None:  # the same batch over and over: no cache
+                embedder.embed_tokens(np.stack([tokens for _, _, _, tokens in batch]))
+            elif with_text:  # as ClipModelHandler: cache keyed by caption, misses encoded from their tokens
+                cache.embed([caption for _, _, caption, _ in batch], tokens_encoder(batch, embedder))
             synchronize(embedder.clip.device)
             if start is None:  # the first batch pays for cuDNN autotuning and allocator growth
                 start, first = time.monotonic(), len(batch)
             count += len(batch)
     seconds = time.monotonic() - start if start else 0.0
     rate = (count - first) / seconds if seconds > 0 else 0.0
-    return {"mode": mode, "images": count, "images_per_s": rate, "gpu": util.summary(), "fallbacks": fallbacks,
-            "cache_hits": f"{cache.hits / max(1, cache.hits + cache.misses):.0%}"}
+    hits = f"{cache.hits / (cache.hits + cache.misses):.0%}" if cache.hits + cache.misses else "-"
+    return {"mode": label, "captions": "on" if with_text else "off", "images": count, "images_per_s": rate,
+            "gpu": util.summary(), "fallbacks": fallbacks, "cache_hits": hits}
 
 
 def _repeat_until(batch: list, deadline: float):
@@ -192,18 +254,33 @@ def _batched(items, size: int):
         yield batch
 
 
-def main() -> int:
+def parse_args() -> argparse.Namespace:
+    cores = len(os.sched_getaffinity(0))
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="ViT-B-32")
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--n", type=int, default=12_800, help="images in the shards (read repeatedly)")
     parser.add_argument("--shard-size", type=int, default=1000)
-    parser.add_argument("--seconds", type=float, default=60, help="time per mode")
-    parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)), help="decode threads")
-    parser.add_argument("--no-text", dest="text", action="store_false", help="images only")
-    parser.add_argument("--modes", default="model only,cpu decode,gpu decode")
+    parser.add_argument("--seconds", type=float, default=45, help="time per mode")
+    parser.add_argument("--procs", type=int, default=cores, help="decode worker processes (default: the cores)")
+    parser.add_argument("--chunk", type=int, default=16, help="samples per task sent to a worker process")
+    parser.add_argument("--start-method", default="spawn", choices=("spawn", "forkserver", "fork"))
+    parser.add_argument("--caption-cache-mb", type=int, default=64, help="0: every caption through the tower")
+    parser.add_argument("--no-text", dest="text", action="store_false", help="images only in every mode")
+    parser.add_argument("--modes", default=",".join(MODES), help=f"comma-separated, of: {', '.join(MODES)}")
     parser.add_argument("--out", default=None, help="also write the table to this file")
     args = parser.parse_args()
+    args.modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    unknown = [m for m in args.modes if m not in MODES]
+    if unknown or args.procs < 1 or args.chunk < 1 or args.batch_size < 1:
+        parser.error(f"unknown modes {unknown}" if unknown else "--procs, --chunk and --batch-size must be >= 1")
+    return args
+
+
+def main() -> int:
+    args = parse_args()
+
+    import multiprocessing
 
     import torch
 
@@ -214,27 +291,32 @@ def main() -> int:
     cuda = torch.cuda.is_available()
     device, precision = ("cuda", "fp16") if cuda else ("cpu", "fp32")
     where = torch.cuda.get_device_name(0) if cuda else "no CUDA: running on CPU, fp32 (numbers are not GPU ones)"
-    log(f"device: {where}; torch {torch.__version__}; {args.threads} decode threads; imports apache_beam: "
-        f"{sys.modules.get('apache_beam') is not None}")
     spec = ClipSpec(args.model, "none", device=device, precision=precision)
     recipe = PixelRecipe(preprocess_config(spec), 89_478_485, fast_decode=True)
     embedder = ClipEmbedder(load_clip(spec), recipe)
     rows = []
-    with tempfile.TemporaryDirectory(prefix="clipbeam-gpu-") as root:
+    context = multiprocessing.get_context(args.start_method)
+    with tempfile.TemporaryDirectory(prefix="clipbeam-gpu-") as root, \
+            context.Pool(args.procs, init_worker, (spec, recipe, args.text)) as pool:
         start = time.monotonic()
-        paths = write_shards(root, args.n, args.shard_size, args.threads)
-        log(f"wrote {args.n} JPEGs of {SIDE} px in {len(paths)} shards in {time.monotonic() - start:.1f} s")
-        for mode in [m.strip() for m in args.modes.split(",") if m.strip()]:
-            result = run_mode(mode, embedder, recipe, paths, args)
-            log(f"{mode}: {result}")
+        paths = write_shards(root, args.n, args.shard_size, len(os.sched_getaffinity(0)))
+        pool.map(abs, range(args.procs))  # the workers have started (and loaded the tokenizer)
+        log(f"wrote {args.n} JPEGs of {SIDE} px in {len(paths)} shards, {args.procs} decode processes "
+            f"({args.start_method}) ready in {time.monotonic() - start:.1f} s")
+        for key in args.modes:
+            result = run_mode(key, embedder, recipe, paths, pool, args)
+            log(f"{key}: {result}")
             rows.append(result)
+    log(f"device: {where}; torch {torch.__version__}; imports apache_beam: {'apache_beam' in sys.modules}")
     table = [f"embed data plane on {torch.cuda.get_device_name(0) if cuda else 'CPU (no CUDA)'}: {args.model} "
-             f"{precision}, batch {args.batch_size}, {SIDE} px JPEGs, captions {'on' if args.text else 'off'}, "
-             f"{args.threads} decode threads, {args.seconds:.0f} s per mode",
-             "| mode | images | images/s | GPU utilisation | GPU->CPU fallbacks | caption cache hits |",
-             "|---|---|---|---|---|---|"]
-    table += [f"| {r['mode']} | {r['images']} | {r['images_per_s']:.0f} | {r['gpu']} | {r['fallbacks']} | "
-              f"{r['cache_hits']} |" for r in rows]
+             f"{precision}, batch {args.batch_size}, {SIDE} px JPEGs, {args.procs} decode processes "
+             f"(decode + tokenise per sample; the main process stacks, copies and runs the model), "
+             f"caption cache {args.caption_cache_mb} MB, "
+             f"{args.seconds:.0f} s per mode",
+             "| mode | captions | images | images/s | GPU utilisation | GPU->CPU fallbacks | caption cache hits |",
+             "|---|---|---|---|---|---|---|"]
+    table += [f"| {r['mode']} | {r['captions']} | {r['images']} | {r['images_per_s']:.0f} | {r['gpu']} | "
+              f"{r['fallbacks']} | {r['cache_hits']} |" for r in rows]
     log("\n".join(table))
     if args.out:
         with open(args.out, "w") as handle:
