@@ -36,14 +36,11 @@ K = 10
 DEFAULT_BUDGET = "4GB"
 
 
-def write_parts(folder: str, vectors: np.ndarray, parts: int, dtype: str, vector_dictionary: bool = True) -> None:
-    """The embed output layout: manifest.json + embeddings/part-NNNNN.parquet, written as embed writes them.
-
-    `vector_dictionary=False` writes the vector column without dictionary encoding (float16 has so few
-    values that Parquet keeps a dictionary for it), which decodes about 3x faster.
-    """
+def write_parts(folder: str, vectors: np.ndarray, parts: int, dtype: str) -> None:
+    """The embed output layout: manifest.json + embeddings/part-NNNNN.parquet, written by embed's own writer."""
     import pyarrow as pa
-    import pyarrow.parquet as pq
+
+    from clipbeam.transforms.parquet_sink import write_table
 
     os.makedirs(os.path.join(folder, "embeddings"), exist_ok=True)
     n, dim = vectors.shape
@@ -58,9 +55,8 @@ def write_parts(folder: str, vectors: np.ndarray, parts: int, dtype: str, vector
                           "image_embedding": pa.ListArray.from_arrays(
                               pa.array(np.arange(0, (hi - lo + 1) * dim, dim, dtype=np.int32)), values)})
         path = f"embeddings/part-{p:05d}.parquet"
-        pq.write_table(table.replace_schema_metadata({b"clipbeam.dim": str(dim).encode()}),
-                       os.path.join(folder, path), compression="zstd",  # as transforms/parquet_sink.write_table
-                       use_dictionary=True if vector_dictionary else ["id", "source", "caption"])
+        write_table(table.replace_schema_metadata({b"clipbeam.dim": str(dim).encode()}),  # embed's own writer
+                    os.path.join(folder, path), None)
         entries.append({"path": path, "rows": int(hi - lo), "failures": 0, "source": f"bench/{p:05d}.tar"})
     with open(os.path.join(folder, "manifest.json"), "w") as handle:
         json.dump({"model": "ViT-B-32", "pretrained": "none", "seed": 0, "dim": dim, "dtype": dtype,
@@ -185,7 +181,7 @@ def run_case(launcher: Launcher, tmp: str, x: np.ndarray, eval_ids: np.ndarray, 
         rows.append((f"clipbeam {count} shard{'s' if count > 1 else ''}", seconds, rss, sharded.search_params,
                      *measure(sharded, x, eval_ids, truth)))
     print(f"\n{n} x {dim} clustered ({args.clusters} clusters), {args.dtype} Parquet in {args.parts} parts"
-          f"{' (vectors without dictionary encoding)' if args.plain_vectors else ''}, "
+          ", "
           f"budget {budget}: {factory}, train sample {train}, target recall@10 {args.target_recall}, "
           f"{os.cpu_count()} cores")
     print(f"{'build':<18}{'seconds':>9}{'x faiss':>9}{'peak RSS MB':>13}  {'params':<12}{'recall@10':>10}"
@@ -202,8 +198,6 @@ def main() -> None:
     parser.add_argument("--clusters", type=int, default=1000)
     parser.add_argument("--parts", type=int, default=4)
     parser.add_argument("--dtype", default="float16", choices=["float16", "float32"], help="stored type, as embed's")
-    parser.add_argument("--plain-vectors", action="store_true",
-                        help="write the vector column without dictionary encoding (embed writes it with one today)")
     parser.add_argument("--small-budget", default="32MB", help="budget of the IVF-PQ case at the first --n ('' skips)")
     parser.add_argument("--target-recall", type=float, default=0.95)
     parser.add_argument("--worker", help=argparse.SUPPRESS)
@@ -219,7 +213,7 @@ def main() -> None:
         with tempfile.TemporaryDirectory(prefix="clipbeam-bench-") as tmp:
             x = clustered(n, args.dim, clusters=args.clusters, seed=0)
             x = x.astype(args.dtype).astype(np.float32)  # what the index reads back from the Parquet parts
-            write_parts(os.path.join(tmp, "emb"), x, args.parts, args.dtype, not args.plain_vectors)
+            write_parts(os.path.join(tmp, "emb"), x, args.parts, args.dtype)
             np.save(os.path.join(tmp, "x.npy"), x)
             eval_ids = np.sort(np.random.default_rng(123).choice(n, 1000, replace=False))
             _, truth = faiss.knn(x[eval_ids], x, K + 1, metric=faiss.METRIC_INNER_PRODUCT)
