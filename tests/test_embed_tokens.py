@@ -10,7 +10,7 @@ import imagefactory as imgs
 import numpy as np
 import pytest
 import torch
-from apache_beam.testing.test_pipeline import TestPipeline
+from apache_beam.testing.test_pipeline import TestPipeline as BeamTestPipeline
 
 from clipbeam.models.clip import ClipSpec, encode_texts, load_clip, load_tokenizer, preprocess_config, tokenize_texts
 from clipbeam.models.embedder import ClipEmbedder
@@ -56,7 +56,7 @@ def decoded_samples(tmp_path, embed_text: bool, spec: ClipSpec | None) -> list[d
     def keep(sample: dict) -> None:
         (out / f"{int(sample['id']):03d}.pkl").write_bytes(pickle.dumps(sample))
 
-    with TestPipeline() as pipeline:
+    with BeamTestPipeline() as pipeline:
         decoded = (pipeline | beam.Create(raw)
                    | beam.ParDo(DecodeDoFn(preprocess_config(SPEC), 10**8, embed_text, spec=spec))
                    .with_outputs("failures", main="decoded"))
