@@ -16,6 +16,7 @@ import sys
 
 from clipbeam import __version__
 from clipbeam.errors import UsageError
+from clipbeam.layout.lease import LeaseLost
 
 COMMANDS: list[tuple[str, str, str]] = [
     ("embed", "clipbeam.commands.embed", "image-text corpora -> CLIP embeddings in Parquet"),
@@ -89,6 +90,10 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as exc:
         sys.stderr.write(f"clipbeam {command}: error: {exc}\n")
         return 2
+    except LeaseLost as exc:  # another run took the output over: this one stops before committing anything
+        from clipbeam.commands.common import report_unfinished
+
+        return report_unfinished(command, exc)
     except KeyboardInterrupt:
         sys.stderr.write(f"clipbeam {command}: interrupted\n")
         return 130

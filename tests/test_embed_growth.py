@@ -6,13 +6,14 @@ from __future__ import annotations
 import json
 import logging
 import os
+import time
 
 import imagefactory as imgs
 import pytest
 import webdataset as wds
 from embedhelpers import embed, manifest, read_rows
 
-from clipbeam.layout import LEASE_FILE, Lease
+from clipbeam.layout import LEASE_FILE, Lease, OutputFolder
 
 
 def _shard(folder, name: str, seed: int) -> str:
@@ -118,6 +119,27 @@ def test_a_stale_lease_is_taken_over(corpus, tmp_path, caplog):
         assert embed("--input", f"{corpus}/*.tar", "--output", out) == 0
     assert "taking over the stale lease of gone-host:1:abc" in caplog.text
     assert not os.path.exists(os.path.join(out, LEASE_FILE)) and manifest(out)["rows"] == 3
+
+
+def test_a_run_whose_lease_was_taken_over_stops_before_its_manifest(corpus, tmp_path, capsys, monkeypatch):
+    out = str(tmp_path / "emb")
+    _shard(corpus, "00", 0)
+    commit = OutputFolder.commit
+
+    def taken_over_then_commit(self, manifest_fields):  # another run takes the lease just before the commit
+        with open(os.path.join(out, LEASE_FILE), "w") as handle:
+            json.dump({"owner": "other-host:7:def", "host": "other-host", "pid": 7, "started": 0,
+                       "heartbeat": time.time()}, handle)
+        return commit(self, manifest_fields)
+
+    monkeypatch.setattr(OutputFolder, "commit", taken_over_then_commit)
+    capsys.readouterr()
+    assert embed("--input", f"{corpus}/*.tar", "--output", out) == 1
+    last = capsys.readouterr().err.strip().splitlines()[-1]  # after the plan line; no traceback
+    assert "LeaseLost" in last and "rerun the same command to resume" in last, last
+    assert not os.path.exists(os.path.join(out, "manifest.json"))
+    with open(os.path.join(out, LEASE_FILE)) as handle:
+        assert json.load(handle)["owner"] == "other-host:7:def"  # the other run's lease is left alone
 
 
 def test_a_foreign_non_empty_folder_is_refused_untouched(corpus, tmp_path, capsys):
