@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
 import importlib
 import inspect
 import json
@@ -277,6 +278,15 @@ def read_bytes(url: str, storage_options: dict | None = None, start: int | None 
     if start is None:
         return fs.cat_file(path)
     return fs.cat_file(path, start=start, end=start + (size or 0))
+
+
+def file_sha256(url: str, storage_options: dict | None = None) -> str:
+    """Hex SHA-256 of a file's bytes, streamed in 8 MB chunks (any fsspec URL); FileNotFoundError if missing."""
+    digest = hashlib.sha256()
+    with open_input(url, storage_options) as handle:
+        while chunk := handle.read(8 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def read_json(url: str, storage_options: dict | None = None) -> Any:

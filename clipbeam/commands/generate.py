@@ -41,7 +41,7 @@ from clipbeam.layout import Mode, OutputFolder, open_output
 from clipbeam.layout.renders import FAILURES_TABLE, FORMAT_VERSION, RENDER_COLUMNS, RENDERS, RENDERS_TABLE
 from clipbeam.models.prompts import parse_prompt
 from clipbeam.models.vqgan_clip import AUGMENTATIONS, RenderSettings
-from clipbeam.storage import join
+from clipbeam.storage import file_sha256, join
 from clipbeam.transforms.render import ImagePromptSpec, RenderConfig, RenderPrompts, WriteRenderTables
 from clipbeam.transforms.render_plan import PromptRow, RenderJob, parse_seeds, plan_renders, read_prompt_rows
 
@@ -154,7 +154,7 @@ def _prompt_rows(args: argparse.Namespace, storage_options: dict) -> list[Prompt
 def _models(args: argparse.Namespace, storage_options: dict):
     """(CLIP spec, VQGAN source, model metadata) after checking both can be loaded."""
     from clipbeam.models.clip import resolve_device, validate_spec, weights_label
-    from clipbeam.models.vqgan_checkpoint import checkpoint_sha256, resolve_vqgan
+    from clipbeam.models.vqgan_checkpoint import resolve_vqgan
 
     spec = clip_spec_from_args(args)
     validate_spec(spec, storage_options)
@@ -162,7 +162,7 @@ def _models(args: argparse.Namespace, storage_options: dict):
         raise UsageError("--precision fp16 needs a CUDA device; use fp32 (or bf16) on CPU")
     source = resolve_vqgan(args.vqgan, args.vqgan_config, storage_options)
     models = {"software": f"clipbeam {__version__}", "vqgan": source.name,
-              "vqgan_sha256": checkpoint_sha256(source.checkpoint, storage_options), "clip_model": spec.model,
+              "vqgan_sha256": file_sha256(source.checkpoint, storage_options), "clip_model": spec.model,
               "clip_pretrained": spec.pretrained, "clip_weights": weights_label(spec, storage_options),
               "precision": spec.precision}
     return spec, source, models

@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import hashlib
-import json
 import logging
 from dataclasses import dataclass
 
@@ -42,7 +40,7 @@ from clipbeam.index.factory import choose_factory, default_train_sample, format_
 from clipbeam.index.faiss_io import METRICS, make_index
 from clipbeam.index.inputs import EmbeddingsInput, describe, resolve_embeddings
 from clipbeam.index.plan import plan_sample, plan_shards, query_count, sample_reads, shard_count
-from clipbeam.layout import RUN_RECORD, Mode, OutputFolder, open_output
+from clipbeam.layout import RUN_RECORD, Mode, OutputFolder, open_output, settings_fingerprint
 from clipbeam.layout.index import INDEX, WORK
 from clipbeam.transforms.index_shards import (
     RECALL_K,
@@ -110,7 +108,7 @@ class FactoryChoice:
 
 def _fingerprint(inputs: EmbeddingsInput, options: dict) -> str:
     files = [(f.url, f.rows, f.id_start) for f in inputs.files]
-    return hashlib.sha256(json.dumps([files, options], sort_keys=True).encode()).hexdigest()[:16]
+    return settings_fingerprint([files, options])
 
 
 def _read_existing(output: str, storage_options: dict) -> dict | None:

@@ -10,26 +10,19 @@ are hashed while they are written (faiss_io.write_index), never read back.
 
 from __future__ import annotations
 
-import hashlib
 from typing import Any
 
 from clipbeam import storage
 from clipbeam.index.errors import IndexInputError
 from clipbeam.index.manifest import INDEX_JSON, TRAINED_INDEX
 
-CHUNK = 8 << 20
-
 
 def sha256_file(url: str, storage_options: dict | None = None) -> str:
-    """Hex SHA-256 of a file's bytes, streamed in chunks (any fsspec URL)."""
-    digest = hashlib.sha256()
+    """Hex SHA-256 of an index file (storage.file_sha256); a missing file is an IndexInputError."""
     try:
-        with storage.open_input(url, storage_options) as handle:
-            while chunk := handle.read(CHUNK):
-                digest.update(chunk)
+        return storage.file_sha256(url, storage_options)
     except FileNotFoundError:
         raise IndexInputError(f"index file {url} is missing") from None
-    return digest.hexdigest()
 
 
 def recorded_checksums(manifest: dict[str, Any]) -> list[tuple[str, str | None]]:

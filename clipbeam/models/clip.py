@@ -10,7 +10,6 @@ tokenisation and normalisation can never differ between them.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +19,7 @@ import numpy as np
 
 from clipbeam.errors import UsageError
 from clipbeam.models.text_trim import encode_trimmed, trimmable_tower
+from clipbeam.storage import file_sha256
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 ASSETS_DIR = Path(__file__).resolve().parent.parent / "assets"
@@ -149,14 +149,6 @@ def fetch_pretrained(spec: ClipSpec, local_runner: bool = True) -> str | None:
     if not path:
         raise UsageError(f"open_clip knows no download for the {pretrained!r} weights of {spec.model}")
     return None
-
-
-def file_sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _local_checkpoint(pretrained: str, storage_options: dict | None) -> str:

@@ -20,7 +20,6 @@ checkpoint (same name, .yaml), or embedded in a clipbeam .safetensors file.
 from __future__ import annotations
 
 import _compat_pickle
-import hashlib
 import io
 import json
 import logging
@@ -388,15 +387,6 @@ def load_vqgan(source: VQGANSource, device: str = "cpu", storage_options: dict |
     model = model.to(device).eval()
     model.requires_grad_(False)
     return model
-
-
-def checkpoint_sha256(url: str, storage_options: dict | None = None) -> str:
-    fs, path = _fs(url, storage_options)
-    digest = hashlib.sha256()
-    with fs.open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def config_path_for(weights_url: str) -> str:
