@@ -205,12 +205,17 @@ def require_readable_file(url: str, storage_options: dict | None = None, what: s
         raise UsageError(f"cannot read {what} {url}: {exc.__class__.__name__}: {exc}") from None
 
 
+def is_temporary(name: str) -> bool:
+    """Whether a file name is one of atomic_open's hidden `.NAME.tmp-*` names (clipbeam's alone)."""
+    return name.startswith(".") and ".tmp-" in name
+
+
 def remove_temporaries(folder: str, storage_options: dict | None = None) -> list[str]:
     """Delete the hidden `.NAME.tmp-*` files that atomic_open leaves when a process is killed mid-write.
 
     Those names belong to clipbeam alone (atomic_open makes them), so removing them never touches a user file.
     """
-    gone = [name for name in list_names(folder, storage_options) if name.startswith(".") and ".tmp-" in name]
+    gone = [name for name in list_names(folder, storage_options) if is_temporary(name)]
     for name in gone:
         remove_if_present(join(folder, name), storage_options)
     return gone

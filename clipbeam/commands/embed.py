@@ -200,7 +200,7 @@ def start_parts(out: OutputFolder, parts: list[PartSpec], overwrite: bool) -> Pa
 
     After --overwrite nothing is known, so numbering starts again from the sorted sources."""
     markers = out.ledger.markers()
-    complete = set(out.done_units())
+    complete = out.ledger.complete(markers)
     previous = None if overwrite else out.previous_manifest
     plan = plan_numbers(parts, previous, {n: m for n, m in markers.items() if n in complete})
     keep = {part_name(n) for n in (*plan.done, *plan.gone)}

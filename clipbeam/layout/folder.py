@@ -22,6 +22,7 @@ from clipbeam.layout.ledger import UnitLedger
 from clipbeam.storage import (
     check_writable,
     exists,
+    is_temporary,
     join,
     list_names,
     read_json,
@@ -143,7 +144,7 @@ def _check_ownership(url: str, kind: OutputKind, record: dict | None, manifest: 
     if record is not None or (manifest is not None and manifest.get("format") == kind.name):
         return True
     others = [n for n in list_names(url, storage_options)  # a lease, or temp files clipbeam left, are no output
-              if n != LEASE_FILE and not (n.startswith(".") and ".tmp-" in n)]
+              if n != LEASE_FILE and not is_temporary(n)]
     if any(name in others for name in kind.legacy_records):
         return True
     if others:

@@ -50,7 +50,10 @@ class UnitLedger:
 
     def done(self) -> dict[str, dict]:
         """The markers whose listed files all exist (a unit whose file was deleted is redone)."""
-        markers = self.markers()
+        return self.complete(self.markers())
+
+    def complete(self, markers: dict[str, dict]) -> dict[str, dict]:
+        """Those of `markers` whose listed files all exist (for callers that also need the others)."""
         present: dict[str, set[str]] = {}
         for marker in markers.values():
             for parent in {posixpath.dirname(f) for f in marker.get("files", [])}:
