@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import argparse
+import base64
 import io
 import json
 
@@ -52,6 +54,25 @@ def test_query_image_finds_itself_in_the_corpus(photo_index, name, capsys):
     assert hits[0]["source"].endswith(name), hits
     assert hits[0]["score"] >= 0.9999, hits[0]
     assert hits[1]["score"] < hits[0]["score"]
+
+
+@pytest.mark.parametrize("name", ["rotated.jpg", "large.jpg", "alpha.png"])
+def test_an_upload_to_serve_finds_itself_as_search_does(photo_index, name):
+    """serve decodes uploads as embed decoded the corpus too (reduced-scale JPEGs included)."""
+    from starlette.testclient import TestClient
+
+    from clipbeam.commands import serve
+    from clipbeam.serve.app import create_app
+
+    photos, index = photo_index
+    parser = argparse.ArgumentParser()
+    serve.add_arguments(parser)
+    engine = serve.build_engine(parser.parse_args(["--index", str(index)]))
+    upload = base64.b64encode((photos / name).read_bytes()).decode()
+    with TestClient(create_app(engine)) as client:
+        results = client.post("/search", json={"image": upload, "k": 3}).json()["results"]
+    assert results[0]["source"].endswith(name), results
+    assert results[0]["score"] >= 0.9999, results[0]
 
 
 def test_load_image_decodes_like_the_corpus(tmp_path):

@@ -20,7 +20,7 @@ from clipbeam.commands.common import add_storage_arguments, storage_options_from
 from clipbeam.commands.query_model import add_query_model_arguments, load_query_model, query_spec
 from clipbeam.errors import UsageError
 from clipbeam.index import ShardedIndex
-from clipbeam.index.manifest import query_model
+from clipbeam.index.manifest import corpus_decoding, query_model
 from clipbeam.models.images import DEFAULT_MAX_PIXELS, DecodeError, load_image
 
 
@@ -49,37 +49,20 @@ def _load_vectors(url: str, storage_options: dict) -> np.ndarray:
     return vectors[None, :] if vectors.ndim == 1 else vectors
 
 
-def _corpus_decoding(index: ShardedIndex) -> tuple[int, bool]:
-    """(max_pixels, reduced-scale JPEG decoding) as embed used them for the indexed corpus, so that a query
-    photo is decoded as its copy in the corpus was (older manifests: exact decoding)."""
-    for source in index.manifest.get("embeddings", []):
-        info = source.get("manifest") or {}
-        if info.get("model"):
-            return int(info.get("max_pixels") or DEFAULT_MAX_PIXELS), bool(info.get("fast_decode", False))
-    return DEFAULT_MAX_PIXELS, False
-
-
 def _encode_images(clip, urls: list[str], index: ShardedIndex, storage_options: dict) -> np.ndarray:
     """Query images -> vectors, decoded and preprocessed exactly as `clipbeam embed` does corpus images."""
-    import torch
+    from clipbeam.models.clip import QueryImages
 
-    from clipbeam.models.clip import encode_images, image_preprocessor, preprocess_config
-
-    cfg = preprocess_config(clip.spec)
-    max_pixels, fast_decode = _corpus_decoding(index)
-    size = cfg["size"]
-    min_side = (size if isinstance(size, int) else min(size)) if fast_decode else None
-    preprocess = image_preprocessor(cfg)
-    pixels = []
+    queries = QueryImages(clip, *corpus_decoding(index.manifest, DEFAULT_MAX_PIXELS))
+    images = []
     for url in urls:
         try:
-            image = load_image(url, storage_options, max_pixels, min_side)
+            images.append(load_image(url, storage_options, queries.max_pixels, queries.min_side))
         except FileNotFoundError:
             raise UsageError(f"--image {url} does not exist") from None
         except DecodeError as exc:
             raise UsageError(f"--image {url} is not a readable image: {exc}") from None
-        pixels.append(preprocess(image))
-    return encode_images(clip, torch.from_numpy(np.stack(pixels)))
+    return queries.encode(images)
 
 
 def queries_from_args(args: argparse.Namespace, index: ShardedIndex,

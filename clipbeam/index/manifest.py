@@ -54,6 +54,16 @@ def write_manifest(index_url: str, manifest: dict[str, Any], storage_options: di
     storage.write_json(storage.join(index_url, INDEX_JSON), manifest, storage_options)
 
 
+def corpus_decoding(manifest: dict[str, Any], default_max_pixels: int) -> tuple[int, bool]:
+    """(max_pixels, reduced-scale JPEG decoding) as embed used them for the indexed corpus, so that a query
+    photo is decoded as its copy in the corpus was (older manifests: exact decoding)."""
+    for source in manifest.get("embeddings", []):
+        info = source.get("manifest") or {}
+        if info.get("model"):
+            return int(info.get("max_pixels") or default_max_pixels), bool(info.get("fast_decode", False))
+    return default_max_pixels, False
+
+
 def query_model(manifest: dict[str, Any]) -> dict[str, Any] | None:
     """The CLIP model (model, pretrained, seed) the indexed embeddings came from, if recorded."""
     for source in manifest.get("embeddings", []):

@@ -374,6 +374,31 @@ def image_preprocessor(cfg: dict):
     return preprocess
 
 
+class QueryImages:
+    """Query images (search, serve) -> vectors, decoded and preprocessed as embed did the corpus's images:
+    the same pixel cap, the same reduced-scale JPEG decoding when the corpus had it, the same pixel path."""
+
+    def __init__(self, clip: LoadedClip, max_pixels: int, fast_decode: bool) -> None:
+        cfg = preprocess_config(clip.spec)
+        size = cfg["size"]
+        self.clip = clip
+        self.max_pixels = max_pixels
+        self.min_side = (size if isinstance(size, int) else min(size)) if fast_decode else None
+        self._preprocess = image_preprocessor(cfg)
+
+    def decode(self, data: bytes):
+        """Bytes -> RGB PIL image (DecodeError for unusable bytes)."""
+        from clipbeam.models.images import decode_sized
+
+        return decode_sized(data, self.max_pixels, self.min_side)[0]
+
+    def encode(self, images: Sequence) -> np.ndarray:
+        """Decoded images -> L2-normalised float32 [N, D]."""
+        import torch
+
+        return encode_images(self.clip, torch.from_numpy(np.stack([self._preprocess(i) for i in images])))
+
+
 def embedding_dim(spec: ClipSpec) -> int:
     """The embedding width from the model config (no weights needed)."""
     import open_clip

@@ -23,6 +23,7 @@ import numpy as np
 from clipbeam.index import IndexInputError, ShardedIndex
 from clipbeam.index.fetch import ImageUnavailable, fetch_image
 from clipbeam.index.inputs import InputFile, read_rows
+from clipbeam.index.manifest import corpus_decoding
 from clipbeam.serve.queries import ApiError, Limits, Query
 
 
@@ -47,11 +48,12 @@ class SearchEngine:
         self.name = name
         self.storage_options = storage_options or {}
         self.default_params = index.search_params
-        self._preprocess = None
-        if clip is not None:
-            from clipbeam.models.clip import image_preprocessor, preprocess_config
+        self._images = None
+        if clip is not None:  # uploads decoded as embed decoded the corpus (reduced-scale JPEGs if it did)
+            from clipbeam.models.clip import QueryImages
 
-            self._preprocess = image_preprocessor(preprocess_config(clip.spec))
+            fast_decode = corpus_decoding(index.manifest, limits.max_pixels)[1]
+            self._images = QueryImages(clip, limits.max_pixels, fast_decode)
         self.thumbnail = functools.lru_cache(maxsize=thumbnail_cache)(self._thumbnail)
         self.stored_vector = functools.lru_cache(maxsize=1024)(self._stored_vector)
 
@@ -114,20 +116,16 @@ class SearchEngine:
 
     def _encode_image(self, data: bytes) -> np.ndarray:
         """Uploaded bytes -> vector, decoded and preprocessed as embed does corpus images (same pixel cap)."""
-        import torch
+        from clipbeam.models.images import DecodeError
 
-        from clipbeam.models.clip import encode_images
-        from clipbeam.models.images import DecodeError, decode_image
-
-        if self.clip is None:
+        if self._images is None:
             raise ApiError(400, "this server has no model (the index records none): send a vector")
         try:
-            image = decode_image(data, self.limits.max_pixels)
+            image = self._images.decode(data)
         except DecodeError as exc:
             status = 413 if "decompression bomb" in str(exc) else 400
             raise ApiError(status, f"image: {exc}") from None
-        pixels = torch.from_numpy(np.stack([self._preprocess(image)]))
-        return encode_images(self.clip, pixels)
+        return self._images.encode([image])
 
     def _search(self, vectors: np.ndarray, k: int, params: str | None) -> list[list[Hit]]:
         if params:
