@@ -14,7 +14,9 @@ Beam start-up included):
    256 px corpus is >= 2x the tiny model's 64 px input, so reduced-scale
    decoding applies there), against a bare one-thread decode + preprocess loop;
 5. large photos (3000 px): exact decoding against reduced-scale decoding
-   (decode + preprocess, one thread), with the embeddings' cosine between them.
+   (decode + preprocess, one thread), with the embeddings' cosine between them;
+6. the text levers alone: ms per batch of the text tower at the full context,
+   trimmed, and trimmed after sorting captions across batches, beside the image tower.
 
 The corpus: JPEGs (256 px by default) in webdataset shards with captions of
 3-40 words, about 10% of them repeated. Row 5 uses scikit-image's sample photos
@@ -251,6 +253,37 @@ def child_photos(job: dict) -> dict:
     return result
 
 
+def child_towers(job: dict) -> dict:
+    """Row 6: the text levers alone, ms per batch of the benchmark's captions: the text tower at the full
+    context, trimmed batch by batch, and trimmed after sorting across 4 batches (OrderByCaptionLength);
+    the image tower beside them for scale."""
+    import numpy as np
+    import torch
+
+    from clipbeam.models.clip import ClipSpec, encode_images, encode_tokens, load_clip, tokenize_texts
+
+    clip = load_clip(ClipSpec(job["model"]))
+    size, window = job["batch_size"], 4 * job["batch_size"]
+    tokens = tokenize_texts(clip.tokenizer, captions(window * 4))
+    by_length = np.concatenate([chunk[np.argsort(np.count_nonzero(chunk, axis=1), kind="stable")]
+                                for chunk in np.split(tokens, 4)])
+    pixels = torch.rand(size, 3, clip.image_size, clip.image_size)
+
+    def per_batch(encode, rows) -> float:
+        encode(rows[:size])  # warm-up
+        start = time.monotonic()
+        for i in range(0, len(rows), size):
+            encode(rows[i:i + size])
+        return (time.monotonic() - start) * 1000 * size / len(rows)
+
+    result = {"images": 0, "inner_seconds": 1.0,
+              "text_full_ms": per_batch(lambda rows: encode_tokens(clip, rows, trim=False), tokens),
+              "text_trimmed_ms": per_batch(lambda rows: encode_tokens(clip, rows), tokens),
+              "text_sorted_ms": per_batch(lambda rows: encode_tokens(clip, rows), by_length)}
+    result["image_ms"] = per_batch(lambda rows: encode_images(clip, rows), pixels.repeat(4, 1, 1, 1))
+    return result
+
+
 def _has_skimage() -> bool:
     try:
         import skimage  # noqa: F401
@@ -259,7 +292,8 @@ def _has_skimage() -> bool:
     return True
 
 
-CHILDREN = {"bare": child_bare, "decode": child_decode_loop, "pipeline": child_pipeline, "photos": child_photos}
+CHILDREN = {"bare": child_bare, "decode": child_decode_loop, "pipeline": child_pipeline, "photos": child_photos,
+            "towers": child_towers}
 
 
 def table_rows(args, tmp: str) -> list[tuple[str, dict]]:
@@ -357,7 +391,11 @@ def main() -> None:
         rows = table_rows(args, tmp)
     photo = run_child({"kind": "photos", "n": args.photos, "sides": [3000], "models": [[args.model, "none"]]}) \
         if args.photos else None
+    towers = run_child({"kind": "towers", "model": args.model, "batch_size": args.batch_size})
     print_table(args, rows, photo)
+    print(f"| 6  {args.model} towers alone, ms per batch of {args.batch_size}: text at the full context "
+          f"{towers['text_full_ms']:.0f}, trimmed per batch {towers['text_trimmed_ms']:.0f}, trimmed after sorting "
+          f"across 4 batches {towers['text_sorted_ms']:.0f}; image tower {towers['image_ms']:.0f} |")
 
 
 if __name__ == "__main__":

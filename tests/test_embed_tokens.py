@@ -85,3 +85,25 @@ def test_pixels_reach_the_device_in_one_batch_in_order(clip):
     assert torch.equal(mixed.pixels[0], batch[0]) and torch.equal(mixed.pixels[2], batch[2])
     assert list(mixed.failed) == [3] and mixed.fallbacks == 1 and not mixed.pixels[3].any()
     assert mixed.pixels[1].float().mean() > 0
+
+
+def test_order_by_caption_length_sorts_each_window_and_loses_nothing():
+    """Samples leave sorted by token count within each window of 4 (and the rest at the bundle's end);
+    samples without tokens (no caption, --no-text) count as length 0; none is dropped or repeated."""
+    from apache_beam.transforms.window import GlobalWindow
+    from apache_beam.utils.timestamp import MIN_TIMESTAMP
+
+    from clipbeam.transforms.embed_dofns import OrderByCaptionLength
+
+    lengths = [9, 3, 7, 1, 0, 5, 2, 8, 4, 6]
+    samples = [{"id": str(i), "tokens": np.array([1] * n + [0] * (12 - n), dtype=np.int32) if n else None}
+               for i, n in enumerate(lengths)]
+    dofn = OrderByCaptionLength(window=4)
+    dofn.start_bundle()
+    released = []
+    for sample in samples:
+        released.append([v.value for v in dofn.process(sample, GlobalWindow(), MIN_TIMESTAMP)])
+    released.append([v.value for v in dofn.finish_bundle()])
+    windows = [w for w in released if w]
+    assert [[lengths[int(s["id"])] for s in w] for w in windows] == [[1, 3, 7, 9], [0, 2, 5, 8], [4, 6]]
+    assert sorted(s["id"] for w in windows for s in w) == sorted(s["id"] for s in samples)

@@ -20,7 +20,7 @@ from clipbeam.models.images import DEFAULT_MAX_PIXELS
 from clipbeam.transforms.clip_handler import ClipModelHandler, EmbedTuning
 from clipbeam.transforms.corpus_plan import ManifestColumns
 from clipbeam.transforms.corpus_read import ReadLimits
-from clipbeam.transforms.embed_dofns import COUNTS, FAILURES, DecodeDoFn, ReadPartDoFn
+from clipbeam.transforms.embed_dofns import COUNTS, FAILURES, DecodeDoFn, OrderByCaptionLength, ReadPartDoFn
 from clipbeam.transforms.embed_write import (
     FailedSample,
     PartInfo,
@@ -28,6 +28,8 @@ from clipbeam.transforms.embed_write import (
     SplitResultsDoFn,
     WritePartDoFn,
 )
+
+ORDER_WINDOW_BATCHES = 4  # captions are sorted by length across this many batches (see OrderByCaptionLength)
 
 
 @dataclass(frozen=True)
@@ -85,13 +87,17 @@ class EmbedCorpus(beam.PTransform):
         decoded = read.samples | "Decode" >> beam.ParDo(
             DecodeDoFn(cfg.preprocess, cfg.max_pixels, cfg.embed_text, cfg.tuning, cfg.batch_size,
                        spec=cfg.spec)).with_outputs(FAILURES, main="decoded")
+        samples = decoded.decoded
+        if cfg.embed_text and cfg.tuning.trim_text:
+            samples = samples | "ByCaptionLength" >> beam.ParDo(
+                OrderByCaptionLength(ORDER_WINDOW_BATCHES * cfg.batch_size))
         handler = ClipModelHandler(cfg.spec, cfg.storage_options, batch_size=cfg.batch_size,
                                    model_copies=cfg.model_copies, preprocess_cfg=cfg.preprocess, tuning=cfg.tuning,
                                    max_pixels=cfg.max_pixels)
         inference = RunInference(handler)
         if cfg.accelerator:  # only inference goes to GPU workers; reading, decoding, writing stay on CPUs
             inference = inference.with_resource_hints(accelerator=cfg.accelerator)
-        split = (decoded.decoded
+        split = (samples
                  | "Embed" >> inference
                  | "Split" >> beam.ParDo(SplitResultsDoFn(cfg.output, cfg.dim, cfg.dtype, cfg.storage_options))
                  .with_outputs(FAILURES, main="rows"))

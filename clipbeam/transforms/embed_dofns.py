@@ -8,6 +8,7 @@ so remote runners show them in their UI.
 from __future__ import annotations
 
 import apache_beam as beam
+import numpy as np
 from apache_beam.metrics import Metrics
 from apache_beam.utils.windowed_value import WindowedValue
 
@@ -113,3 +114,36 @@ class DecodeDoFn(beam.DoFn):
         sample["sha256"] = sha256
         sample["pixels"], sample["jpeg"] = decoded.pixels, decoded.jpeg
         return WindowedValue(sample, timestamp, [window])
+
+
+class OrderByCaptionLength(beam.DoFn):
+    """Decoded samples, reordered by caption length within windows of `window` samples.
+
+    The model pads each group of captions to its longest (text_trim.py), so
+    batches of captions of similar length do less work; the vectors are the
+    same in any order (each part's rows are sorted by id when it is written).
+    Memory stays bounded: at most `window` decoded samples wait here.
+    """
+
+    def __init__(self, window: int) -> None:
+        self._window = window
+        self._held: list[tuple[int, WindowedValue]] = []
+
+    def start_bundle(self) -> None:
+        self._held = []
+
+    def process(self, sample: dict, window=beam.DoFn.WindowParam, timestamp=beam.DoFn.TimestampParam):
+        tokens = sample.get("tokens")
+        length = int(np.count_nonzero(tokens)) if tokens is not None else 0
+        self._held.append((length, WindowedValue(sample, timestamp, [window])))
+        if len(self._held) >= self._window:
+            yield from self._release()
+
+    def finish_bundle(self):
+        yield from self._release()
+
+    def _release(self):
+        held, self._held = self._held, []
+        held.sort(key=lambda item: item[0])
+        for _, value in held:
+            yield value
