@@ -168,7 +168,7 @@ def child_pipeline(job: dict) -> dict:
     inner = re.search(r"\n\s+seconds\s+([\d.]+)", err.getvalue())  # the summary's: the pipeline run itself
     result = {"images": rows, "code": code, "cache_hits": hits.group(1) if hits else "-",
               "inner_seconds": float(inner.group(1)) if inner else float("nan")}
-    if job.get("compare"):
+    if job.get("compare") and os.path.exists(job["compare"]):  # row 1 ran (see --rows)
         result["min_cos_vs_bare"] = min_cosine_vs_bare(job["out"], job["compare"])
     return result
 
@@ -324,6 +324,7 @@ def table_rows(args, tmp: str) -> list[tuple[str, dict]]:
          {"kind": "pipeline", "model": "clipbeam-tiny",
           "flags": ["--no-text", "--decode-threads", "2", "--exact-decode"], **plane}),
     ]
+    plan = [(name, job) for name, job in plan if not args.rows or name.split()[0] in args.rows]
     best: dict[str, dict] = {}
     for _ in range(args.repeat):  # whole rounds, so a slow spell of the machine hits every row alike
         for i, (name, job) in enumerate(plan):
@@ -353,8 +354,10 @@ def print_table(args, rows: list[tuple[str, dict]], photo: dict | None) -> None:
         note = f"min cos vs row 1: {r['min_cos_vs_bare']:.6f}" if "min_cos_vs_bare" in r else \
             "" if baseline or key == "1" else f"vs row {key}"
         inner = r["images"] / r["inner_seconds"]
-        print(f"| {name:<40} | {rate:>9.1f} | {rate / base[key]:>6.2f} | {inner:>8.1f} | "
-              f"{inner / inner_base[key]:>11.2f} | {r['peak_rss_mb']:>11.0f} | "
+        ratio, inner_ratio = ("-", "-") if key not in base else \
+            (f"{rate / base[key]:.2f}", f"{inner / inner_base[key]:.2f}")
+        print(f"| {name:<40} | {rate:>9.1f} | {ratio:>6} | {inner:>8.1f} | {inner_ratio:>11} | "
+              f"{r['peak_rss_mb']:>11.0f} | "
               f"{r.get('cache_hits', '-'):>10} | {note} |")
     if photo:
         models = {k: v for k, v in photo.items() if isinstance(v, dict)}
@@ -373,6 +376,7 @@ def main() -> None:
     parser.add_argument("--shard-size", type=int, default=250)
     parser.add_argument("--data-plane-n", type=int, default=0,
                         help="corpus size for rows 4 (default: --n); larger amortises process start-up")
+    parser.add_argument("--rows", nargs="+", metavar="ROW", help="only these rows, e.g. 4 4a 4b (default: all)")
     parser.add_argument("--repeat", type=int, default=1,
                         help="rounds over rows 1-4; each row keeps its fastest (shared machines drift)")
     parser.add_argument("--photos", type=int, default=200, help="row 5: photos of 3000 px (0: skip)")
@@ -394,9 +398,11 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="clipbeam-bench-") as tmp:
         rows = table_rows(args, tmp)
     photo = run_child({"kind": "photos", "n": args.photos, "sides": [3000], "models": [[args.model, "none"]]}) \
-        if args.photos else None
-    towers = run_child({"kind": "towers", "model": args.model, "batch_size": args.batch_size})
+        if args.photos and (not args.rows or "5" in args.rows) else None
     print_table(args, rows, photo)
+    if args.rows and "6" not in args.rows:
+        return
+    towers = run_child({"kind": "towers", "model": args.model, "batch_size": args.batch_size})
     print(f"| 6  {args.model} towers alone, ms per batch of {args.batch_size}: text at the full context "
           f"{towers['text_full_ms']:.0f}, trimmed per batch {towers['text_trimmed_ms']:.0f}, trimmed after sorting "
           f"across 4 batches {towers['text_sorted_ms']:.0f}; image tower {towers['image_ms']:.0f} |")

@@ -53,12 +53,13 @@ def decoded_samples(tmp_path, embed_text: bool, spec: ClipSpec | None) -> list[d
     out = tmp_path / f"decoded-{embed_text}-{spec is not None}"
     out.mkdir()
 
-    def keep(sample: dict) -> None:
-        (out / f"{int(sample['id']):03d}.pkl").write_bytes(pickle.dumps(sample))
+    def keep(samples: list[dict]) -> None:
+        for sample in samples:
+            (out / f"{int(sample['id']):03d}.pkl").write_bytes(pickle.dumps(sample))
 
     with BeamTestPipeline() as pipeline:
-        decoded = (pipeline | beam.Create(raw)
-                   | beam.ParDo(DecodeDoFn(preprocess_config(SPEC), 10**8, embed_text, spec=spec))
+        decoded = (pipeline | beam.Create([raw[:2], raw[2:]])  # lists of samples, as ReadPartDoFn makes them
+                   | beam.ParDo(DecodeDoFn(preprocess_config(SPEC), 10**8, embed_text, batch_size=3, spec=spec))
                    .with_outputs("failures", main="decoded"))
         decoded.decoded | beam.Map(keep)
     return [pickle.loads(path.read_bytes()) for path in sorted(out.iterdir())]
@@ -72,7 +73,9 @@ def test_decode_dofn_attaches_token_ids_and_the_handler_embeds_from_them(clip, t
     handler = ClipModelHandler(SPEC)
     model = handler.load_model()
     for samples in (tokenized, plain):  # from tokens, and from text where a sample has none
-        texts = np.stack([r.inference["text"] for r in handler.run_inference(samples, model)])
+        (result,) = handler.run_inference([samples], model)  # one list of samples, one model batch
+        assert result.example is samples and len(result.inference) == len(samples)
+        texts = np.stack([output["text"] for output in result.inference])
         assert cosines(texts, encode_texts(clip, CAPTIONS)).min() >= 0.9999
 
 
@@ -88,22 +91,23 @@ def test_pixels_reach_the_device_in_one_batch_in_order(clip):
 
 
 def test_order_by_caption_length_sorts_each_window_and_loses_nothing():
-    """Samples leave sorted by token count within each window of 4 (and the rest at the bundle's end);
-    samples without tokens (no caption, --no-text) count as length 0; none is dropped or repeated."""
-    from apache_beam.transforms.window import GlobalWindow
-    from apache_beam.utils.timestamp import MIN_TIMESTAMP
+    """Lists of samples leave cut to the batch size, sorted by token count within each window of 4 (and
+    the rest at the bundle's end); samples without tokens (no caption, --no-text) count as length 0; none is
+    dropped or repeated."""
+    from apache_beam.utils.windowed_value import WindowedValue
 
     from clipbeam.transforms.embed_dofns import OrderByCaptionLength
 
     lengths = [9, 3, 7, 1, 0, 5, 2, 8, 4, 6]
     samples = [{"id": str(i), "tokens": np.array([1] * n + [0] * (12 - n), dtype=np.int32) if n else None}
                for i, n in enumerate(lengths)]
-    dofn = OrderByCaptionLength(window=4)
+    dofn = OrderByCaptionLength(window=4, batch_size=3)
     dofn.start_bundle()
     released = []
-    for sample in samples:
-        released.append([v.value for v in dofn.process(sample, GlobalWindow(), MIN_TIMESTAMP)])
-    released.append([v.value for v in dofn.finish_bundle()])
-    windows = [w for w in released if w]
-    assert [[lengths[int(s["id"])] for s in w] for w in windows] == [[1, 3, 7, 9], [0, 2, 5, 8], [4, 6]]
-    assert sorted(s["id"] for w in windows for s in w) == sorted(s["id"] for s in samples)
+    for batch in (samples[:3], samples[3:6], samples[6:9], samples[9:]):
+        released += list(dofn.process(batch))
+    released += list(dofn.finish_bundle())
+    assert all(isinstance(value, WindowedValue) for value in released)
+    batches = [[lengths[int(s["id"])] for s in value.value] for value in released]
+    assert batches == [[0, 1, 3], [5, 7, 9], [2, 4, 6], [8]]
+    assert sorted(s["id"] for value in released for s in value.value) == sorted(s["id"] for s in samples)

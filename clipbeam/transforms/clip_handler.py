@@ -1,8 +1,8 @@
 """The one RunInference ModelHandler for CLIP: images and captions in one batch.
 
 The model is loaded once per worker (or shared across a worker's processes with
-`--model-copies` on GPU machines). Batches are fixed in size, which keeps GPU
-memory flat. A batch that fails is retried one sample at a time, so one bad
+`--model-copies` on GPU machines). Batches come made, as lists of at most
+`batch_size` samples, which keeps GPU memory flat. A batch that fails is retried one sample at a time, so one bad
 sample costs one failure row, not a whole batch. Repeated captions are served
 from a per-worker LRU cache (models/caption_cache.py); its hits and misses, and
 the JPEGs that fell back from GPU to CPU decoding, are Beam metrics.
@@ -57,22 +57,23 @@ def pixel_recipe(preprocess_cfg: dict, max_pixels: int = DEFAULT_MAX_PIXELS,
     return PixelRecipe(preprocess_cfg, max_pixels, tuning.fast_decode)
 
 
-class ClipModelHandler(ModelHandler[dict, PredictionResult, ClipEmbedder]):
-    """Embeds decoded samples: `pixels` (uint8) or `jpeg` (bytes for the GPU) always, `caption` (from its
-    `tokens` where DecodeDoFn attached them) where `embed_text` is set.
+class ClipModelHandler(ModelHandler[list, PredictionResult, ClipEmbedder]):
+    """Embeds lists of decoded samples, one list per model batch (DecodeDoFn makes them): `pixels` (uint8)
+    or `jpeg` (bytes for the GPU) always, `caption` (from its `tokens` where DecodeDoFn attached them)
+    where `embed_text` is set.
 
-    Each PredictionResult's inference is {"image": vector, "text": vector|None}
+    Each PredictionResult holds one list: its example is the samples, its
+    inference one output per sample, {"image": vector, "text": vector|None}
     or {"error": message}.
     """
 
-    def __init__(self, spec: ClipSpec, storage_options: dict | None = None, batch_size: int = 64,
-                 model_copies: int = 1, preprocess_cfg: dict | None = None,
-                 tuning: EmbedTuning = DEFAULT_TUNING, max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
+    def __init__(self, spec: ClipSpec, storage_options: dict | None = None, model_copies: int = 1,
+                 preprocess_cfg: dict | None = None, tuning: EmbedTuning = DEFAULT_TUNING,
+                 max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
         super().__init__()
         self._max_pixels = max_pixels  # for JPEGs the GPU could not decode, decoded here on the CPU
         self._spec = spec
         self._storage_options = storage_options
-        self._batch_size = batch_size
         self._model_copies = model_copies
         self._preprocess_cfg = preprocess_cfg
         self._tuning = tuning
@@ -89,22 +90,26 @@ class ClipModelHandler(ModelHandler[dict, PredictionResult, ClipEmbedder]):
         cfg = self._preprocess_cfg or preprocess_config(self._spec)
         return ClipEmbedder(clip, pixel_recipe(cfg, self._max_pixels, self._tuning), trim_text=self._tuning.trim_text)
 
-    def run_inference(self, batch: Sequence[dict], model: ClipEmbedder,
+    def run_inference(self, batch: Sequence[list[dict]], model: ClipEmbedder,
                       inference_args: dict[str, Any] | None = None) -> Iterable[PredictionResult]:
         if self._cache is None:  # one per worker process, beside the model (or its proxy)
             self._cache = CaptionCache(self._tuning.caption_cache_mb << 20)
+        return [PredictionResult(samples, self._embed_isolated(samples, model), self._spec.model)
+                for samples in batch]
+
+    def _embed_isolated(self, samples: list[dict], model: ClipEmbedder) -> list[dict]:
+        """One output per sample; a batch that fails is retried sample by sample, to find the bad ones."""
         try:
-            outputs = self._embed(batch, model)
-        except Exception as exc:  # isolate the bad sample(s)
-            LOG.warning("batch of %d failed (%s); retrying one by one", len(batch), exc)
+            return self._embed(samples, model)
+        except Exception as exc:
+            LOG.warning("batch of %d failed (%s); retrying one by one", len(samples), exc)
             outputs = []
-            for sample in batch:
+            for sample in samples:
                 try:
                     outputs.extend(self._embed([sample], model))
                 except Exception as single:
                     outputs.append({"error": f"{single.__class__.__name__}: {single}"})
-        return [PredictionResult(sample, output, self._spec.model)
-                for sample, output in zip(batch, outputs, strict=True)]
+            return outputs
 
     def _embed(self, batch: Sequence[dict], model: ClipEmbedder) -> list[dict]:
         items = [sample["pixels"] if sample.get("pixels") is not None else sample["jpeg"] for sample in batch]
@@ -122,11 +127,12 @@ class ClipModelHandler(ModelHandler[dict, PredictionResult, ClipEmbedder]):
         return [{"error": images.failed[i], "stage": "decode"} if i in images.failed
                 else {"image": images.vectors[i], "text": text_rows[i]} for i in range(len(batch))]
 
-    def get_num_bytes(self, batch: Sequence[dict]) -> int:
-        return sum(s["pixels"].nbytes if s.get("pixels") is not None else len(s["jpeg"]) for s in batch)
+    def get_num_bytes(self, batch: Sequence[list[dict]]) -> int:
+        return sum(s["pixels"].nbytes if s.get("pixels") is not None else len(s["jpeg"])
+                   for samples in batch for s in samples)
 
     def batch_elements_kwargs(self) -> dict[str, Any]:
-        return {"min_batch_size": self._batch_size, "max_batch_size": self._batch_size}
+        return {"min_batch_size": 1, "max_batch_size": 1}  # each element is already a model batch
 
     def share_model_across_processes(self) -> bool:
         return self._model_copies > 1

@@ -1,7 +1,9 @@
 """EmbedCorpus: the core of `clipbeam embed` as one composite PTransform.
 
-(part number, PartSpec) -> read -> decode/preprocess -> RunInference(CLIP) ->
-row fragments -> group by part -> write the part's files and done-marker.
+(part number, PartSpec) -> read -> decode/preprocess -> [order by caption length] ->
+RunInference(CLIP) -> row fragments -> group by part -> write the part's files
+and done-marker. Between reading and the fragments, elements are lists of
+samples, one model batch each (embed_dofns.py says why).
 The output is the done-markers of the parts written. Everything the steps need
 comes in one frozen EmbedCorpusConfig, so the transform can be built and
 tested without the command line.
@@ -81,8 +83,8 @@ class EmbedCorpus(beam.PTransform):
         read = (
             parts
             | "SpreadParts" >> beam.Reshuffle()
-            | "ReadPart" >> beam.ParDo(ReadPartDoFn(cfg.storage_options, cfg.columns, cfg.limits)).with_outputs(
-                FAILURES, COUNTS, main="samples")
+            | "ReadPart" >> beam.ParDo(ReadPartDoFn(cfg.storage_options, cfg.columns, cfg.limits, cfg.batch_size))
+            .with_outputs(FAILURES, COUNTS, main="samples")
         )
         decoded = read.samples | "Decode" >> beam.ParDo(
             DecodeDoFn(cfg.preprocess, cfg.max_pixels, cfg.embed_text, cfg.tuning, cfg.batch_size,
@@ -90,10 +92,9 @@ class EmbedCorpus(beam.PTransform):
         samples = decoded.decoded
         if cfg.embed_text and cfg.tuning.trim_text:
             samples = samples | "ByCaptionLength" >> beam.ParDo(
-                OrderByCaptionLength(ORDER_WINDOW_BATCHES * cfg.batch_size))
-        handler = ClipModelHandler(cfg.spec, cfg.storage_options, batch_size=cfg.batch_size,
-                                   model_copies=cfg.model_copies, preprocess_cfg=cfg.preprocess, tuning=cfg.tuning,
-                                   max_pixels=cfg.max_pixels)
+                OrderByCaptionLength(ORDER_WINDOW_BATCHES * cfg.batch_size, cfg.batch_size))
+        handler = ClipModelHandler(cfg.spec, cfg.storage_options, model_copies=cfg.model_copies,
+                                   preprocess_cfg=cfg.preprocess, tuning=cfg.tuning, max_pixels=cfg.max_pixels)
         inference = RunInference(handler)
         if cfg.accelerator:  # only inference goes to GPU workers; reading, decoding, writing stay on CPUs
             inference = inference.with_resource_hints(accelerator=cfg.accelerator)

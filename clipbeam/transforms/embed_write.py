@@ -57,7 +57,7 @@ class PartInfo:
 
 
 class SplitResultsDoFn(beam.DoFn):
-    """PredictionResults -> (part, FragmentFile) for embedded rows, or embed-stage failure rows.
+    """PredictionResults (one per batch) -> (part, FragmentFile) for embedded rows, or embed-stage failure rows.
 
     Rows are buffered per part and written as a fragment every `flush_rows`
     rows and at the end of each bundle, so memory stays flat whatever the corpus size.
@@ -78,17 +78,18 @@ class SplitResultsDoFn(beam.DoFn):
         self._buffers = {}
 
     def process(self, result):
-        sample, output = result.example, result.inference
-        if "error" in output:
-            self._failed.inc()
-            yield beam.pvalue.TaggedOutput(FAILURES, failure(sample["part"], sample["id"], sample["source"],
-                                                             output.get("stage", "embed"), output["error"]))
-            return
-        self._embedded.inc()
-        buffer = self._buffers.setdefault(sample["part"], [])
-        buffer.append(embedded_row(sample, output))
-        if len(buffer) >= self._flush_rows:
-            yield self._flush(sample["part"])
+        """One PredictionResult holds a batch: its samples and one output each."""
+        for sample, output in zip(result.example, result.inference, strict=True):
+            if "error" in output:
+                self._failed.inc()
+                yield beam.pvalue.TaggedOutput(FAILURES, failure(sample["part"], sample["id"], sample["source"],
+                                                                 output.get("stage", "embed"), output["error"]))
+                continue
+            self._embedded.inc()
+            buffer = self._buffers.setdefault(sample["part"], [])
+            buffer.append(embedded_row(sample, output))
+            if len(buffer) >= self._flush_rows:
+                yield self._flush(sample["part"])
 
     def finish_bundle(self):
         for part in list(self._buffers):
