@@ -14,7 +14,9 @@ Modes (--modes), each run for at most --seconds over the shards (repeating them)
 - model-images: the same without captions, which separates the text tower's cost;
 - cpu: decode + resize + crop + tokenise in the worker processes, uint8 to the GPU in one copy per batch;
 - gpu: JPEG headers checked and captions tokenised in the worker processes, batched nvjpeg decode,
-  resize and crop on the GPU (what `--decode-device cuda` does).
+  resize and crop on the GPU (what `--decode-device cuda` does);
+- own: every worker process reads its own shards, decodes and runs its own copy of the model, as
+  Beam's SDK processes do with the default `--model-copies 1`: only vectors leave a process.
 The shards repeat, so with the caption cache on (--caption-cache-mb, default
 64 as in the pipeline) later passes hit it; 0 turns it off (every caption
 through the text tower). Prints images/s (steady state, the first batch
@@ -197,7 +199,60 @@ MODES = {  # --modes key -> (row label, decode where, captions embedded)
     "model-images": ("model only, images only", None, False),
     "cpu": ("cpu decode", "cpu", True),
     "gpu": ("gpu decode", "gpu", True),
+    "own": ("cpu decode, a model per process", "own", True),
 }
+
+
+def load_own_model(spec, recipe) -> int:
+    """In a worker process: its own copy of the model on the device, once (what RunInference does in each
+    SDK process when the model is not shared, `--model-copies 1`)."""
+    from clipbeam.models.clip import load_clip
+    from clipbeam.models.embedder import ClipEmbedder
+
+    if "embedder" not in _WORKER:
+        _WORKER["embedder"] = ClipEmbedder(load_clip(spec), recipe)
+    return os.getpid()
+
+
+def embed_own_shards(task: tuple) -> tuple[int, float, int, int]:
+    """In a worker process: read its own shards, decode, tokenise and embed them with its own model until
+    the deadline (wall clock); -> (images after its first batch, seconds since that batch, cache hits,
+    cache misses)."""
+    from clipbeam.models.caption_cache import CaptionCache
+
+    spec, recipe, paths, batch_size, deadline, with_text, cache_mb = task
+    load_own_model(spec, recipe)  # loaded already unless this process got no loading task
+    embedder, cache = _WORKER["embedder"], CaptionCache(cache_mb << 20)
+    count, start = 0, None
+    for raw in _batched(samples(paths, time.monotonic() + deadline - time.time()), batch_size):
+        batch = decode_chunk((False, raw))
+        embedder.embed_images([d.pixels for d, _, _, _ in batch])
+        if with_text:
+            cache.embed([caption for _, _, caption, _ in batch], tokens_encoder(batch, embedder))
+        synchronize(embedder.clip.device)
+        if start is None:
+            start = time.monotonic()
+        else:
+            count += len(batch)
+    return count, (time.monotonic() - start) if start else 0.0, cache.hits, cache.misses
+
+
+def run_own_models(spec, recipe, paths: list[str], pool, args) -> dict:
+    """Every worker process decodes its share of the shards and feeds its own model: nothing but vectors
+    crosses a process boundary. images/s is the sum of the processes' steady rates."""
+    label, _, with_text = MODES["own"]
+    with_text = with_text and args.text
+    shares = [paths[rank::args.procs] or paths for rank in range(args.procs)]
+    deadline = time.time() + args.seconds
+    with GpuUtilisation() as util:
+        results = pool.map(embed_own_shards,
+                           [(spec, recipe, share, args.batch_size, deadline, with_text, args.caption_cache_mb)
+                            for share in shares], chunksize=1)
+    rate = sum(count / seconds for count, seconds, _, _ in results if seconds > 0)
+    hits, lookups = sum(r[2] for r in results), sum(r[2] + r[3] for r in results)
+    return {"mode": label, "captions": "on" if with_text else "off", "images": sum(r[0] for r in results),
+            "images_per_s": rate, "gpu": util.summary(), "fallbacks": 0,
+            "cache_hits": f"{hits / lookups:.0%}" if lookups else "-"}
 
 
 def run_mode(key: str, embedder, recipe, paths: list[str], pool, args) -> dict:
@@ -208,6 +263,8 @@ def run_mode(key: str, embedder, recipe, paths: list[str], pool, args) -> dict:
     from clipbeam.models.caption_cache import CaptionCache
 
     label, decode_on, with_text = MODES[key]
+    if decode_on == "own":
+        return run_own_models(embedder.clip.spec, recipe, paths, pool, args)
     with_text = with_text and args.text
     cache = CaptionCache(args.caption_cache_mb << 20)
     deadline = time.monotonic() + args.seconds
@@ -301,6 +358,9 @@ def main() -> int:
         start = time.monotonic()
         paths = write_shards(root, args.n, args.shard_size, len(os.sched_getaffinity(0)))
         pool.map(abs, range(args.procs))  # the workers have started (and loaded the tokenizer)
+        if "own" in args.modes:  # every worker loads its model before any mode is timed
+            loaded = set(pool.starmap(load_own_model, [(spec, recipe)] * args.procs * 4, chunksize=1))
+            log(f"{len(loaded)} of {args.procs} worker processes hold their own model")
         log(f"wrote {args.n} JPEGs of {SIDE} px in {len(paths)} shards, {args.procs} decode processes "
             f"({args.start_method}) ready in {time.monotonic() - start:.1f} s")
         for key in args.modes:
@@ -310,7 +370,8 @@ def main() -> int:
     log(f"device: {where}; torch {torch.__version__}; imports apache_beam: {'apache_beam' in sys.modules}")
     table = [f"embed data plane on {torch.cuda.get_device_name(0) if cuda else 'CPU (no CUDA)'}: {args.model} "
              f"{precision}, batch {args.batch_size}, {SIDE} px JPEGs, {args.procs} decode processes "
-             f"(decode + tokenise per sample; the main process stacks, copies and runs the model), "
+             f"(decode + tokenise per sample; the main process stacks, copies and runs the model, except in "
+             f"`own`, where each process runs its own), "
              f"caption cache {args.caption_cache_mb} MB, "
              f"{args.seconds:.0f} s per mode",
              "| mode | captions | images | images/s | GPU utilisation | GPU->CPU fallbacks | caption cache hits |",
