@@ -1,9 +1,10 @@
 """The one RunInference ModelHandler for CLIP: images and captions in one batch.
 
 The model is loaded once per worker (or shared across a worker's processes with
-`--model-copies` on GPU machines). Batches come made, as lists of at most
-`batch_size` samples, which keeps GPU memory flat. A batch that fails is retried one sample at a time, so one bad
-sample costs one failure row, not a whole batch. Repeated captions are served
+`--model-copies` on GPU machines). Batches arrive made, as lists of at most
+`--batch-size` samples (DecodeDoFn), which keeps GPU memory flat. A batch
+that fails is retried one sample at a time, so one bad sample costs one
+failure row, not a whole batch. Repeated captions are served
 from a per-worker LRU cache (models/caption_cache.py); its hits and misses, and
 the JPEGs that fell back from GPU to CPU decoding, are Beam metrics.
 """
