@@ -109,6 +109,25 @@ def test_overwrite_deletes_only_the_names_the_job_owns(place):
     assert record["settings"] == {"model": "other"} and record["owned"] == ["data/u3.bin"]
 
 
+def test_overwrite_never_deletes_a_listed_name_outside_the_folder(place):
+    """Run records, manifests and markers are files anyone with write access can edit: names in them that
+    leave the folder ('..', absolute paths, URLs) are neither deleted nor trusted as done units."""
+    url, so = place
+    _run_once(url, so)
+    victim = storage.join(url.rsplit("/", 1)[0], "victim.txt")
+    _put(victim, so)
+    record = storage.read_json(storage.join(url, RUN_RECORD), so)
+    storage.write_json(storage.join(url, RUN_RECORD), dict(record, owned=[*record["owned"], "../victim.txt"]), so)
+    storage.write_json(storage.join(url, "_done/evil.json"),
+                       {"unit": "evil", "files": ["data/../../victim.txt", "/etc/hostname", victim]}, so)
+    out = open_output(url, KIND, SETTINGS, Mode.RESUME, so)
+    with out:
+        assert sorted(out.done_units()) == ["u1", "u2"]
+    _run_once(url, so, mode=Mode.CLEAR, units=("u3",))
+    assert storage.exists(victim, so)
+    assert "data/u1.bin" not in _tree(url, so)
+
+
 def test_a_foreign_non_empty_folder_is_refused_untouched(place):
     url, so = place
     _put(storage.join(url, "shard-00000.tar"), so)

@@ -18,7 +18,7 @@ from typing import Callable
 
 from clipbeam.errors import UsageError
 from clipbeam.layout.lease import DEFAULT_TIMEOUT, LEASE_FILE, Lease
-from clipbeam.layout.ledger import UnitLedger
+from clipbeam.layout.ledger import UnitLedger, inside
 from clipbeam.storage import (
     check_writable,
     exists,
@@ -174,6 +174,11 @@ def clear_owned(out: OutputFolder, record: dict | None) -> None:
         names.update(kind.manifest_files(out.previous_manifest))
     for marker in UnitLedger(out.url, kind.markers, so).markers().values():
         names.update(marker.get("files", []))
+    outside = {name for name in names if not inside(name)}
+    if outside:
+        LOG.warning("--overwrite: not deleting %d listed name(s) outside %s: %s", len(outside), out.url,
+                    ", ".join(sorted(map(str, outside))[:3]))
+    names -= outside
     for name in sorted(names):
         remove_if_present(out.path(name), so)
     for folder in (kind.markers, *kind.scratch, *kind.legacy_records):

@@ -18,6 +18,16 @@ from clipbeam.layout.lease import check_lease
 from clipbeam.storage import join, list_names, read_json, remove_if_present, write_json
 
 
+def inside(name: object) -> bool:
+    """Whether a name read from a run record, manifest or marker stays inside the output folder:
+    relative, no '..' out of it, no URL. Only such names may be deleted as the job's own; the files
+    listing them can be edited by anyone who can write the folder."""
+    if not isinstance(name, str) or not name or "://" in name or name.startswith("/"):
+        return False
+    normal = posixpath.normpath(name)
+    return normal not in (".", "..") and not normal.startswith("../")
+
+
 @dataclass(frozen=True)
 class UnitLedger:
     root: str
@@ -37,15 +47,18 @@ class UnitLedger:
         return marker
 
     def markers(self) -> dict[str, dict]:
-        """Every readable marker, by unit name (whether or not its files are still there)."""
+        """Every readable marker, by unit name (whether or not its files are still there). A marker that
+        lists a file outside the folder is not one this ledger wrote: it is skipped, its files untouched."""
         found = {}
         for name in list_names(join(self.root, self.folder), self.storage_options):
             if not name.endswith(".json"):
                 continue
             try:
-                found[name[: -len(".json")]] = read_json(join(self.root, self.folder, name), self.storage_options)
+                marker = read_json(join(self.root, self.folder, name), self.storage_options)
             except (OSError, ValueError):
                 continue  # torn or vanished: the unit is not done
+            if isinstance(marker, dict) and all(inside(f) for f in marker.get("files", [])):
+                found[name[: -len(".json")]] = marker
         return found
 
     def done(self) -> dict[str, dict]:
