@@ -343,13 +343,14 @@ def main() -> int:
 
     from clipbeam.models.clip import ClipSpec, load_clip, preprocess_config
     from clipbeam.models.embedder import ClipEmbedder
+    from clipbeam.models.images import DEFAULT_MAX_PIXELS
     from clipbeam.models.pixels import PixelRecipe
 
     cuda = torch.cuda.is_available()
     device, precision = ("cuda", "fp16") if cuda else ("cpu", "fp32")
     where = torch.cuda.get_device_name(0) if cuda else "no CUDA: running on CPU, fp32 (numbers are not GPU ones)"
     spec = ClipSpec(args.model, "none", device=device, precision=precision)
-    recipe = PixelRecipe(preprocess_config(spec), 89_478_485, fast_decode=True)
+    recipe = PixelRecipe(preprocess_config(spec), DEFAULT_MAX_PIXELS, fast_decode=True)
     embedder = ClipEmbedder(load_clip(spec), recipe)
     rows = []
     context = multiprocessing.get_context(args.start_method)

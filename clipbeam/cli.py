@@ -15,8 +15,7 @@ import logging
 import sys
 
 from clipbeam import __version__
-from clipbeam.errors import UsageError
-from clipbeam.layout.lease import LeaseLost
+from clipbeam.errors import LeaseLost, UsageError
 
 COMMANDS: list[tuple[str, str, str]] = [
     ("embed", "clipbeam.commands.embed", "image-text corpora -> CLIP embeddings in Parquet"),

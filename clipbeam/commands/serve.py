@@ -18,7 +18,7 @@ from clipbeam import storage
 from clipbeam.commands.common import add_storage_arguments, storage_options_from_args
 from clipbeam.commands.query_model import add_query_model_arguments, load_query_model, query_spec
 from clipbeam.errors import UsageError
-from clipbeam.index import IndexInputError, ShardedIndex
+from clipbeam.index import ShardedIndex
 from clipbeam.index.manifest import query_model
 from clipbeam.serve.queries import Limits
 
@@ -32,8 +32,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="address to bind (default %(default)s; there is no authentication)")
     parser.add_argument("--port", type=int, default=8765, help="port (default %(default)s)")
     parser.add_argument("--name", default=None, help="index name for clip-retrieval clients (default: folder name)")
-    parser.add_argument("--max-k", type=int, default=1000, help="largest k a request may ask for (default %(default)s)")
-    parser.add_argument("--max-body-bytes", type=int, default=16 * 1024 * 1024,
+    parser.add_argument("--max-k", type=int, default=Limits.max_k,
+                        help="largest k a request may ask for (default %(default)s)")
+    parser.add_argument("--max-body-bytes", type=int, default=Limits.max_body_bytes,
                         help="largest request body, uploads included (default %(default)s)")
     parser.add_argument("--max-pixels", type=int, default=Limits.max_pixels,
                         help="larger uploaded images are refused as decompression bombs (default %(default)s)")
@@ -60,10 +61,7 @@ def build_engine(args: argparse.Namespace):
 
     limits = _check(args)
     so = storage_options_from_args(args)
-    try:
-        index = ShardedIndex.open(args.index, so)
-    except IndexInputError as exc:
-        raise UsageError(str(exc)) from None
+    index = ShardedIndex.open(args.index, so)  # IndexInputError is a UsageError: one line, exit 2
     recorded = query_model(index.manifest)
     clip = None
     if recorded or args.model:

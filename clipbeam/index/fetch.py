@@ -12,10 +12,7 @@ from __future__ import annotations
 from typing import Any, Mapping
 
 from clipbeam import storage
-
-# Manifest tables: a row whose image bytes were inside the table has the table as its source.
-_TABLE_SUFFIXES = (".parquet", ".csv", ".jsonl", ".ndjson", ".json")
-_TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")
+from clipbeam.transforms.corpus_plan import MANIFEST_SUFFIXES, TAR_SUFFIXES
 
 
 class ImageUnavailable(LookupError):
@@ -35,10 +32,10 @@ def fetch_image(row: Mapping[str, Any], storage_options: dict | None = None) -> 
     offset, size = row.get("source_offset"), row.get("source_size")
     lower = source.lower()
     if offset is None or size is None:
-        if lower.endswith(_TAR_SUFFIXES):
+        if lower.endswith(TAR_SUFFIXES):
             raise ImageUnavailable(f"no byte offset recorded for this sample of {source} (a compressed shard, "
                                    "or embeddings older than format 2: rerun `clipbeam embed --overwrite`)")
-        if lower.endswith(_TABLE_SUFFIXES):
+        if lower.endswith(MANIFEST_SUFFIXES):
             raise ImageUnavailable(f"the image bytes are stored inside the manifest table {source}")
         return _read(source, storage_options)
     if offset < 0 or size < 0:

@@ -42,6 +42,7 @@ class ExactTopK:
 
     def __init__(self, queries: np.ndarray, k: int, metric: str) -> None:
         self.queries = np.ascontiguousarray(queries, dtype=np.float32)
+        self._query_norms = (self.queries ** 2).sum(1)[:, None]  # for squared L2
         self.k = k
         self.metric = metric
         nq = len(self.queries)
@@ -63,7 +64,7 @@ class ExactTopK:
             block = vectors[start:start + BLOCK_ROWS]
             scores = self.queries @ block.T
             if self.metric != "ip":  # squared L2, as faiss reports it
-                scores = (self.queries ** 2).sum(1)[:, None] + (block ** 2).sum(1)[None, :] - 2 * scores
+                scores = self._query_norms + (block ** 2).sum(1)[None, :] - 2 * scores
             kk = min(self.k, len(block))
             best = np.argpartition(_order_key(scores, self.metric), kk - 1, axis=1)[:, :kk]
             self.scores, self.ids = merge_topk([self.scores, np.take_along_axis(scores, best, axis=1)],

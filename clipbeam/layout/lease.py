@@ -27,7 +27,7 @@ import uuid
 from dataclasses import asdict, dataclass
 from typing import Callable
 
-from clipbeam.errors import UsageError
+from clipbeam.errors import LeaseLost, UsageError
 from clipbeam.storage import create_exclusive, get_fs, join, remove_if_present, write_json
 
 LOG = logging.getLogger(__name__)
@@ -39,10 +39,6 @@ DEFAULT_TIMEOUT = float(os.environ.get("CLIPBEAM_LEASE_TIMEOUT", "120"))
 
 class LeaseHeld(UsageError):
     """Another live run holds the output folder (exit 2: nothing was touched)."""
-
-
-class LeaseLost(RuntimeError):
-    """This run's lease was taken over; it must not commit anything more."""
 
 
 @dataclass(frozen=True)

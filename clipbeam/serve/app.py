@@ -120,7 +120,7 @@ async def metadata(request: Request) -> Response:
     state = _state(request)
     body = parse_json(await read_body(request, state.engine.limits.max_body_bytes))
     ids = knn.parse_metadata_ids(body, state.engine.limits, state.engine.name)
-    rows = await run_in_threadpool(lambda: [state.engine.item(i) for i in ids])
+    rows = await run_in_threadpool(state.engine.items, ids)
     base = str(request.base_url)
     return JSONResponse([{"id": i, "metadata": jsonable(knn.metadata(row, i, base))}
                          for i, row in zip(ids, rows, strict=True)])

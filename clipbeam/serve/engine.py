@@ -150,10 +150,18 @@ class SearchEngine:
 
     def item(self, faiss_id: int) -> dict[str, Any]:
         """The id-table row of an indexed sample; ApiError 404 for an id the index does not hold."""
-        row = self.index.lookup([faiss_id])[0] if 0 <= faiss_id < 2**63 else None
-        if row is None:
-            raise ApiError(404, f"unknown id {faiss_id}")
-        return row
+        return self.items([faiss_id])[0]
+
+    def items(self, faiss_ids: list[int]) -> list[dict[str, Any]]:
+        """The id-table rows of indexed samples, in one lookup; ApiError 404 for the first id the index
+        does not hold."""
+        in_range = [i for i in faiss_ids if 0 <= i < 2**63]
+        found = dict(zip(in_range, self.index.lookup(in_range), strict=True)) if in_range else {}
+        rows = [found.get(i) for i in faiss_ids]
+        for faiss_id, row in zip(faiss_ids, rows, strict=True):
+            if row is None:
+                raise ApiError(404, f"unknown id {faiss_id}")
+        return rows
 
     def image_bytes(self, faiss_id: int) -> bytes:
         try:

@@ -19,9 +19,6 @@ from typing import Any
 from clipbeam.serve.engine import Hit
 from clipbeam.serve.queries import ApiError, Limits, Query, parse_image, parse_k, parse_text, parse_vector
 
-IGNORED = ("use_mclip", "deduplicate", "use_safety_model", "use_violence_detector", "aesthetic_score",
-           "aesthetic_weight")
-
 
 def check_indice(body: dict[str, Any], name: str) -> None:
     indice = body.get("indice_name")

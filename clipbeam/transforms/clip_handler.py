@@ -117,14 +117,15 @@ class ClipModelHandler(ModelHandler[list, PredictionResult, ClipEmbedder]):
         images = model.embed_images(items)
         self._fallbacks.inc(images.fallbacks)
         with_text = [i for i, sample in enumerate(batch) if sample.get("embed_text")]
-        hits, misses = self._cache.hits, self._cache.misses
-        texts = self._cache.embed([batch[i]["caption"] for i in with_text],
-                                  _caption_encoder([batch[i] for i in with_text], model))
-        self._hits.inc(self._cache.hits - hits)
-        self._misses.inc(self._cache.misses - misses)
         text_rows: list[np.ndarray | None] = [None] * len(batch)
-        for row, i in enumerate(with_text):
-            text_rows[i] = texts[row]
+        if with_text:  # no call to the model (maybe a proxy in another process) for a batch without captions
+            hits, misses = self._cache.hits, self._cache.misses
+            texts = self._cache.embed([batch[i]["caption"] for i in with_text],
+                                      _caption_encoder([batch[i] for i in with_text], model))
+            self._hits.inc(self._cache.hits - hits)
+            self._misses.inc(self._cache.misses - misses)
+            for row, i in enumerate(with_text):
+                text_rows[i] = texts[row]
         return [{"error": images.failed[i], "stage": "decode"} if i in images.failed
                 else {"image": images.vectors[i], "text": text_rows[i]} for i in range(len(batch))]
 

@@ -64,7 +64,8 @@ class ReadPartDoFn(beam.DoFn):
         yield beam.pvalue.TaggedOutput(COUNTS, (index, count))
 
 
-def _global(value) -> WindowedValue:
+def in_global_window(value) -> WindowedValue:
+    """An output emitted outside `process` (the embed pipeline is a batch job in the global window)."""
     return WindowedValue(value, MIN_TIMESTAMP, [GlobalWindow()])
 
 
@@ -73,7 +74,7 @@ def _batches(samples: list[dict], size: int, final: bool):
     while len(samples) >= size or (final and samples):
         batch = samples[:size]
         del samples[:size]
-        yield _global(batch)
+        yield in_global_window(batch)
 
 
 class DecodeDoFn(beam.DoFn):
@@ -138,7 +139,7 @@ class DecodeDoFn(beam.DoFn):
             self._failed.inc()
             reason = str(decoded) if isinstance(decoded, DecodeError) else f"{decoded.__class__.__name__}: {decoded}"
             record = failure(sample["part"], sample["id"], sample["source"], "decode", reason)
-            yield beam.pvalue.TaggedOutput(FAILURES, _global(record))
+            yield beam.pvalue.TaggedOutput(FAILURES, in_global_window(record))
             return
         caption, note = decode_caption(sample.get("caption"))
         sample["caption"] = caption

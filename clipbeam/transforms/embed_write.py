@@ -12,15 +12,12 @@ from typing import Union
 
 import apache_beam as beam
 from apache_beam.metrics import Metrics
-from apache_beam.transforms.window import GlobalWindow
-from apache_beam.utils.timestamp import MIN_TIMESTAMP
-from apache_beam.utils.windowed_value import WindowedValue
 
 from clipbeam.layout.embeddings import fragments_dir, part_name
 from clipbeam.layout.ledger import UnitLedger
 from clipbeam.storage import remove_if_present
 from clipbeam.transforms.corpus_read import failure
-from clipbeam.transforms.embed_dofns import FAILURES, NAMESPACE
+from clipbeam.transforms.embed_dofns import FAILURES, NAMESPACE, in_global_window
 from clipbeam.transforms.parquet_sink import merge_fragments, write_fragment, write_part
 
 
@@ -93,7 +90,7 @@ class SplitResultsDoFn(beam.DoFn):
 
     def finish_bundle(self):
         for part in list(self._buffers):
-            yield WindowedValue(self._flush(part), MIN_TIMESTAMP, [GlobalWindow()])
+            yield in_global_window(self._flush(part))
 
     def _flush(self, part: int) -> tuple[int, FragmentFile]:
         rows = self._buffers.pop(part)
