@@ -15,7 +15,7 @@ import time
 
 from apache_beam.options.pipeline_options import PipelineOptions
 
-from clipbeam.errors import UsageError
+from clipbeam.errors import UsageError, first_line
 from clipbeam.models.clip import ClipSpec
 from clipbeam.storage import absolute_url, parse_storage_options
 
@@ -181,7 +181,7 @@ def report_unfinished(command: str, exc: Exception) -> int:
     For jobs that are not Beam pipelines (train) as well as for run_pipeline.
     """
     LOG.error("%s failed: %s", command, exc, exc_info=LOG.isEnabledFor(logging.DEBUG))
-    first = (str(exc).strip().splitlines() or [""])[0]
+    first = first_line(exc)
     sys.stderr.write(f"clipbeam {command}: the run did not finish ({exc.__class__.__name__}: {first}); "
                      "rerun the same command to resume\n")
     return EXIT_UNFINISHED

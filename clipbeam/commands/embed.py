@@ -40,6 +40,7 @@ from clipbeam.errors import UsageError
 from clipbeam.layout import Mode, OutputFolder, open_output
 from clipbeam.layout.embeddings import (
     EMBEDDINGS,
+    FRAGMENTS,
     PartPlan,
     build_manifest,
     embeddings_file,
@@ -236,9 +237,7 @@ def corpus_config(job: EmbedJob, out: OutputFolder, plan: PartPlan, weights: str
 def _drop_gone(out: OutputFolder, plan: PartPlan) -> None:
     """--prune: remove the files and markers of the parts whose source left the input."""
     for number, marker in sorted(plan.gone.items()):
-        for name in marker.get("files", []):
-            remove_if_present(out.path(name), out.storage_options)
-        out.ledger.forget([part_name(number)])
+        out.ledger.discard({part_name(number): marker})
         LOG.info("pruned part %d (%s)", number, marker["source"])
 
 
@@ -255,7 +254,7 @@ def commit(out: OutputFolder, job: EmbedJob, plan: PartPlan, seconds: float) -> 
     listed = {n: m for n, m in done.items() if n in plan.numbered or (n in plan.gone and not job.prune)}
     for folder in ("embeddings", "failures"):  # files left half-written by a killed run
         remove_temporaries(join(out.url, folder), out.storage_options)
-    remove_if_present(out.path("_fragments"), out.storage_options, recursive=True)
+    remove_if_present(out.path(FRAGMENTS), out.storage_options, recursive=True)
     extra = {"clipbeam_version": __version__, "inputs": list(job.inputs), "seconds_last_run": round(seconds, 3)}
     return out.commit(build_manifest(out.settings, listed, set(plan.numbered), extra))
 

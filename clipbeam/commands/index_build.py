@@ -262,10 +262,7 @@ def start_work(out: OutputFolder, run: IndexRun) -> tuple[bool, list[BuiltShard]
     stale = {unit: marker for unit, marker in out.done_units().items() if unit not in committed}
     if stale:
         LOG.info("discarding %d shard(s) of an unfinished run with other inputs or options", len(stale))
-    for marker in stale.values():
-        for name in marker.get("files", []):
-            storage.remove_if_present(config.url(name), storage_options)
-    out.ledger.forget(stale)
+    out.ledger.discard(stale)
     storage.remove_if_present(config.url(WORK), storage_options, recursive=True)
     out.claim([index_layout.TRAINED_INDEX, *(n for p in config.shards for n in (
         index_layout.shard_index_name(p.number), index_layout.shard_ids_name(p.number)))])
@@ -341,8 +338,9 @@ def run(args: argparse.Namespace, beam_args: list[str]) -> int:
         _ = (pipeline
              | "BuildShards" >> BuildShards(dataclasses.replace(config, ledger=out.ledger), pending, built, trained)
              | "TuneShards" >> TuneShards(config))
-        if run_pipeline(pipeline, "index"):
-            return 1
+        code = run_pipeline(pipeline, "index")
+        if code:
+            return code
         manifest = commit(out, planned)
     _print_summary(manifest, args.output, watch)
     return 0

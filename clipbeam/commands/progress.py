@@ -12,6 +12,7 @@ import sys
 import threading
 import time
 
+from clipbeam.layout.embeddings import MARKERS
 from clipbeam.storage import join, list_names, read_json
 
 
@@ -20,7 +21,7 @@ class MarkerProgress:
 
     def __init__(self, output: str, total_parts: int, storage_options: dict | None, label: str = "embed",
                  interval: float = 1.0, log_every: float = 15.0, stream=None) -> None:
-        self._dir = join(output, "_parts")
+        self._dir = join(output, MARKERS)
         self._total = total_parts
         self._storage_options = storage_options
         self._label = label

@@ -20,7 +20,6 @@ import logging
 
 from clipbeam import __version__
 from clipbeam.commands.common import (
-    EXIT_UNFINISHED,
     Stopwatch,
     add_storage_arguments,
     print_summary,
@@ -190,17 +189,6 @@ def _resume_step(args: argparse.Namespace, loop) -> int:
     return train_common.read_checkpoint_step(args.output, loop.storage_options)
 
 
-def _train(args: argparse.Namespace, build, source, loop, device: str, start: int) -> dict | None:
-    """Run the loop; None (after one line on stderr) when it fails midway: the checkpoint stays to resume from."""
-    from clipbeam.models import train_common
-
-    try:
-        return train_common.run_training(build(start), source, loop, device)
-    except Exception as exc:
-        report_unfinished("train", exc)
-        return None
-
-
 def run(args: argparse.Namespace, beam_args: list[str]) -> int:
     import torch
 
@@ -231,9 +219,10 @@ def run(args: argparse.Namespace, beam_args: list[str]) -> int:
     start = _resume_step(args, loop)
     with open_output(args.output, TRAINING, settings, Mode.from_flags(args.overwrite), storage_options) as out:
         out.claim([train_common.CHECKPOINT, train_common.HISTORY, train_common.PLOT, *exported])
-        summary = _train(args, build, source, loop, device, start)
-        if summary is None:
-            return EXIT_UNFINISHED
+        try:
+            summary = train_common.run_training(build(start), source, loop, device)
+        except Exception as exc:  # one line on stderr; the checkpoint stays to resume from
+            return report_unfinished("train", exc)
         if source.skipped:
             LOG.warning("records skipped: %s", ", ".join(f"{k}: {v}" for k, v in source.skipped.items()))
         out.commit(dict(summary, settings=settings, lr=args.lr, weight_decay=args.weight_decay,

@@ -42,8 +42,8 @@ class Mode(enum.Enum):
     RESUME = "resume"   # keep the done units when the settings are the same
 
     @classmethod
-    def from_flags(cls, overwrite: bool, resume: bool = True) -> "Mode":
-        return cls.CLEAR if overwrite else cls.RESUME if resume else cls.REFUSE
+    def from_flags(cls, overwrite: bool) -> "Mode":
+        return cls.CLEAR if overwrite else cls.RESUME
 
 
 def _files_listed(manifest: dict) -> list[str]:

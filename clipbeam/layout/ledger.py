@@ -76,6 +76,13 @@ class UnitLedger:
         return {unit: marker for unit, marker in markers.items()
                 if all(posixpath.basename(f) in present[posixpath.dirname(f)] for f in marker.get("files", []))}
 
+    def discard(self, markers: dict[str, dict]) -> None:
+        """Delete the files these units' markers list, then the markers (units to redo, or gone)."""
+        for marker in markers.values():
+            for name in marker.get("files", []):
+                remove_if_present(join(self.root, name), self.storage_options)
+        self.forget(markers)
+
     def forget(self, units: Iterable[str]) -> None:
         """Drop the markers of units that will be redone."""
         for unit in units:

@@ -17,7 +17,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from clipbeam.errors import UsageError
+from clipbeam.errors import UsageError, first_line
 from clipbeam.models.text_trim import encode_trimmed, trimmable_tower
 from clipbeam.storage import file_sha256
 
@@ -143,7 +143,7 @@ def fetch_pretrained(spec: ClipSpec, local_runner: bool = True) -> str | None:
     try:
         path = download_pretrained(open_clip.get_pretrained_cfg(spec.model, pretrained))
     except Exception as exc:  # offline hub, HTTP errors, a missing file on the hub
-        first = (str(exc).strip().splitlines() or [""])[0][:200]
+        first = first_line(exc, 200)
         raise UsageError(f"cannot download the {pretrained!r} weights of {spec.model} ({exc.__class__.__name__}: "
                          f"{first}); use --pretrained PATH for a local checkpoint") from None
     if not path:
@@ -207,9 +207,9 @@ def load_clip(spec: ClipSpec, storage_options: dict | None = None, cpu_autocast:
             spec.model, pretrained=tag, precision="fp32" if autocast else spec.precision, device=device
         )
     except Exception as exc:  # corrupt files, wrong architecture, failed downloads
-        first_line = (str(exc).strip().splitlines() or [""])[0][:300]
+        first = first_line(exc, 300)
         raise UsageError(f"cannot load {spec.model} weights from {spec.pretrained}: "
-                         f"{exc.__class__.__name__}: {first_line}") from None
+                         f"{exc.__class__.__name__}: {first}") from None
     model.eval()
     tokenizer = load_tokenizer(spec)
     image_size = model.visual.image_size

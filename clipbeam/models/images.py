@@ -25,6 +25,11 @@ class DecodeError(ValueError):
     """The bytes are not an image we can use; the message says why."""
 
 
+def failure_reason(exc: Exception) -> str:
+    """A decode failure row's error text: a DecodeError's own message, else the exception's class and message."""
+    return str(exc) if isinstance(exc, DecodeError) else f"{exc.__class__.__name__}: {exc}"
+
+
 @dataclass(frozen=True)
 class ImageHeader:
     """What an image's header says, before any pixel is decoded."""

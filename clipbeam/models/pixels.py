@@ -21,7 +21,7 @@ from typing import Sequence
 
 import numpy as np
 
-from clipbeam.models.images import DecodeError, ImageHeader, decode_sized, probe_image
+from clipbeam.models.images import ImageHeader, decode_sized, failure_reason, probe_image
 
 # torchvision 0.29 deprecates its decoders in favour of TorchCodec; they still work (set once, not per call:
 # warnings.catch_warnings changes process-wide state and races with the decode threads)
@@ -142,11 +142,13 @@ def device_pixels(items: Sequence[np.ndarray | bytes], recipe: PixelRecipe, devi
     resized = _resize_by_size({i: image for i, image in decoded.items() if image is not None}, recipe)
     failed: dict[int, str] = {}
     fallbacks = [i for i in jpegs if decoded[i] is None]
+    if fallbacks and transform is None:
+        transform = uint8_transform(recipe)
     for i in fallbacks:
         try:
-            on_host[i] = decode_on_cpu(bytes(items[i]), recipe, transform or uint8_transform(recipe)).pixels
+            on_host[i] = decode_on_cpu(bytes(items[i]), recipe, transform).pixels
         except Exception as exc:
-            failed[i] = str(exc) if isinstance(exc, DecodeError) else f"{exc.__class__.__name__}: {exc}"
+            failed[i] = failure_reason(exc)
             on_host[i] = np.zeros((3, *recipe.size), dtype=np.uint8)
     out = torch.empty((len(items), 3, *recipe.size), dtype=torch.uint8, device=device)
     if on_host:

@@ -16,7 +16,7 @@ import io
 import pickle
 from typing import IO, Any, Iterable
 
-from clipbeam.errors import UsageError
+from clipbeam.errors import UsageError, first_line
 
 
 def torchscript_entries(names: Iterable[str]) -> list[str]:
@@ -51,7 +51,7 @@ def refuse_torchscript(source: str | IO[bytes], url: str) -> None:
         handle.seek(position)
         entries = torchscript_entries(torch._C.PyTorchFileReader(handle).get_all_records())
     except (OSError, RuntimeError) as exc:
-        first = (str(exc).strip().splitlines() or [""])[0][:200]
+        first = first_line(exc, 200)
         raise UsageError(f"cannot read {url}: not a readable torch archive ({first})") from None
     finally:
         if isinstance(source, str):
@@ -63,27 +63,23 @@ def refuse_torchscript(source: str | IO[bytes], url: str) -> None:
                          "runs the code inside it; save the weights with torch.save(state_dict) instead")
 
 
-def load_weights_only(url: str, storage_options: dict | None, safe_globals: Iterable[Any] = (),
-                      what: str = "checkpoint") -> Any:
-    """Read a torch file with `weights_only=True`: tensors, plain containers and `safe_globals` only.
+def load_weights_only(url: str, storage_options: dict | None, what: str = "checkpoint") -> Any:
+    """Read a torch file with `weights_only=True`: tensors and plain containers only.
 
     A TorchScript archive, a pickle that names anything else, or a file that is
     not a torch file at all is a UsageError (one line); nothing in it runs.
     """
     import torch
 
-    from clipbeam.storage import get_fs
+    from clipbeam.storage import read_bytes
 
-    fs, path = get_fs(url, storage_options)
-    with fs.open(path, "rb") as handle:
-        data = io.BytesIO(handle.read())
+    data = io.BytesIO(read_bytes(url, storage_options))
     refuse_torchscript(data, url)
     try:
-        with torch.serialization.safe_globals(list(safe_globals)):
-            return torch.load(data, map_location="cpu", weights_only=True)
+        return torch.load(data, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        first = (str(exc).strip().splitlines() or [""])[0][:200]
+        first = first_line(exc, 200)
         raise UsageError(f"refusing to load {what} {url}: it holds more than weights ({first})") from None
     except (RuntimeError, EOFError, ValueError, OSError) as exc:
-        first = (str(exc).strip().splitlines() or [""])[0][:200]
+        first = first_line(exc, 200)
         raise UsageError(f"cannot read {what} {url}: {exc.__class__.__name__}: {first}") from None

@@ -93,7 +93,7 @@ def load_torch(url: str, storage_options: dict | None) -> Any:
     nothing in it runs. A checkpoint holds only tensors, dicts, lists, numbers
     and strings, so no extra safe globals are needed.
     """
-    return load_weights_only(url, storage_options, safe_globals=(), what="training checkpoint")
+    return load_weights_only(url, storage_options, what="training checkpoint")
 
 
 def checkpoint_exists(output: str, storage_options: dict | None) -> bool:

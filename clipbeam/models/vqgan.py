@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from clipbeam.errors import first_line
+
 LOG = logging.getLogger(__name__)
 
 VQ_TARGET = "taming.models.vqgan.VQModel"
@@ -147,7 +149,7 @@ def config_from_yaml(text: str) -> VQGANConfig:
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        raise ValueError(f"VQGAN config is not valid YAML: {str(exc).splitlines()[0]}") from None
+        raise ValueError(f"VQGAN config is not valid YAML: {first_line(exc)}") from None
     return config_from_dict(data)
 
 

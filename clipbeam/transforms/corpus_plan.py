@@ -15,7 +15,7 @@ import logging
 import posixpath
 from dataclasses import dataclass, field
 
-from clipbeam.errors import UsageError
+from clipbeam.errors import UsageError, first_line
 from clipbeam.storage import expand_braces, get_fs, has_magic, unstrip
 
 LOG = logging.getLogger(__name__)
@@ -167,7 +167,7 @@ def check_manifest(url: str, storage_options: dict | None, columns: ManifestColu
     except UsageError:
         raise
     except Exception as exc:  # ArrowInvalid, OSError, UnicodeDecodeError: the file is not a readable table
-        first = (str(exc).strip().splitlines() or [""])[0][:300]
+        first = first_line(exc, 300)
         raise UsageError(f"cannot read manifest {url}: {exc.__class__.__name__}: {first}") from None
     choose_columns(info.schema, columns.image, columns.caption, columns.id, url)
     return info

@@ -20,7 +20,7 @@ from apache_beam.utils.timestamp import MIN_TIMESTAMP
 from apache_beam.utils.windowed_value import WindowedValue
 
 from clipbeam.models.clip import ClipSpec, load_tokenizer, tokenize_texts
-from clipbeam.models.images import DecodeError, decode_caption, sha256_hex
+from clipbeam.models.images import decode_caption, failure_reason, sha256_hex
 from clipbeam.models.ordered_pool import OrderedPool
 from clipbeam.models.pixels import Decoded, decode_or_defer, uint8_transform
 from clipbeam.transforms.clip_handler import DEFAULT_TUNING, NAMESPACE, EmbedTuning, pixel_recipe
@@ -137,8 +137,7 @@ class DecodeDoFn(beam.DoFn):
         """A failure goes out at once; a decoded sample waits in `_ready` for its list to fill."""
         if isinstance(decoded, Exception):
             self._failed.inc()
-            reason = str(decoded) if isinstance(decoded, DecodeError) else f"{decoded.__class__.__name__}: {decoded}"
-            record = failure(sample["part"], sample["id"], sample["source"], "decode", reason)
+            record = failure(sample["part"], sample["id"], sample["source"], "decode", failure_reason(decoded))
             yield beam.pvalue.TaggedOutput(FAILURES, in_global_window(record))
             return
         caption, note = decode_caption(sample.get("caption"))

@@ -17,7 +17,7 @@ import unicodedata
 from dataclasses import dataclass
 from typing import Any
 
-from clipbeam.errors import UsageError
+from clipbeam.errors import UsageError, first_line
 from clipbeam.models.prompts import parse_prompts
 from clipbeam.models.vqgan_clip import output_size
 from clipbeam.storage import decode_utf8, open_input, require_readable_file
@@ -110,7 +110,7 @@ def _read_table(data: bytes, url: str):
                 column_types={"prompt": "string", "size": "string", "init_image": "string"}))
         return pq.read_table(io.BytesIO(data))
     except Exception as exc:
-        raise UsageError(f"cannot read prompts table {url}: {str(exc).splitlines()[0]}") from None
+        raise UsageError(f"cannot read prompts table {url}: {first_line(exc)}") from None
 
 
 def _table_row(record: dict, url: str) -> PromptRow:
