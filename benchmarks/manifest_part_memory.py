@@ -28,8 +28,8 @@ import pyarrow.csv as pacsv
 import pyarrow.json as pajson
 import pyarrow.parquet as pq
 
-from clipbeam.transforms.corpus_plan import plan_parts
-from clipbeam.transforms.manifest_table import read_manifest_table
+from clipbeam.corpus.manifest_table import read_manifest_table
+from clipbeam.corpus.plan import plan_parts
 
 
 def write_manifests(folder: str, n: int) -> dict[str, str]:

@@ -5,10 +5,10 @@ from __future__ import annotations
 import imagefactory as imgs
 import pytest
 
+from clipbeam.corpus.plan import cut_ranges, pair_captions, plan_parts, unique_labels
 from clipbeam.errors import UsageError
 from clipbeam.models.images import DecodeError, decode_caption, decode_image
 from clipbeam.storage import expand_braces
-from clipbeam.transforms.corpus_plan import cut_ranges, pair_captions, plan_parts, unique_labels
 
 
 def test_brace_ranges_keep_padding_and_lists_expand():

@@ -11,8 +11,8 @@ from apache_beam.testing.util import assert_that, equal_to
 from synthetic_embeddings import clustered, unreadable_pages, write_embed_output
 
 from clipbeam.cli import main
-from clipbeam.index.inputs import resolve_embeddings
-from clipbeam.transforms.embeddings_parts import embeddings_parts
+from clipbeam.layout.embeddings.input_parts import embeddings_parts
+from clipbeam.layout.embeddings.read import resolve_embeddings
 from clipbeam.transforms.export_parts import ExportConfig, ExportParts, Partition
 
 

@@ -14,6 +14,7 @@ from PIL import Image
 from vqganhelpers import save_tiny_vqgan, tiny_config, tiny_vqgan
 
 from clipbeam.cli import main
+from clipbeam.corpus.render_plan import PromptRow, plan_renders, slugify
 from clipbeam.models.clip import ClipSpec, load_clip
 from clipbeam.models.prompts import parse_prompts
 from clipbeam.models.vqgan_clip import (
@@ -27,7 +28,6 @@ from clipbeam.models.vqgan_clip import (
     quantize_straight_through,
     spherical_distance,
 )
-from clipbeam.transforms.render_plan import PromptRow, plan_renders, slugify
 
 CLIP = ["--model", "clipbeam-tiny", "--pretrained", "none"]
 FAST = ["--cutn", "4", "--size", "32", "32"]

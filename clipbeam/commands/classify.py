@@ -27,12 +27,12 @@ from clipbeam.commands.common import (
 from clipbeam.commands.part_jobs import run_parts
 from clipbeam.commands.query_model import add_query_model_arguments, load_query_model, query_spec
 from clipbeam.errors import UsageError
-from clipbeam.index.inputs import resolve_embeddings
 from clipbeam.layout import Mode, OutputFolder, open_output
+from clipbeam.layout.embeddings.input_parts import EmbeddingsPart, embeddings_parts
+from clipbeam.layout.embeddings.read import resolve_embeddings
 from clipbeam.layout.labels import FORMAT_VERSION, LABELS
 from clipbeam.models.zero_shot import DEFAULT_TEMPLATE, LOGIT_SCALE, label_embeddings
 from clipbeam.transforms.classify_parts import ClassifyConfig, ClassifyParts
-from clipbeam.transforms.embeddings_parts import EmbeddingsPart, embeddings_parts
 
 LOG = logging.getLogger(__name__)
 

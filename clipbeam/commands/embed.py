@@ -36,6 +36,8 @@ from clipbeam.commands.common import (
     storage_options_from_args,
 )
 from clipbeam.commands.progress import MarkerProgress
+from clipbeam.corpus.plan import FORMATS, ManifestColumns, PartSpec, plan_parts
+from clipbeam.corpus.read import DEFAULT_MAX_MEMBER_BYTES, ReadLimits
 from clipbeam.errors import UsageError
 from clipbeam.layout import Mode, OutputFolder, open_output
 from clipbeam.layout.embeddings import (
@@ -63,8 +65,6 @@ from clipbeam.models.clip import (
 from clipbeam.models.images import DEFAULT_MAX_PIXELS
 from clipbeam.storage import absolute_url, join, remove_if_present, remove_temporaries
 from clipbeam.transforms.clip_handler import DECODE_DEVICES, EmbedTuning, inference_summary
-from clipbeam.transforms.corpus_plan import FORMATS, ManifestColumns, PartSpec, plan_parts
-from clipbeam.transforms.corpus_read import DEFAULT_MAX_MEMBER_BYTES, ReadLimits
 from clipbeam.transforms.embed_corpus import EmbedCorpus, EmbedCorpusConfig
 from clipbeam.transforms.embed_write import PartInfo
 

@@ -26,10 +26,10 @@ from clipbeam.commands.common import (
 )
 from clipbeam.commands.part_jobs import run_parts
 from clipbeam.errors import UsageError
-from clipbeam.index.inputs import resolve_embeddings
 from clipbeam.layout import Mode, OutputFolder, open_output
 from clipbeam.layout.clip_retrieval import EXPORT, FORMAT_VERSION, partition_width
-from clipbeam.transforms.embeddings_parts import EmbeddingsPart, embeddings_parts
+from clipbeam.layout.embeddings.input_parts import EmbeddingsPart, embeddings_parts
+from clipbeam.layout.embeddings.read import resolve_embeddings
 from clipbeam.transforms.export_parts import TEXT_MISSING, ExportConfig, ExportParts
 
 LOG = logging.getLogger(__name__)

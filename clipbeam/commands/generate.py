@@ -36,6 +36,7 @@ from clipbeam.commands.common import (
     runner_is_local,
     storage_options_from_args,
 )
+from clipbeam.corpus.render_plan import PromptRow, RenderJob, parse_seeds, plan_renders, read_prompt_rows
 from clipbeam.errors import UsageError
 from clipbeam.layout import Mode, OutputFolder, open_output
 from clipbeam.layout.renders import FAILURES_TABLE, FORMAT_VERSION, RENDER_COLUMNS, RENDERS, RENDERS_TABLE
@@ -43,7 +44,6 @@ from clipbeam.models.prompts import parse_prompt
 from clipbeam.models.vqgan_clip import AUGMENTATIONS, RenderSettings
 from clipbeam.storage import file_sha256, join
 from clipbeam.transforms.render import ImagePromptSpec, RenderConfig, RenderPrompts, WriteRenderTables
-from clipbeam.transforms.render_plan import PromptRow, RenderJob, parse_seeds, plan_renders, read_prompt_rows
 
 LOG = logging.getLogger(__name__)
 

@@ -38,9 +38,9 @@ from clipbeam.index import manifest as index_layout
 from clipbeam.index.checksum import verify_index
 from clipbeam.index.factory import choose_factory, default_train_sample, format_bytes, parse_memory
 from clipbeam.index.faiss_io import METRICS, make_index
-from clipbeam.index.inputs import EmbeddingsInput, describe, resolve_embeddings
 from clipbeam.index.plan import plan_sample, plan_shards, query_count, sample_reads, shard_count
 from clipbeam.layout import RUN_RECORD, Mode, OutputFolder, open_output, settings_fingerprint
+from clipbeam.layout.embeddings.read import EmbeddingsInput, describe, resolve_embeddings
 from clipbeam.layout.index import INDEX, WORK
 from clipbeam.transforms.index_shards import (
     RECALL_K,

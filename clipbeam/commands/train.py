@@ -26,11 +26,11 @@ from clipbeam.commands.common import (
     report_unfinished,
     storage_options_from_args,
 )
+from clipbeam.corpus.plan import FORMATS, ManifestColumns
 from clipbeam.errors import UsageError
 from clipbeam.layout import Mode, open_output
 from clipbeam.layout.training import TRAINING
 from clipbeam.storage import get_fs
-from clipbeam.transforms.corpus_plan import FORMATS, ManifestColumns
 
 LOG = logging.getLogger(__name__)
 
@@ -192,9 +192,9 @@ def _resume_step(args: argparse.Namespace, loop) -> int:
 def run(args: argparse.Namespace, beam_args: list[str]) -> int:
     import torch
 
+    from clipbeam.corpus.train_data import CorpusSamples
     from clipbeam.models import train_common
     from clipbeam.models.clip import resolve_device
-    from clipbeam.transforms.train_data import CorpusSamples
 
     if beam_args:
         raise UsageError(f"unrecognized arguments: {' '.join(beam_args)}")

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from clipbeam.index.errors import IndexInputError
-from clipbeam.index.inputs import InputFile
+from clipbeam.layout.embeddings.read import InputFile
 
 SAMPLE_READ_FACTOR = 2  # sampled row groups hold at least twice the sample, so rows are still drawn at random
 

@@ -9,7 +9,7 @@ optimizer, the step, the position in the epoch and the RNG state, so an
 interrupted run continues with the batches it would have seen.
 
 Records come from any object with `epoch(epoch, seed, skip)` and `decode(record)`
-(clipbeam.transforms.train_data.CorpusSamples); this module never imports Beam.
+(clipbeam.corpus.train_data.CorpusSamples); this module never imports Beam.
 """
 
 from __future__ import annotations

@@ -20,10 +20,10 @@ from typing import Any
 
 import numpy as np
 
+from clipbeam.corpus.fetch import ImageUnavailable, fetch_image
 from clipbeam.index import IndexInputError, ShardedIndex
-from clipbeam.index.fetch import ImageUnavailable, fetch_image
-from clipbeam.index.inputs import InputFile, read_rows
 from clipbeam.index.manifest import corpus_decoding
+from clipbeam.layout.embeddings.read import InputFile, read_rows
 from clipbeam.serve.queries import ApiError, Limits, Query
 
 

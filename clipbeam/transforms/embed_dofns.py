@@ -19,13 +19,13 @@ from apache_beam.transforms.window import GlobalWindow
 from apache_beam.utils.timestamp import MIN_TIMESTAMP
 from apache_beam.utils.windowed_value import WindowedValue
 
+from clipbeam.corpus.plan import PartSpec
+from clipbeam.corpus.read import DEFAULT_LIMITS, ReadLimits, failure, read_part
 from clipbeam.models.clip import ClipSpec, load_tokenizer, tokenize_texts
 from clipbeam.models.images import decode_caption, failure_reason, sha256_hex
 from clipbeam.models.ordered_pool import OrderedPool
 from clipbeam.models.pixels import Decoded, decode_or_defer, uint8_transform
 from clipbeam.transforms.clip_handler import DEFAULT_TUNING, NAMESPACE, EmbedTuning, pixel_recipe
-from clipbeam.transforms.corpus_plan import PartSpec
-from clipbeam.transforms.corpus_read import DEFAULT_LIMITS, ReadLimits, failure, read_part
 
 FAILURES = "failures"
 COUNTS = "counts"

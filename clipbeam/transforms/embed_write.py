@@ -13,12 +13,12 @@ from typing import Union
 import apache_beam as beam
 from apache_beam.metrics import Metrics
 
+from clipbeam.corpus.read import failure
 from clipbeam.layout.embeddings import fragments_dir, part_name
+from clipbeam.layout.embeddings.write import merge_fragments, write_fragment, write_part
 from clipbeam.layout.ledger import UnitLedger
 from clipbeam.storage import remove_if_present
-from clipbeam.transforms.corpus_read import failure
 from clipbeam.transforms.embed_dofns import FAILURES, NAMESPACE, in_global_window
-from clipbeam.transforms.parquet_sink import merge_fragments, write_fragment, write_part
 
 
 @dataclass(frozen=True)

@@ -29,12 +29,12 @@ from clipbeam import storage
 from clipbeam.index import manifest as index_layout
 from clipbeam.index.checksum import sha256_file
 from clipbeam.index.faiss_io import make_index, read_index, train_index, write_index
-from clipbeam.index.inputs import iter_batches
 from clipbeam.index.plan import SampleRead, ShardPlan
 from clipbeam.index.sample import read_sample
 from clipbeam.index.topk import ExactTopK, merge_topk
 from clipbeam.index.tune import tune
 from clipbeam.layout import UnitLedger
+from clipbeam.layout.embeddings.read import iter_batches
 from clipbeam.layout.index import WORK
 
 LOG = logging.getLogger(__name__)

@@ -20,6 +20,7 @@ from typing import Any, Iterator
 
 import apache_beam as beam
 
+from clipbeam.corpus.render_plan import RenderJob
 from clipbeam.layout import LeaseLost, UnitLedger
 from clipbeam.layout.renders import (
     FAILURES_TABLE,
@@ -34,7 +35,6 @@ from clipbeam.models.images import load_image
 from clipbeam.models.prompts import parse_prompts
 from clipbeam.models.vqgan_clip import RenderSettings
 from clipbeam.storage import atomic_open, join, remove_if_present
-from clipbeam.transforms.render_plan import RenderJob
 
 LOG = logging.getLogger(__name__)
 

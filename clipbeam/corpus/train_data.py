@@ -19,10 +19,10 @@ import random
 from dataclasses import dataclass
 from typing import Iterator
 
+from clipbeam.corpus.plan import ManifestColumns, PartSpec, plan_parts
+from clipbeam.corpus.read import read_part
 from clipbeam.errors import UsageError
 from clipbeam.models.images import DEFAULT_MAX_PIXELS, decode_caption, decode_image
-from clipbeam.transforms.corpus_plan import ManifestColumns, PartSpec, plan_parts
-from clipbeam.transforms.corpus_read import read_part
 
 LOG = logging.getLogger(__name__)
 

@@ -19,7 +19,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from clipbeam.layout.embeddings import embeddings_file, failures_file, fragments_dir
+from clipbeam.layout.embeddings.parts import embeddings_file, failures_file, fragments_dir
 from clipbeam.storage import atomic_open, join, open_input
 
 RESERVED = ("id", "source", "caption", "image_embedding", "text_embedding", "width", "height", "sha256",

@@ -21,9 +21,9 @@ from typing import Iterator
 
 import pyarrow as pa
 
+from clipbeam.corpus import text_rows
 from clipbeam.errors import UsageError
 from clipbeam.storage import get_fs
-from clipbeam.transforms import text_rows
 
 IMAGE_COLUMN_GUESSES = ("image", "image_path", "img", "path", "filepath", "file", "url", "image_url", "jpg")
 CAPTION_COLUMN_GUESSES = ("caption", "text", "txt", "title", "prompt")

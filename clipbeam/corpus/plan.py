@@ -159,7 +159,7 @@ def check_manifest(url: str, storage_options: dict | None, columns: ManifestColu
     CSV or a missing --image-column is one line and exit 2, not a run that
     writes a failure row for every sample.
     """
-    from clipbeam.transforms.manifest_table import choose_columns, inspect_manifest
+    from clipbeam.corpus.manifest_table import choose_columns, inspect_manifest
 
     columns = columns or ManifestColumns()
     try:

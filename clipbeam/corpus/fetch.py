@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import Any, Mapping
 
 from clipbeam import storage
-from clipbeam.transforms.corpus_plan import MANIFEST_SUFFIXES, TAR_SUFFIXES
+from clipbeam.corpus.plan import MANIFEST_SUFFIXES, TAR_SUFFIXES
 
 
 class ImageUnavailable(LookupError):

@@ -22,9 +22,9 @@ import tarfile
 from dataclasses import dataclass
 from typing import Any, Iterator
 
+from clipbeam.corpus.manifest_table import choose_columns, read_manifest_table
+from clipbeam.corpus.plan import IMAGE_SUFFIXES, PartSpec
 from clipbeam.storage import get_fs, join
-from clipbeam.transforms.corpus_plan import IMAGE_SUFFIXES, PartSpec
-from clipbeam.transforms.manifest_table import choose_columns, read_manifest_table
 
 LOG = logging.getLogger(__name__)
 
