@@ -20,8 +20,8 @@ from clipbeam.commands.common import add_storage_arguments, storage_options_from
 from clipbeam.commands.query_model import add_query_model_arguments, load_query_model, query_spec
 from clipbeam.errors import UsageError
 from clipbeam.index import ShardedIndex
-from clipbeam.index.manifest import corpus_decoding, query_model
-from clipbeam.models.images import DEFAULT_MAX_PIXELS, DecodeError, load_image
+from clipbeam.index.manifest import query_decoding, query_model
+from clipbeam.models.images import DEFAULT_MAX_PIXELS, DecodeError
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -51,13 +51,13 @@ def _load_vectors(url: str, storage_options: dict) -> np.ndarray:
 
 def _encode_images(clip, urls: list[str], index: ShardedIndex, storage_options: dict) -> np.ndarray:
     """Query images -> vectors, decoded and preprocessed exactly as `clipbeam embed` does corpus images."""
-    from clipbeam.models.clip import QueryImages
+    from clipbeam.models.embedder import QueryImages
 
-    queries = QueryImages(clip, *corpus_decoding(index.manifest, DEFAULT_MAX_PIXELS))
+    queries = QueryImages(clip, *query_decoding(index.manifest, DEFAULT_MAX_PIXELS))
     images = []
     for url in urls:
         try:
-            images.append(load_image(url, storage_options, queries.max_pixels, queries.min_side))
+            images.append(queries.pixels(storage.read_bytes(url, storage_options)))
         except FileNotFoundError:
             raise UsageError(f"--image {url} does not exist") from None
         except DecodeError as exc:

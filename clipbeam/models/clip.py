@@ -345,60 +345,6 @@ def preprocess_config(spec: ClipSpec) -> dict:
     return cfg
 
 
-def build_preprocess(cfg: dict):
-    """The torchvision transform open_clip uses at inference for these settings."""
-    from open_clip.transform import PreprocessCfg, image_transform_v2
-
-    return image_transform_v2(PreprocessCfg(**cfg), is_train=False)
-
-
-def image_preprocessor(cfg: dict):
-    """A function: decoded RGB PIL image -> one normalised float32 model input row [3, H, W] (numpy).
-
-    For query images (search, serve), stacked and given to `encode_images`. It
-    runs embed's own pixel path (models.pixels.uint8_transform: open_clip's
-    resize and crop to uint8) and then the arithmetic `encode_pixels` applies on
-    the device, so a query image and the same image inside a corpus give the
-    same vector.
-    """
-    from clipbeam.models.pixels import PixelRecipe, uint8_transform
-
-    recipe = PixelRecipe(cfg, max_pixels=0)
-    transform = uint8_transform(recipe)
-    mean = np.asarray(recipe.mean, dtype=np.float32).reshape(-1, 1, 1)
-    std = np.asarray(recipe.std, dtype=np.float32).reshape(-1, 1, 1)
-
-    def preprocess(image) -> np.ndarray:
-        return (transform(image).astype(np.float32) / np.float32(255.0) - mean) / std
-
-    return preprocess
-
-
-class QueryImages:
-    """Query images (search, serve) -> vectors, decoded and preprocessed as embed did the corpus's images:
-    the same pixel cap, the same reduced-scale JPEG decoding when the corpus had it, the same pixel path."""
-
-    def __init__(self, clip: LoadedClip, max_pixels: int, fast_decode: bool) -> None:
-        cfg = preprocess_config(clip.spec)
-        size = cfg["size"]
-        self.clip = clip
-        self.max_pixels = max_pixels
-        self.min_side = (size if isinstance(size, int) else min(size)) if fast_decode else None
-        self._preprocess = image_preprocessor(cfg)
-
-    def decode(self, data: bytes):
-        """Bytes -> RGB PIL image (DecodeError for unusable bytes)."""
-        from clipbeam.models.images import decode_sized
-
-        return decode_sized(data, self.max_pixels, self.min_side)[0]
-
-    def encode(self, images: Sequence) -> np.ndarray:
-        """Decoded images -> L2-normalised float32 [N, D]."""
-        import torch
-
-        return encode_images(self.clip, torch.from_numpy(np.stack([self._preprocess(i) for i in images])))
-
-
 def embedding_dim(spec: ClipSpec) -> int:
     """The embedding width from the model config (no weights needed)."""
     import open_clip

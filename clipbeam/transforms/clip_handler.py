@@ -25,7 +25,7 @@ from clipbeam.models.caption_cache import CaptionCache
 from clipbeam.models.clip import ClipSpec, load_clip
 from clipbeam.models.embedder import ClipEmbedder
 from clipbeam.models.images import DEFAULT_MAX_PIXELS
-from clipbeam.models.pixels import PixelRecipe
+from clipbeam.models.pixels import DEFAULT_FAST_DECODE, PixelRecipe
 
 LOG = logging.getLogger(__name__)
 NAMESPACE = "clipbeam.embed"
@@ -40,7 +40,7 @@ class EmbedTuning:
 
     decode_threads: int = 0         # threads decoding in each worker; 0: the worker's cores
     decode_device: str = "cpu"      # "cuda": JPEGs decoded in batches on the model's GPU
-    fast_decode: bool = True        # reduced-scale JPEG decoding of images >= 2x the model's input
+    fast_decode: bool = DEFAULT_FAST_DECODE  # reduced-scale JPEG decoding of images >= 2x the model's input
     caption_cache_mb: int = 64      # per-worker caption -> embedding cache; 0 turns it off
     trim_text: bool = True          # captions encoded without their padding where that is exact
 
