@@ -1,4 +1,4 @@
-"""Exceptions that the CLI turns into one line on stderr: UsageError (exit 2), LeaseLost (exit 1)."""
+"""Exceptions that the CLI turns into one line on stderr: UsageError and InputError (exit 2), LeaseLost (exit 1)."""
 
 from __future__ import annotations
 
@@ -11,6 +11,11 @@ def first_line(exc: BaseException, limit: int | None = None) -> str:
 
 class UsageError(Exception):
     """Bad arguments or inputs detected before any work starts (exit code 2)."""
+
+
+class InputError(UsageError, ValueError):
+    """An input (a query, an index folder, an embeddings input) that cannot be used as given: a
+    UsageError for the CLI (one line, exit 2) and a ValueError for notebook users."""
 
 
 class LeaseLost(RuntimeError):

@@ -118,3 +118,16 @@ def test_the_checks_can_fail():
     assert "clipbeam.corpus.plan" in GRAPH["clipbeam.corpus.read"]
     assert "apache_beam" in imported(MODULES["clipbeam.transforms.embed_corpus"])
     assert "clipbeam.models.clip" in imported(MODULES["clipbeam.transforms.clip_handler"])  # a function-level import
+
+
+def test_the_embeddings_format_has_one_owner():
+    """Its version and its schema metadata key are set in layout/embeddings/schema.py and nowhere else."""
+    owner = MODULES["clipbeam.layout.embeddings.schema"]
+    for name, path in MODULES.items():
+        if path == owner:
+            continue
+        text = path.read_text()
+        assert '"clipbeam.dim"' not in text, name
+        if name.startswith("clipbeam.layout.embeddings"):
+            assert "FORMAT_VERSION =" not in text, name
+    assert "FORMAT_VERSION = " in owner.read_text() and '"clipbeam.dim"' in owner.read_text()

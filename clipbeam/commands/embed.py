@@ -51,6 +51,7 @@ from clipbeam.layout.embeddings import (
     part_name,
     plan_numbers,
 )
+from clipbeam.layout.embeddings.schema import DIM_KEY
 from clipbeam.models.clip import (
     SHIPPED_CHECKPOINTS,
     ClipSpec,
@@ -223,7 +224,7 @@ def build_pipeline(pipeline: beam.Pipeline, pending: list[tuple[int, PartSpec]],
 
 
 def corpus_config(job: EmbedJob, out: OutputFolder, plan: PartPlan, weights: str, dim: int) -> EmbedCorpusConfig:
-    schema_meta = {"clipbeam.dim": str(dim), "clipbeam.model": job.spec.model, "clipbeam.weights": weights,
+    schema_meta = {DIM_KEY: str(dim), "clipbeam.model": job.spec.model, "clipbeam.weights": weights,
                    "clipbeam.dtype": job.dtype, "clipbeam.version": __version__}
     return EmbedCorpusConfig(
         ledger=out.ledger, spec=job.spec, dim=dim, preprocess=preprocess_config(job.spec),
