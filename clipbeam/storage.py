@@ -22,7 +22,7 @@ from typing import Any, Iterator
 import fsspec
 from fsspec.core import url_to_fs
 
-from clipbeam.errors import UsageError
+from clipbeam.errors import FieldError, UsageError
 
 LOG = logging.getLogger(__name__)
 
@@ -37,9 +37,9 @@ def parse_storage_options(text: str | None) -> dict:
     try:
         value = json.loads(text)
     except json.JSONDecodeError as exc:
-        raise UsageError(f"--storage-options is not valid JSON: {exc}") from None
+        raise FieldError("storage_options", f"{{field}} is not valid JSON: {exc}") from None
     if not isinstance(value, dict):
-        raise UsageError("--storage-options must be a JSON object")
+        raise FieldError("storage_options", "{field} must be a JSON object")
     return value
 
 
@@ -56,7 +56,7 @@ def get_fs(url: str, storage_options: dict | None = None):
     except (ValueError, ImportError) as exc:
         raise UsageError(f"cannot open {url}: {exc}") from None
     except TypeError as exc:
-        raise UsageError(f"--storage-options do not suit {url}: {exc}") from None
+        raise FieldError("storage_options", f"{{field}} do not suit {url}: {exc}") from None
     _check_option_keys(type(fs), tuple(sorted(storage_options or {})))
     return fs, path
 
@@ -87,7 +87,7 @@ def _check_option_keys(fs_class: type, keys: tuple[str, ...]) -> None:
         known |= _named_parameters(klass)
     unknown = [k for k in keys if k not in known]
     if unknown:
-        raise UsageError(f"unknown --storage-options key {unknown[0]!r} for {protocols[0]}:// "
+        raise FieldError("storage_options", f"unknown {{field}} key {unknown[0]!r} for {protocols[0]}:// "
                          f"(known: {', '.join(sorted(known))})")
 
 

@@ -216,7 +216,7 @@ def test_unreadable_manifests_and_missing_columns_are_usage_errors(tmp_path):
     with pytest.raises(UsageError, match="cannot read manifest"):
         plan_parts([str(bad_csv)])
     good = write_rows(tmp_path / "ok.parquet", [{"image": "a.jpg"}], "parquet")
-    with pytest.raises(UsageError, match="--image-column 'jpg' is not a column"):
+    with pytest.raises(UsageError, match="image_column 'jpg' is not a column"):
         plan_parts([good], columns=ManifestColumns(image="jpg"))
 
 

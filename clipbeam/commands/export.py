@@ -16,6 +16,7 @@ import dataclasses
 import logging
 
 from clipbeam import __version__, storage
+from clipbeam.commands.argtypes import positive_int
 from clipbeam.commands.common import (
     Stopwatch,
     add_output_arguments,
@@ -25,7 +26,6 @@ from clipbeam.commands.common import (
     storage_options_from_args,
 )
 from clipbeam.commands.part_jobs import run_parts
-from clipbeam.errors import UsageError
 from clipbeam.layout import Mode, OutputFolder, open_output
 from clipbeam.layout.clip_retrieval import EXPORT, FORMAT_VERSION, partition_width
 from clipbeam.layout.embeddings.input_parts import EmbeddingsPart, embeddings_parts
@@ -43,7 +43,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--text-missing", default="zero", choices=TEXT_MISSING,
                         help="rows without a text embedding: a zero vector in text_emb and has_text=false (zero, "
                              "the default), or no text_emb at all unless every row has one (drop)")
-    parser.add_argument("--batch-rows", type=int, default=65_536, help="rows read at a time (default %(default)s)")
+    parser.add_argument("--batch-rows", type=positive_int, default=65_536,
+                        help="rows read at a time (default %(default)s)")
     add_output_arguments(parser)
     add_storage_arguments(parser)
 
@@ -51,8 +52,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def prepare(args: argparse.Namespace) -> tuple[ExportConfig, dict, list[EmbeddingsPart]]:
     """Check arguments and inputs: (config, settings compared on resume, the parts)."""
     storage_options = storage_options_from_args(args)
-    if args.batch_rows < 1:
-        raise UsageError(f"--batch-rows must be at least 1, not {args.batch_rows}")
     inputs = resolve_embeddings(args.embeddings, "image_embedding", "id", [], storage_options)
     parts = embeddings_parts(inputs)
     width = partition_width(max(p.number for p in parts) + 1)

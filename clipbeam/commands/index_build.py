@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import apache_beam as beam
 
 from clipbeam import __version__, storage
+from clipbeam.commands.argtypes import non_negative_int, positive_int, unit_interval
 from clipbeam.commands.common import (
     Stopwatch,
     add_output_arguments,
@@ -65,18 +66,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--keep-columns", default=None,
                         help="comma-separated columns copied into the shard id tables "
                              "(default: caption,source,source_offset,source_size where present)")
-    parser.add_argument("--shards", type=int, default=None, help="number of shards (default 1)")
-    parser.add_argument("--shard-size", type=int, default=None, help="rows per shard, instead of --shards")
+    parser.add_argument("--shards", type=positive_int, default=None, help="number of shards (default 1)")
+    parser.add_argument("--shard-size", type=positive_int, default=None, help="rows per shard, instead of --shards")
     parser.add_argument("--index-factory", default="auto", help="auto, or any faiss factory string (default auto)")
     parser.add_argument("--max-index-memory", default="4GB", help="memory budget of the index (default %(default)s)")
     parser.add_argument("--metric", default="ip", choices=sorted(METRICS),
                         help="ip (cosine on normalised vectors) or l2")
-    parser.add_argument("--train-sample", type=int, default=None, help="training vectors (default: from the factory)")
-    parser.add_argument("--target-recall", type=float, default=0.95, help="recall@10 to tune for (default %(default)s)")
-    parser.add_argument("--tune-queries", type=int, default=1000,
+    parser.add_argument("--train-sample", type=non_negative_int, default=None,
+                        help="training vectors (default: from the factory)")
+    parser.add_argument("--target-recall", type=unit_interval, default=0.95,
+                        help="recall@10 to tune for (default %(default)s)")
+    parser.add_argument("--tune-queries", type=positive_int, default=1000,
                         help="held-out queries for tuning, at most a tenth of the rows (default %(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the training / query sample (default 0)")
-    parser.add_argument("--batch-rows", type=int, default=65_536, help="rows read at a time (default %(default)s)")
+    parser.add_argument("--batch-rows", type=positive_int, default=65_536,
+                        help="rows read at a time (default %(default)s)")
     parser.add_argument("--append", action="store_true",
                         help="add the embedding parts not yet indexed to the index in --output")
     parser.add_argument("--verify", action="store_true",
@@ -120,10 +124,6 @@ def _read_existing(output: str, storage_options: dict) -> dict | None:
 def _check_args(args: argparse.Namespace) -> int:
     """Argument checks that need no input; returns the memory budget in bytes."""
     max_memory = parse_memory(args.max_index_memory)
-    if not 0 < args.target_recall <= 1:
-        raise UsageError(f"--target-recall must be in (0, 1], not {args.target_recall}")
-    if args.batch_rows < 1 or args.tune_queries < 1:
-        raise UsageError("--batch-rows and --tune-queries must be at least 1")
     if args.shards is not None and args.shard_size is not None:
         raise UsageError("give --shards or --shard-size, not both")
     if args.append and args.overwrite:

@@ -22,7 +22,7 @@ from typing import Iterator
 import pyarrow as pa
 
 from clipbeam.corpus import text_rows
-from clipbeam.errors import UsageError
+from clipbeam.errors import FieldError, UsageError
 from clipbeam.storage import get_fs
 
 IMAGE_COLUMN_GUESSES = ("image", "image_path", "img", "path", "filepath", "file", "url", "image_url", "jpg")
@@ -165,15 +165,16 @@ def _parquet_rows(handle, start: int, stop: int | None) -> pa.Table:
 
 def choose_columns(schema: pa.Schema, image: str | None, caption: str | None, id_column: str | None,
                    url: str) -> tuple[str, str | None, str | None]:
-    """Resolve --image-column/--caption-column/--id-column against a table's schema."""
+    """Resolve the image, caption and id columns asked for (None: guess the image and caption) against a schema."""
     names = schema.names
-    for given, flag in ((image, "--image-column"), (caption, "--caption-column"), (id_column, "--id-column")):
+    for given, field in ((image, "image_column"), (caption, "caption_column"), (id_column, "id_column")):
         if given is not None and given not in names:
-            raise UsageError(f"{flag} {given!r} is not a column of {url} (columns: {', '.join(names)})")
+            raise FieldError(field, f"{{field}} {given!r} is not a column of {url} (columns: {', '.join(names)})")
     if image is None:
         image = next((c for c in IMAGE_COLUMN_GUESSES if c in names), None)
         if image is None:
-            raise UsageError(f"{url}: no image column found; name it with --image-column (columns: {', '.join(names)})")
+            raise FieldError("image_column", f"{url}: no image column found; name it with {{field}} "
+                             f"(columns: {', '.join(names)})")
     if caption is None:
         caption = next((c for c in CAPTION_COLUMN_GUESSES if c in names and c != image), None)
     return image, caption, id_column

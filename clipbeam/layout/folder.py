@@ -16,7 +16,7 @@ import posixpath
 from dataclasses import dataclass, field
 from typing import Callable
 
-from clipbeam.errors import UsageError
+from clipbeam.errors import FieldError
 from clipbeam.layout.lease import DEFAULT_TIMEOUT, LEASE_FILE, Lease
 from clipbeam.layout.ledger import UnitLedger, inside
 from clipbeam.storage import (
@@ -140,7 +140,8 @@ def _check_ownership(url: str, kind: OutputKind, record: dict | None, manifest: 
                      storage_options: dict | None) -> bool:
     """True when the folder holds this kind's output; UsageError when it holds anything else."""
     if record is not None and record.get("kind") != kind.name:
-        raise UsageError(f"{url} holds a {record.get('kind')} output, not {kind.name}; choose another --output")
+        raise FieldError("output", f"{url} holds a {record.get('kind')} output, not {kind.name}; "
+                         "choose another {field}")
     if record is not None or (manifest is not None and manifest.get("format") == kind.name):
         return True
     others = [n for n in list_names(url, storage_options)  # a lease, or temp files clipbeam left, are no output
@@ -149,21 +150,21 @@ def _check_ownership(url: str, kind: OutputKind, record: dict | None, manifest: 
         return True
     if others:
         shown = ", ".join(others[:3]) + (", ..." if len(others) > 3 else "")
-        raise UsageError(f"{url} is not empty ({shown}) and holds no {kind.name} output; "
-                         "choose an empty or new --output")
+        raise FieldError("output", f"{url} is not empty ({shown}) and holds no {kind.name} output; "
+                         "choose an empty or new {field}")
     return False
 
 
 def _check_settings(url: str, record: dict | None, settings: dict) -> None:
     if record is None:
-        raise UsageError(f"{url} was written by an older clipbeam without a run record; "
-                         "use --overwrite to start over or another --output")
+        raise FieldError("overwrite", f"{url} was written by an older clipbeam without a run record; "
+                         "use {field} to start over or another {output}", ("output",))
     if record.get("fingerprint") == settings_fingerprint(settings):
         return
     before = record.get("settings", {})
     details = ", ".join(f"{k}: {before.get(k)!r} -> {settings.get(k)!r}" for k in changed_keys(before, settings))
-    raise UsageError(f"{url} was written with other settings ({details}); "
-                     "use --overwrite to start over or another --output")
+    raise FieldError("overwrite", f"{url} was written with other settings ({details}); "
+                     "use {field} to start over or another {output}", ("output",))
 
 
 def clear_owned(out: OutputFolder, record: dict | None) -> None:
@@ -202,7 +203,7 @@ def open_output(url: str, kind: OutputKind, settings: dict, mode: Mode, storage_
     manifest = _read_if_present(join(url, kind.manifest), storage_options)
     ours = _check_ownership(url, kind, record, manifest, storage_options)
     if ours and mode is Mode.REFUSE:
-        raise UsageError(f"{url} already holds a {kind.name} output; pass --overwrite to replace it")
+        raise FieldError("overwrite", f"{url} already holds a {kind.name} output; pass {{field}} to replace it")
     if ours and mode is Mode.RESUME:
         _check_settings(url, record, settings)
     check_writable(url, storage_options)

@@ -17,7 +17,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from clipbeam.errors import UsageError, first_line
+from clipbeam.errors import FieldError, UsageError, first_line
 from clipbeam.models.text_trim import encode_trimmed, trimmable_tower
 from clipbeam.storage import file_sha256
 
@@ -77,9 +77,9 @@ def resolve_device(device: str) -> str:
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if device.startswith("cuda") and not torch.cuda.is_available():
-        raise UsageError(f"--device {device} asked for, but no CUDA device is available")
+        raise FieldError("device", f"{{field}} {device} asked for, but no CUDA device is available")
     if device not in ("cpu",) and not device.startswith("cuda"):
-        raise UsageError(f"--device must be auto, cpu or cuda[:N], not {device!r}")
+        raise FieldError("device", f"{{field}} must be auto, cpu or cuda[:N], not {device!r}")
     return device
 
 
@@ -97,7 +97,7 @@ def validate_spec(spec: ClipSpec, storage_options: dict | None = None) -> None:
             f"unknown model {spec.model!r}: see open_clip.list_models() (e.g. ViT-B-32, ViT-S-32, clipbeam-tiny)"
         )
     if spec.precision not in PRECISIONS:
-        raise UsageError(f"--precision must be one of {', '.join(PRECISIONS)}")
+        raise FieldError("precision", f"{{field}} must be one of {', '.join(PRECISIONS)}")
     resolve_device(spec.device)
     pretrained = spec.pretrained
     if pretrained == "none" or (spec.model, pretrained) in SHIPPED_CHECKPOINTS:
@@ -115,8 +115,8 @@ def validate_spec(spec: ClipSpec, storage_options: dict | None = None) -> None:
         return
     tags = open_clip.list_pretrained_tags_by_model(spec.model)
     if pretrained not in tags:
-        known = ", ".join(tags) or "none (use --pretrained none or a checkpoint path)"
-        raise UsageError(f"unknown pretrained tag {pretrained!r} for {spec.model}; known: {known}")
+        known = ", ".join(tags) or "none (use {field} none or a checkpoint path)"
+        raise FieldError("pretrained", f"unknown pretrained tag {pretrained!r} for {spec.model}; known: {known}")
 
 
 def fetch_pretrained(spec: ClipSpec, local_runner: bool = True) -> str | None:
@@ -144,8 +144,8 @@ def fetch_pretrained(spec: ClipSpec, local_runner: bool = True) -> str | None:
         path = download_pretrained(open_clip.get_pretrained_cfg(spec.model, pretrained))
     except Exception as exc:  # offline hub, HTTP errors, a missing file on the hub
         first = first_line(exc, 200)
-        raise UsageError(f"cannot download the {pretrained!r} weights of {spec.model} ({exc.__class__.__name__}: "
-                         f"{first}); use --pretrained PATH for a local checkpoint") from None
+        raise FieldError("pretrained", f"cannot download the {pretrained!r} weights of {spec.model} "
+                         f"({exc.__class__.__name__}: {first}); use {{field}} PATH for a local checkpoint") from None
     if not path:
         raise UsageError(f"open_clip knows no download for the {pretrained!r} weights of {spec.model}")
     return None

@@ -21,7 +21,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from clipbeam import storage
-from clipbeam.errors import InputError
+from clipbeam.errors import FieldError, InputError
 from clipbeam.layout.embeddings.schema import DEFAULT_KEEP_COLUMNS, DIM_METADATA_KEY
 
 LOG = logging.getLogger(__name__)
@@ -139,7 +139,7 @@ def _check_columns(file_url: str, schema: pa.Schema, column: str, id_column: str
     if not _is_float_list(schema.field(column).type):
         raise InputError(f"column {column!r} in {file_url} is {schema.field(column).type}, not a list of floats")
     if id_column not in schema.names:
-        raise InputError(f"{file_url} has no id column {id_column!r} (use --id-column)")
+        raise FieldError("id_column", f"{file_url} has no id column {id_column!r} (use {{field}})")
     for name in metadata_columns or []:
         if name not in schema.names:
             raise InputError(f"{file_url} has no column {name!r} to keep")
