@@ -68,7 +68,7 @@ class SplitResultsDoFn(beam.DoFn):
         self._storage_options = storage_options
         self._flush_rows = flush_rows
         self._embedded = Metrics.counter(NAMESPACE, "embedded")
-        self._failed = Metrics.counter(NAMESPACE, "failed_embed")
+        self._failed = {stage: Metrics.counter(NAMESPACE, f"failed_{stage}") for stage in ("decode", "embed")}
         self._buffers: dict[int, list[dict]] = {}
 
     def start_bundle(self) -> None:
@@ -77,10 +77,11 @@ class SplitResultsDoFn(beam.DoFn):
     def process(self, result):
         """One PredictionResult holds a batch: its samples and one output each."""
         for sample, output in zip(result.example, result.inference, strict=True):
-            if "error" in output:
-                self._failed.inc()
+            if "error" in output:  # a JPEG the GPU path could not decode is a decode failure, counted so
+                stage = output.get("stage", "embed")
+                self._failed[stage].inc()
                 yield beam.pvalue.TaggedOutput(FAILURES, failure(sample["part"], sample["id"], sample["source"],
-                                                                 output.get("stage", "embed"), output["error"]))
+                                                                 stage, output["error"]))
                 continue
             self._embedded.inc()
             buffer = self._buffers.setdefault(sample["part"], [])
