@@ -82,23 +82,23 @@ def inspect_manifest(url: str, storage_options: dict | None, rows_per_part: int,
             ids = _ids(pfile.read(columns=[id_column]), id_column) if has_id else None
             return ManifestInfo(pfile.metadata.num_rows, pfile.schema_arrow, None, ids)
         quoted = kind == "csv"
-        layout = text_rows.scan(handle, quoted=quoted, header=quoted, every=rows_per_part)
         header = text_rows.header_record(handle) if quoted else b""
-        schemas, id_chunks = [], []
-        for number, (start, stop) in enumerate(zip(layout.offsets, layout.offsets[1:], strict=False)):
-            part = _parse_text(header + text_rows.read_range(handle, start, stop), kind)
-            planned = min(rows_per_part, layout.rows - number * rows_per_part)
-            if part.num_rows != planned:
+        schemas, id_chunks, offsets, rows, end = [], [], [], 0, 0
+        for number, piece in enumerate(text_rows.parts(handle, quoted=quoted, header=quoted, every=rows_per_part)):
+            part = _parse_text(header + piece.data, kind)
+            if part.num_rows != piece.rows:
                 raise UsageError(f"cannot cut manifest {url} into parts: part {number} parses to "
-                                 f"{part.num_rows} rows where {planned} records were found")
+                                 f"{part.num_rows} rows where {piece.rows} records were found")
             schemas.append(part.schema)
             found = _ids(part, id_column)
             id_chunks += found.chunks if found is not None else [pa.nulls(part.num_rows, pa.string())]
+            offsets.append(piece.start)
+            rows, end = rows + piece.rows, piece.stop
     if not schemas and header:
         schemas.append(_parse_text(header, kind).schema)
     schema = pa.unify_schemas(schemas, promote_options="permissive") if schemas else pa.schema([])
     ids = pa.chunked_array(id_chunks, pa.string()) if id_column in schema.names else None
-    return ManifestInfo(layout.rows, schema, layout.offsets, ids)
+    return ManifestInfo(rows, schema, (*offsets, end), ids)
 
 
 def read_manifest_table(url: str, storage_options: dict | None, start: int = 0, stop: int | None = None,
