@@ -12,6 +12,7 @@ import functools
 import hashlib
 import importlib
 import inspect
+import io
 import json
 import logging
 import os
@@ -283,6 +284,33 @@ def read_bytes(url: str, storage_options: dict | None = None, start: int | None 
     if start is None:
         return fs.cat_file(path)
     return fs.cat_file(path, start=start, end=start + (size or 0))
+
+
+class HashingWriter(io.RawIOBase):
+    """A write-only stream that passes bytes on to `handle` and hashes them on the way, so a file's
+    SHA-256 is known when it is written, without reading it back."""
+
+    def __init__(self, handle: Any) -> None:
+        super().__init__()
+        self._handle = handle
+        self._digest = hashlib.sha256()
+        self._written = 0
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data) -> int:
+        view = memoryview(data).cast("B")
+        self._handle.write(view)
+        self._digest.update(view)
+        self._written += len(view)
+        return len(view)
+
+    def tell(self) -> int:
+        return self._written
+
+    def hexdigest(self) -> str:
+        return self._digest.hexdigest()
 
 
 def file_sha256(url: str, storage_options: dict | None = None) -> str:
