@@ -73,6 +73,10 @@ def test_text_missing_drop_skips_text_emb(tmp_path):
     assert main(["export", "--embeddings", str(tmp_path / "emb"), "--output", str(out), "--text-missing", "drop"]) == 0
     assert not (out / "text_emb").exists() and len(os.listdir(out / "img_emb")) == 2
     assert json.loads((out / "export.json").read_text())["text"] is False
+    (out / "text_emb").mkdir()
+    (out / "text_emb" / "notes.txt").write_text("mine")  # not the export's: a rerun must leave it
+    assert main(["export", "--embeddings", str(tmp_path / "emb"), "--output", str(out), "--text-missing", "drop"]) == 0
+    assert os.listdir(out / "text_emb") == ["notes.txt"]
 
 
 def test_export_empty_input_exit_2(tmp_path):

@@ -64,13 +64,24 @@ def prepare(args: argparse.Namespace) -> tuple[ExportConfig, dict, list[Embeddin
     return config, settings, parts
 
 
+def drop_text_files(config: ExportConfig, numbers: list[int]) -> None:
+    """Delete the text_emb files of these partitions, and text_emb/ itself only when nothing else is left
+    in it: files a user keeps there are not the export's to delete."""
+    for number in numbers:
+        storage.remove_if_present(config.url("text_emb", number), config.storage_options)
+    folder = storage.join(config.output, "text_emb")
+    storage.remove_temporaries(folder, config.storage_options)
+    if not storage.list_names(folder, config.storage_options):
+        storage.remove_if_present(folder, config.storage_options, recursive=True)
+
+
 def commit(out: OutputFolder, config: ExportConfig, settings: dict) -> dict:
     """export.json, last; under --text-missing drop, text_emb goes unless every partition kept it."""
     partitions = sorted(out.done_units().values(), key=lambda m: m["number"])
     text = config.with_text and all(p["text"] for p in partitions)
     if config.with_text and not text:
         LOG.warning("some rows have no text embedding: text_emb is not exported (--text-missing drop)")
-        storage.remove_if_present(storage.join(config.output, "text_emb"), config.storage_options, recursive=True)
+        drop_text_files(config, [p["number"] for p in partitions])
     entries = [{"partition": f"{p['number']:0{config.width}d}", "rows": p["rows"], "text": p["text"] and text,
                 "source": p["source"]} for p in partitions]
     return out.commit({**settings, "version": FORMAT_VERSION, "dtype": "float16", "text": text, "partitions": entries,
