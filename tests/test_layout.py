@@ -77,6 +77,20 @@ def test_a_run_marks_units_and_commits_the_manifest_last(place):
         assert set(out.done_units()) == {"u1"}  # a unit whose file went is redone
 
 
+def test_a_run_that_keeps_the_manifest_replaces_it_only_at_commit(place):
+    """keep_manifest (index --append): the previous manifest stays readable until the new one replaces it."""
+    url, so = place
+    _run_once(url, so)
+    out = open_output(url, KIND, SETTINGS, Mode.RESUME, so, keep_manifest=True)
+    with out:
+        assert storage.read_json(out.path("manifest.json"), so)["units"] == ["u1", "u2"]
+        _put(out.path("data/u3.bin"), so)
+        out.mark_done("u3", {"rows": 1}, files=["data/u3.bin"])
+        assert storage.read_json(out.path("manifest.json"), so)["units"] == ["u1", "u2"]
+        out.commit({"units": sorted(out.done_units())})
+    assert storage.read_json(storage.join(url, "manifest.json"), so)["units"] == ["u1", "u2", "u3"]
+
+
 def test_resume_with_other_settings_names_the_changed_keys_and_touches_nothing(place):
     url, so = place
     _run_once(url, so)

@@ -326,9 +326,9 @@ def run(args: argparse.Namespace, beam_args: list[str]) -> int:
         return 0
     config = planned.config
     mode = Mode.from_flags(args.overwrite)
-    with open_output(args.output, INDEX, planned.settings, mode, config.storage_options) as out:
-        if config.previous is not None:  # the index stays readable while shards are added
-            index_layout.write_manifest(args.output, config.previous, config.storage_options)
+    # An append keeps the previous index.json until the new one replaces it: the index stays readable.
+    with open_output(args.output, INDEX, planned.settings, mode, config.storage_options,
+                     keep_manifest=config.previous is not None) as out:
         trained, built = start_work(out, planned)
         pending = [p for p in config.shards if p.number not in {s.number for s in built}]
         LOG.info("index %d vectors of dimension %d: %s (%s), %d shard(s), %d built already",

@@ -50,10 +50,6 @@ def read_manifest(index_url: str, storage_options: dict | None = None) -> dict[s
     return manifest
 
 
-def write_manifest(index_url: str, manifest: dict[str, Any], storage_options: dict | None = None) -> None:
-    storage.write_json(storage.join(index_url, INDEX_JSON), manifest, storage_options)
-
-
 def query_decoding(manifest: dict[str, Any], max_pixels: int) -> tuple[int, bool]:
     """(pixel cap, reduced-scale JPEG decoding) for query images of an index: the one rule search and
     serve share. A query photo is decoded as embed decoded its copy in the corpus (older manifests:

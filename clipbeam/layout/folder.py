@@ -192,8 +192,12 @@ def clear_owned(out: OutputFolder, record: dict | None) -> None:
 
 
 def open_output(url: str, kind: OutputKind, settings: dict, mode: Mode, storage_options: dict | None = None,
-                lease_timeout: float = DEFAULT_TIMEOUT) -> OutputFolder:
+                lease_timeout: float = DEFAULT_TIMEOUT, keep_manifest: bool = False) -> OutputFolder:
     """Open `url` for a run of `kind`: check ownership and settings, take the lease, drop the manifest.
+
+    With `keep_manifest` (a run that only adds to a complete output, such as `index --append`) the
+    previous manifest stays until commit() replaces it in one atomic rename: readers see the old
+    complete output, then the new one, never a folder without a manifest.
 
     Raises UsageError (exit 2, nothing touched) for a foreign non-empty folder,
     an existing output under Mode.REFUSE, other settings under Mode.RESUME, or a
@@ -211,7 +215,8 @@ def open_output(url: str, kind: OutputKind, settings: dict, mode: Mode, storage_
     try:
         out = OutputFolder(url, kind, settings, storage_options, lease, previous_manifest=manifest,
                            owned=list(record.get("owned", [])) if record and mode is Mode.RESUME else [])
-        remove_if_present(out.path(kind.manifest), storage_options)  # the output stops being "complete" first
+        if not keep_manifest or mode is Mode.CLEAR:
+            remove_if_present(out.path(kind.manifest), storage_options)  # the output stops being "complete" first
         if ours and mode is Mode.CLEAR:
             clear_owned(out, record)
         out._write_record()
