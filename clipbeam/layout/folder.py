@@ -22,6 +22,7 @@ from clipbeam.layout.ledger import UnitLedger, inside
 from clipbeam.storage import (
     check_writable,
     exists,
+    get_fs,
     is_temporary,
     join,
     list_names,
@@ -57,7 +58,7 @@ class OutputKind:
     name: str
     manifest: str = "manifest.json"
     markers: str = "_done"
-    scratch: tuple[str, ...] = ()  # folders the job alone writes (fragments, temp work), removed whole
+    scratch: tuple[str, ...] = ()  # globs of the files the job writes in its scratch folders (fragments, temp work)
     manifest_files: Callable[[dict], list[str]] = _files_listed  # the files a manifest lists
     legacy_records: tuple[str, ...] = ()  # run records of older versions: they mark the folder as ours
 
@@ -180,15 +181,30 @@ def clear_owned(out: OutputFolder, record: dict | None) -> None:
         LOG.warning("--overwrite: not deleting %d listed name(s) outside %s: %s", len(outside), out.url,
                     ", ".join(sorted(map(str, outside))[:3]))
     names -= outside
+    names.update(_scratch_names(out))
     for name in sorted(names):
         remove_if_present(out.path(name), so)
-    for folder in (kind.markers, *kind.scratch, *kind.legacy_records):
-        remove_if_present(out.path(folder), so, recursive=True)
-    for parent in sorted({posixpath.dirname(n) for n in names if posixpath.dirname(n)}, key=len, reverse=True):
+    parents = {posixpath.dirname(n) for n in names}
+    parents |= {posixpath.dirname(p) for p in parents}  # _fragments/part-00001/x -> _fragments too
+    for parent in sorted((p for p in parents if p), key=len, reverse=True):
         remove_temporaries(out.path(parent), so)
         if not list_names(out.path(parent), so):
             remove_if_present(out.path(parent), so, recursive=True)
     LOG.info("--overwrite: removed %d names %s owned in %s", len(names), kind.name, out.url)
+
+
+def _scratch_names(out: OutputFolder) -> list[str]:
+    """The job's own files outside the listed ones: the done-markers its ledger reads, the files its
+    scratch globs match, old run records. Folders are never removed whole: a folder goes only when
+    it is empty once these are gone, so a file a user keeps there survives --overwrite."""
+    kind, so = out.kind, out.storage_options
+    names = [f"{kind.markers}/{unit}.json" for unit in UnitLedger(out.url, kind.markers, so).markers()]
+    fs, root = get_fs(out.url, so)
+    fs.invalidate_cache()  # what the workers wrote since this process last listed
+    root = root.rstrip("/")
+    for pattern in kind.scratch:
+        names += [path[len(root) + 1:] for path in fs.glob(f"{root}/{pattern}") if not fs.isdir(path)]
+    return names + [name for name in kind.legacy_records if exists(out.path(name), so)]
 
 
 def open_output(url: str, kind: OutputKind, settings: dict, mode: Mode, storage_options: dict | None = None,

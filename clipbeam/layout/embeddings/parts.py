@@ -54,7 +54,7 @@ def manifest_files(manifest: dict) -> list[str]:
     return sorted(set(listed))
 
 
-EMBEDDINGS = OutputKind("clipbeam.embeddings", markers=MARKERS, scratch=(FRAGMENTS,),
+EMBEDDINGS = OutputKind("clipbeam.embeddings", markers=MARKERS, scratch=(f"{FRAGMENTS}/part-*/*.parquet",),
                         manifest_files=manifest_files, legacy_records=("_run.json",))
 
 
