@@ -30,7 +30,7 @@ class FragmentFile:
 
 @dataclass(frozen=True)
 class FailedSample:
-    """A failure row (id, source, stage, error), as corpus_read.failure makes it."""
+    """A failure row (id, source, stage, error), as corpus.read.failure makes it."""
 
     row: dict
 
