@@ -328,8 +328,9 @@ def read_json(url: str, storage_options: dict | None = None) -> Any:
         return json.loads(handle.read().decode("utf-8"))
 
 
-def decode_utf8(data: bytes, url: str, what: str = "file") -> str:
-    """UTF-8 text (a BOM dropped), or a UsageError naming the first byte that is not.
+def decode_utf8(data: bytes, url: str, what: str = "file", field: str | None = None) -> str:
+    """UTF-8 text (a BOM dropped), or a UsageError naming the first byte that is not (a FieldError
+    naming `field` where the file is a field's value, so the CLI names its flag).
 
     For files a user names on the command line (--prompts): a Latin-1 file is
     one line and exit 2, never a UnicodeDecodeError traceback.
@@ -337,8 +338,10 @@ def decode_utf8(data: bytes, url: str, what: str = "file") -> str:
     try:
         return data.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
-        raise UsageError(f"{what} {url} is not UTF-8 text (byte 0x{data[exc.start]:02x} at offset {exc.start}); "
-                         "save it as UTF-8") from None
+        problem = f"{url} is not UTF-8 text (byte 0x{data[exc.start]:02x} at offset {exc.start}); save it as UTF-8"
+        if field is not None:
+            raise FieldError(field, "{field} " + problem) from None
+        raise UsageError(f"{what} {problem}") from None
 
 
 def _json_default(value: Any) -> Any:

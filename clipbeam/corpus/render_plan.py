@@ -133,7 +133,7 @@ def read_prompt_rows(url: str, storage_options: dict | None = None) -> list[Prom
     """
     data = _read_bytes(url, storage_options)
     if url.lower().endswith(".txt"):
-        lines = decode_utf8(data, url, "prompts file").splitlines()
+        lines = decode_utf8(data, url, field="prompts").splitlines()
         return [PromptRow(line.strip()) for line in lines if line.strip() and not line.lstrip().startswith("#")]
     table = _read_table(data, url)
     if "prompt" not in table.column_names:
