@@ -142,7 +142,8 @@ def child_decode_loop(job: dict) -> dict:
     import open_clip
     from PIL import Image
 
-    from clipbeam.models.clip import ClipSpec, build_preprocess, preprocess_config
+    from clipbeam.models.clip import ClipSpec, preprocess_config
+    from clipbeam.models.pixels import build_preprocess
 
     preprocess = build_preprocess(preprocess_config(ClipSpec(job["model"])))
     count, start = 0, time.monotonic()

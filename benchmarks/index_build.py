@@ -40,7 +40,7 @@ def write_parts(folder: str, vectors: np.ndarray, parts: int, dtype: str) -> Non
     """The embed output layout: manifest.json + embeddings/part-NNNNN.parquet, written by embed's own writer."""
     import pyarrow as pa
 
-    from clipbeam.transforms.parquet_sink import write_table
+    from clipbeam.layout.embeddings.write import write_table
 
     os.makedirs(os.path.join(folder, "embeddings"), exist_ok=True)
     n, dim = vectors.shape

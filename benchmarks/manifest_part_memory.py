@@ -3,7 +3,7 @@
 Writes an N-row manifest (Parquet with ONE row group, CSV, JSONL; an image
 path, a caption and a 1000-byte padding column per row) and reads the last
 part of each size in --parts with
-  clipbeam   the last part as `clipbeam embed` plans it (corpus_plan.plan_parts) and reads
+  clipbeam   the last part as `clipbeam embed` plans it (corpus.plan.plan_parts) and reads
              it (manifest_table.read_manifest_table: Parquet row groups in small batches,
              CSV/JSONL only the part's own byte range)
   baseline   what the reader did before: the whole overlapping row group (Parquet)
@@ -28,8 +28,8 @@ import pyarrow.csv as pacsv
 import pyarrow.json as pajson
 import pyarrow.parquet as pq
 
-from clipbeam.transforms.corpus_plan import plan_parts
-from clipbeam.transforms.manifest_table import read_manifest_table
+from clipbeam.corpus.manifest_table import read_manifest_table
+from clipbeam.corpus.plan import plan_parts
 
 
 def write_manifests(folder: str, n: int) -> dict[str, str]:

@@ -83,11 +83,16 @@ def main(argv: list[str] | None = None) -> int:
     module = importlib.import_module(names[command])
     parser = _OneLineParser(prog=f"clipbeam {command}", description=module.__doc__.splitlines()[0])
     module.add_arguments(parser)
-    args, beam_args = parser.parse_known_args(argv[first + 1:])
+    try:
+        args, beam_args = parser.parse_known_args(argv[first + 1:])
+    except SystemExit as exc:  # --help (0), or a bad argument already reported as one line (2)
+        return int(exc.code or 0)
     try:
         return int(module.run(args, beam_args) or 0)
     except UsageError as exc:
-        sys.stderr.write(f"clipbeam {command}: error: {exc}\n")
+        from clipbeam.commands.argtypes import flag_message
+
+        sys.stderr.write(f"clipbeam {command}: error: {flag_message(exc, getattr(module, 'FLAGS', None))}\n")
         return 2
     except LeaseLost as exc:  # another run took the output over: this one stops before committing anything
         from clipbeam.commands.common import report_unfinished

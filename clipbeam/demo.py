@@ -41,8 +41,8 @@ def corpus_images(pattern: str) -> dict:
 
     from PIL import Image
 
-    from clipbeam.transforms.corpus_plan import plan_parts
-    from clipbeam.transforms.corpus_read import read_part
+    from clipbeam.corpus.plan import plan_parts
+    from clipbeam.corpus.read import read_part
 
     images = {}
     for index, part in enumerate(plan_parts([pattern])):

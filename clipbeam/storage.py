@@ -12,6 +12,7 @@ import functools
 import hashlib
 import importlib
 import inspect
+import io
 import json
 import logging
 import os
@@ -22,7 +23,7 @@ from typing import Any, Iterator
 import fsspec
 from fsspec.core import url_to_fs
 
-from clipbeam.errors import UsageError
+from clipbeam.errors import FieldError, UsageError
 
 LOG = logging.getLogger(__name__)
 
@@ -37,9 +38,9 @@ def parse_storage_options(text: str | None) -> dict:
     try:
         value = json.loads(text)
     except json.JSONDecodeError as exc:
-        raise UsageError(f"--storage-options is not valid JSON: {exc}") from None
+        raise FieldError("storage_options", f"{{field}} is not valid JSON: {exc}") from None
     if not isinstance(value, dict):
-        raise UsageError("--storage-options must be a JSON object")
+        raise FieldError("storage_options", "{field} must be a JSON object")
     return value
 
 
@@ -56,7 +57,7 @@ def get_fs(url: str, storage_options: dict | None = None):
     except (ValueError, ImportError) as exc:
         raise UsageError(f"cannot open {url}: {exc}") from None
     except TypeError as exc:
-        raise UsageError(f"--storage-options do not suit {url}: {exc}") from None
+        raise FieldError("storage_options", f"{{field}} do not suit {url}: {exc}") from None
     _check_option_keys(type(fs), tuple(sorted(storage_options or {})))
     return fs, path
 
@@ -87,7 +88,7 @@ def _check_option_keys(fs_class: type, keys: tuple[str, ...]) -> None:
         known |= _named_parameters(klass)
     unknown = [k for k in keys if k not in known]
     if unknown:
-        raise UsageError(f"unknown --storage-options key {unknown[0]!r} for {protocols[0]}:// "
+        raise FieldError("storage_options", f"unknown {{field}} key {unknown[0]!r} for {protocols[0]}:// "
                          f"(known: {', '.join(sorted(known))})")
 
 
@@ -285,6 +286,33 @@ def read_bytes(url: str, storage_options: dict | None = None, start: int | None 
     return fs.cat_file(path, start=start, end=start + (size or 0))
 
 
+class HashingWriter(io.RawIOBase):
+    """A write-only stream that passes bytes on to `handle` and hashes them on the way, so a file's
+    SHA-256 is known when it is written, without reading it back."""
+
+    def __init__(self, handle: Any) -> None:
+        super().__init__()
+        self._handle = handle
+        self._digest = hashlib.sha256()
+        self._written = 0
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data) -> int:
+        view = memoryview(data).cast("B")
+        self._handle.write(view)
+        self._digest.update(view)
+        self._written += len(view)
+        return len(view)
+
+    def tell(self) -> int:
+        return self._written
+
+    def hexdigest(self) -> str:
+        return self._digest.hexdigest()
+
+
 def file_sha256(url: str, storage_options: dict | None = None) -> str:
     """Hex SHA-256 of a file's bytes, streamed in 8 MB chunks (any fsspec URL); FileNotFoundError if missing."""
     digest = hashlib.sha256()
@@ -300,8 +328,9 @@ def read_json(url: str, storage_options: dict | None = None) -> Any:
         return json.loads(handle.read().decode("utf-8"))
 
 
-def decode_utf8(data: bytes, url: str, what: str = "file") -> str:
-    """UTF-8 text (a BOM dropped), or a UsageError naming the first byte that is not.
+def decode_utf8(data: bytes, url: str, what: str = "file", field: str | None = None) -> str:
+    """UTF-8 text (a BOM dropped), or a UsageError naming the first byte that is not (a FieldError
+    naming `field` where the file is a field's value, so the CLI names its flag).
 
     For files a user names on the command line (--prompts): a Latin-1 file is
     one line and exit 2, never a UnicodeDecodeError traceback.
@@ -309,8 +338,10 @@ def decode_utf8(data: bytes, url: str, what: str = "file") -> str:
     try:
         return data.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
-        raise UsageError(f"{what} {url} is not UTF-8 text (byte 0x{data[exc.start]:02x} at offset {exc.start}); "
-                         "save it as UTF-8") from None
+        problem = f"{url} is not UTF-8 text (byte 0x{data[exc.start]:02x} at offset {exc.start}); save it as UTF-8"
+        if field is not None:
+            raise FieldError(field, "{field} " + problem) from None
+        raise UsageError(f"{what} {problem}") from None
 
 
 def _json_default(value: Any) -> Any:

@@ -13,11 +13,11 @@ from apache_beam.testing.util import assert_that, equal_to
 from synthetic_embeddings import clustered, unreadable_pages, write_embed_output
 
 from clipbeam.cli import main
-from clipbeam.index.inputs import resolve_embeddings
 from clipbeam.layout import UnitLedger
+from clipbeam.layout.embeddings.input_parts import embeddings_parts
+from clipbeam.layout.embeddings.read import resolve_embeddings
 from clipbeam.models.clip import register_configs
 from clipbeam.transforms.classify_parts import ClassifyConfig, ClassifyParts
-from clipbeam.transforms.embeddings_parts import embeddings_parts
 
 LABELS = ["cat", "dog", "person", "red square", "blue circle"]
 TEMPLATES = ["a photo of a {}.", "a drawing of a {}."]

@@ -5,10 +5,10 @@ from __future__ import annotations
 import imagefactory as imgs
 import pytest
 
+from clipbeam.corpus.plan import cut_ranges, pair_captions, plan_parts, unique_labels
 from clipbeam.errors import UsageError
 from clipbeam.models.images import DecodeError, decode_caption, decode_image
 from clipbeam.storage import expand_braces
-from clipbeam.transforms.corpus_plan import cut_ranges, pair_captions, plan_parts, unique_labels
 
 
 def test_brace_ranges_keep_padding_and_lists_expand():
@@ -69,3 +69,23 @@ def test_alpha_is_composited_on_white():
     image = decode_image(imgs.rgba_png(3))
     assert image.mode == "RGB"
     assert image.getpixel((image.size[0] - 1, 0)) == (255, 255, 255)
+
+
+def _bytes_read() -> int:
+    with open("/proc/self/io") as handle:
+        return int(next(line for line in handle if line.startswith("rchar:")).split()[1])
+
+
+def test_planning_reads_a_text_manifest_once(tmp_path):
+    """Row boundaries, parsing and ids come from one pass over the file (it used to be two)."""
+    from clipbeam.corpus.manifest_table import inspect_manifest
+
+    path = tmp_path / "rows.csv"
+    path.write_text("image,caption,uid\n" + "".join(f"img{i}.jpg,\"a caption, {'word ' * 20}\",u{i}\n"
+                                                     for i in range(60_000)))
+    size = path.stat().st_size
+    before = _bytes_read()
+    info = inspect_manifest(str(path), None, 10_000, "uid")
+    read = _bytes_read() - before
+    assert info.rows == 60_000 and len(info.offsets) == 7 and info.ids[59_999].as_py() == "u59999"
+    assert size <= read < 1.5 * size, (read, size)

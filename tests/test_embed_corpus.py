@@ -11,10 +11,10 @@ import webdataset as wds
 from apache_beam.testing.test_pipeline import TestPipeline as BeamTestPipeline
 from apache_beam.testing.util import assert_that, equal_to
 
+from clipbeam.corpus.plan import plan_parts
 from clipbeam.layout import UnitLedger
 from clipbeam.layout.embeddings import MARKERS
 from clipbeam.models.clip import ClipSpec, embedding_dim, preprocess_config, validate_spec
-from clipbeam.transforms.corpus_plan import plan_parts
 from clipbeam.transforms.embed_corpus import EmbedCorpus, EmbedCorpusConfig
 from clipbeam.transforms.embed_write import PartInfo
 

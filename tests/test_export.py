@@ -11,8 +11,8 @@ from apache_beam.testing.util import assert_that, equal_to
 from synthetic_embeddings import clustered, unreadable_pages, write_embed_output
 
 from clipbeam.cli import main
-from clipbeam.index.inputs import resolve_embeddings
-from clipbeam.transforms.embeddings_parts import embeddings_parts
+from clipbeam.layout.embeddings.input_parts import embeddings_parts
+from clipbeam.layout.embeddings.read import resolve_embeddings
 from clipbeam.transforms.export_parts import ExportConfig, ExportParts, Partition
 
 
@@ -73,6 +73,10 @@ def test_text_missing_drop_skips_text_emb(tmp_path):
     assert main(["export", "--embeddings", str(tmp_path / "emb"), "--output", str(out), "--text-missing", "drop"]) == 0
     assert not (out / "text_emb").exists() and len(os.listdir(out / "img_emb")) == 2
     assert json.loads((out / "export.json").read_text())["text"] is False
+    (out / "text_emb").mkdir()
+    (out / "text_emb" / "notes.txt").write_text("mine")  # not the export's: a rerun must leave it
+    assert main(["export", "--embeddings", str(tmp_path / "emb"), "--output", str(out), "--text-missing", "drop"]) == 0
+    assert os.listdir(out / "text_emb") == ["notes.txt"]
 
 
 def test_export_empty_input_exit_2(tmp_path):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
@@ -14,7 +15,10 @@ from PIL import Image
 from vqganhelpers import save_tiny_vqgan, tiny_config, tiny_vqgan
 
 from clipbeam.cli import main
+from clipbeam.corpus.render_plan import PromptRow, plan_renders, slugify
 from clipbeam.models.clip import ClipSpec, load_clip
+from clipbeam.models.embedder import QueryImages
+from clipbeam.models.images import DEFAULT_MAX_PIXELS
 from clipbeam.models.prompts import parse_prompts
 from clipbeam.models.vqgan_clip import (
     ImagePrompt,
@@ -27,7 +31,6 @@ from clipbeam.models.vqgan_clip import (
     quantize_straight_through,
     spherical_distance,
 )
-from clipbeam.transforms.render_plan import PromptRow, plan_renders, slugify
 
 CLIP = ["--model", "clipbeam-tiny", "--pretrained", "none"]
 FAST = ["--cutn", "4", "--size", "32", "32"]
@@ -130,6 +133,12 @@ def test_renders_are_deterministic_per_seed(renderer):
     assert not np.array_equal(first.image, other.image)
 
 
+def _png(image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, "PNG")
+    return buffer.getvalue()
+
+
 def test_init_image_and_image_prompt(renderer):
     rng = np.random.default_rng(0)
     picture = Image.fromarray(rng.integers(0, 255, (20, 28, 3), dtype=np.uint8))
@@ -138,9 +147,10 @@ def test_init_image_and_image_prompt(renderer):
         pixels = torch.from_numpy(np.asarray(picture.resize((16, 16), Image.Resampling.LANCZOS)) / 255.0)
         expected, _, _ = renderer.vqgan.encode(pixels.permute(2, 0, 1)[None].float() * 2 - 1)
     assert torch.allclose(z, expected, atol=1e-5)
+    target = QueryImages(renderer.clip, DEFAULT_MAX_PIXELS, True).embed([_png(picture)])[0]
     result = renderer.render(parse_prompts("a cat"), seed=0, steps=2, width=16, height=16,
                              settings=RenderSettings(cutn=4, init_weight=1.0),
-                             image_prompts=[ImagePrompt(picture, 0.5)], init_image=picture)
+                             image_prompts=[ImagePrompt(target, 0.5)], init_image=picture)
     assert all(math.isfinite(v) for v in result.losses)
 
 

@@ -14,12 +14,12 @@ from PIL import Image
 from vqganhelpers import save_tiny_vqgan
 
 from clipbeam.cli import main
+from clipbeam.corpus.render_plan import PromptRow, plan_renders
 from clipbeam.layout import UnitLedger
 from clipbeam.models.clip import ClipSpec
 from clipbeam.models.vqgan_checkpoint import resolve_vqgan
 from clipbeam.models.vqgan_clip import RenderSettings
 from clipbeam.transforms.render import RenderConfig, RenderPrompts
-from clipbeam.transforms.render_plan import PromptRow, plan_renders
 
 TINY = ["--model", "clipbeam-tiny", "--pretrained", "none", "--cutn", "2", "--size", "16", "16", "--steps", "1"]
 

@@ -14,10 +14,10 @@ import pyarrow.parquet as pq
 import pytest
 from embedhelpers import embed, manifest, read_failures, read_rows, write_tar
 
+from clipbeam.corpus.manifest_table import read_manifest_table
+from clipbeam.corpus.plan import ManifestColumns, plan_parts
+from clipbeam.corpus.read import ReadLimits, image_url, read_part
 from clipbeam.errors import UsageError
-from clipbeam.transforms.corpus_plan import ManifestColumns, plan_parts
-from clipbeam.transforms.corpus_read import ReadLimits, image_url, read_part
-from clipbeam.transforms.manifest_table import read_manifest_table
 
 
 def shard_with_sidecars(path, sidecars: dict[str, bytes]) -> None:
@@ -130,7 +130,7 @@ def test_duplicate_ids_are_read_failures_and_the_run_finishes(tmp_path, kind):
 _READ_ONE_PART = """
 import json, sys, tracemalloc
 import pyarrow as pa
-from clipbeam.transforms.manifest_table import read_manifest_table
+from clipbeam.corpus.manifest_table import read_manifest_table
 url, start, stop, byte_range = json.loads(sys.argv[1])
 pool = pa.default_memory_pool()
 before = pool.max_memory()
@@ -216,7 +216,7 @@ def test_unreadable_manifests_and_missing_columns_are_usage_errors(tmp_path):
     with pytest.raises(UsageError, match="cannot read manifest"):
         plan_parts([str(bad_csv)])
     good = write_rows(tmp_path / "ok.parquet", [{"image": "a.jpg"}], "parquet")
-    with pytest.raises(UsageError, match="--image-column 'jpg' is not a column"):
+    with pytest.raises(UsageError, match="image_column 'jpg' is not a column"):
         plan_parts([good], columns=ManifestColumns(image="jpg"))
 
 

@@ -258,10 +258,14 @@ def test_failed_append_leaves_the_index_searchable_and_a_rerun_finishes_it(tmp_p
     grown = dict(manifest, parts=manifest["parts"][:2])
     (emb / "manifest.json").write_text(json.dumps(grown))  # day one: two parts
     assert build(emb, out, "--index-factory", "Flat", "--append") == 0  # no index yet: --append builds one
+    day_one = os.stat(out / "index.json")
     (emb / "manifest.json").write_text(json.dumps(manifest))  # day two: a third part
     with unreadable_pages(str(emb / "embeddings" / "part-00002.parquet")):
         assert build(emb, out, "--append") == 1
     assert "rerun the same command to resume" in capsys.readouterr().err
+    # the very file of day one: never deleted and written back (which left a moment with no index.json)
+    assert (os.stat(out / "index.json").st_ino, os.stat(out / "index.json").st_mtime_ns) == \
+        (day_one.st_ino, day_one.st_mtime_ns)
     assert ShardedIndex.open(str(out)).ntotal == 400  # yesterday's index, still complete
     assert build(emb, out, "--append") == 0
     index = ShardedIndex.open(str(out))

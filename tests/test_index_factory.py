@@ -6,8 +6,8 @@ import pytest
 from clipbeam.index import IndexInputError, choose_factory, parse_memory
 from clipbeam.index.factory import default_train_sample, ivf_lists
 from clipbeam.index.faiss_io import make_index
-from clipbeam.index.inputs import InputFile
 from clipbeam.index.plan import plan_sample, plan_shards, rows_by_file, shard_count
+from clipbeam.layout.embeddings.read import InputFile
 
 GB = 1 << 30
 

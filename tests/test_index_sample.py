@@ -6,9 +6,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from clipbeam.index import IndexInputError
-from clipbeam.index.inputs import InputFile, read_rows, resolve_embeddings
 from clipbeam.index.plan import SAMPLE_READ_FACTOR, plan_sample, sample_groups, sample_reads
 from clipbeam.index.sample import read_sample
+from clipbeam.layout.embeddings.read import InputFile, read_rows, resolve_embeddings
 
 DIM = 6
 

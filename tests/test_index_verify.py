@@ -105,3 +105,22 @@ def test_verify_on_s3(built, s3_server, capsys):
     capsys.readouterr()
     assert main(["index", "--verify", "--output", remote, "--storage-options", json.dumps(so)]) == 2
     assert "shard-00000.faiss is corrupt" in capsys.readouterr().err
+
+
+def test_an_id_table_is_hashed_as_it_is_written(tmp_path):
+    """The shard's id-table checksum comes from the bytes on their way out (storage.HashingWriter),
+    not from reading the file back; it is the file's own SHA-256."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from clipbeam import storage
+
+    url = str(tmp_path / "shard-00000.ids.parquet")
+    table = pa.table({"faiss_id": pa.array(range(5000), pa.int64()), "id": [f"s{i}" for i in range(5000)]})
+    with storage.atomic_open(url, "wb") as handle:
+        hashing = storage.HashingWriter(handle)
+        with pq.ParquetWriter(hashing, table.schema) as writer:
+            writer.write_table(table.slice(0, 2500))
+            writer.write_table(table.slice(2500))
+    assert hashing.hexdigest() == storage.file_sha256(url)
+    assert pq.read_table(url).equals(table)

@@ -26,7 +26,7 @@ from clipbeam.layout import (
     read_lease,
 )
 
-KIND = OutputKind("clipbeam.test", markers="_done", scratch=("_scratch",))
+KIND = OutputKind("clipbeam.test", markers="_done", scratch=("_scratch/*.bin",))
 SETTINGS = {"model": "m", "labels": ["a", "b"]}
 
 
@@ -77,6 +77,20 @@ def test_a_run_marks_units_and_commits_the_manifest_last(place):
         assert set(out.done_units()) == {"u1"}  # a unit whose file went is redone
 
 
+def test_a_run_that_keeps_the_manifest_replaces_it_only_at_commit(place):
+    """keep_manifest (index --append): the previous manifest stays readable until the new one replaces it."""
+    url, so = place
+    _run_once(url, so)
+    out = open_output(url, KIND, SETTINGS, Mode.RESUME, so, keep_manifest=True)
+    with out:
+        assert storage.read_json(out.path("manifest.json"), so)["units"] == ["u1", "u2"]
+        _put(out.path("data/u3.bin"), so)
+        out.mark_done("u3", {"rows": 1}, files=["data/u3.bin"])
+        assert storage.read_json(out.path("manifest.json"), so)["units"] == ["u1", "u2"]
+        out.commit({"units": sorted(out.done_units())})
+    assert storage.read_json(storage.join(url, "manifest.json"), so)["units"] == ["u1", "u2", "u3"]
+
+
 def test_resume_with_other_settings_names_the_changed_keys_and_touches_nothing(place):
     url, so = place
     _run_once(url, so)
@@ -92,7 +106,7 @@ def test_resume_with_other_settings_names_the_changed_keys_and_touches_nothing(p
 def test_refuse_mode_refuses_an_existing_output(place):
     url, so = place
     _run_once(url, so)
-    with pytest.raises(UsageError, match="--overwrite"):
+    with pytest.raises(UsageError, match="pass overwrite to replace it"):  # the field; the CLI says --overwrite
         open_output(url, KIND, SETTINGS, Mode.REFUSE, so)
 
 
@@ -101,12 +115,23 @@ def test_overwrite_deletes_only_the_names_the_job_owns(place):
     _run_once(url, so)
     for name in ("notes.txt", "data/mine.bin", "data/.u9.bin.tmp-dead"):
         _put(storage.join(url, name), so)
-    _put(storage.join(url, "_scratch/frag.parquet"), so)
+    _put(storage.join(url, "_scratch/frag.bin"), so)
     _run_once(url, so, settings={"model": "other"}, mode=Mode.CLEAR, units=("u3",))
     assert _tree(url, so) == {"manifest.json", RUN_RECORD, "_done/u3.json", "data/u3.bin",
                               "notes.txt", "data/mine.bin"}
     record = storage.read_json(storage.join(url, RUN_RECORD), so)
     assert record["settings"] == {"model": "other"} and record["owned"] == ["data/u3.bin"]
+
+
+def test_overwrite_deletes_the_jobs_own_scratch_files_not_the_folders(place):
+    """Markers and scratch files go by the job's own names (the markers its ledger reads, its scratch
+    globs); a file a user put in those folders stays, and so does its folder."""
+    url, so = place
+    _run_once(url, so)
+    for name in ("_scratch/part-1.bin", "_scratch/.part-2.bin.tmp-dead", "_scratch/keep.txt", "_done/README"):
+        _put(storage.join(url, name), so)
+    _run_once(url, so, settings={"model": "other"}, mode=Mode.CLEAR, units=())
+    assert _tree(url, so) == {"manifest.json", RUN_RECORD, "_scratch/keep.txt", "_done/README"}
 
 
 def test_overwrite_never_deletes_a_listed_name_outside_the_folder(place):

@@ -1,7 +1,8 @@
-"""README.md is executable evidence: every `clipbeam ...` command form it shows runs here, on small data.
+"""README.md and docs/*.md are executable evidence: every `clipbeam ...` command form they show runs here,
+on small data.
 
-The test reads README.md's sh (and plain) code blocks, so a form added to the
-README is picked up without touching this file. Each form runs in its own
+The test reads their sh (and plain) code blocks, so a form added to the README
+or a docs page is picked up without touching this file (a form shown twice runs once). Each form runs in its own
 copy of a small "README world": a folder that holds, under the README's own
 relative names, what the README's commands read (`shards/`, `rows.parquet`,
 `photos/`, `prompts.txt`, `out/emb`, `out/index`, a taming-style `.ckpt` ...).
@@ -31,7 +32,9 @@ import pytest
 from clipbeam.cli import COMMANDS, main
 from clipbeam.commands.common import beam_option_parser
 
-README = Path(__file__).resolve().parent.parent / "README.md"
+ROOT = Path(__file__).resolve().parent.parent
+README = ROOT / "README.md"
+DOCS = [README, *sorted((ROOT / "docs").glob("*.md"))]
 MODULES = {name: module for name, module, _ in COMMANDS}
 SHIPPED_CLIP = ["--model", "shapes-clip", "--pretrained", "shapes"]
 
@@ -39,6 +42,7 @@ SHIPPED_CLIP = ["--model", "shapes-clip", "--pretrained", "shapes"]
 SKIPPED = [
     (lambda argv: "DataflowRunner" in argv, "needs Google Cloud (Dataflow)"),
     (lambda argv: "DOCKER" in argv, "needs a Docker daemon and a Flink or Spark job server"),
+    (lambda argv: "EXTERNAL" in argv, "needs a job server and worker pools (tests/test_cluster.py starts them)"),
     (lambda argv: argv[:1] == ["serve"], "a long-running server; tests/test_serve*.py start and query it"),
 ]
 
@@ -75,8 +79,10 @@ def _choose_optional(text: str) -> str:
 
 
 def readme_forms() -> list[Form]:
-    """Every `clipbeam ...` line in README.md's sh and plain code blocks, continuation lines joined."""
-    blocks = re.findall(r"^[ ]*```(\w*)\n(.*?)^[ ]*```", README.read_text(), flags=re.S | re.M)
+    """Every `clipbeam ...` line in the sh and plain code blocks of README.md and docs/*.md, continuation
+    lines joined; each form once."""
+    blocks = [block for page in DOCS
+              for block in re.findall(r"^[ ]*```(\w*)\n(.*?)^[ ]*```", page.read_text(), flags=re.S | re.M)]
     forms = []
     for language, block in blocks:
         if language not in ("sh", "bash", ""):
@@ -88,7 +94,7 @@ def readme_forms() -> list[Form]:
             if line.startswith("clipbeam "):
                 line = re.sub(r"\s+#.*$", "", line)
                 forms.append(Form(line, tuple(shlex.split(_choose_optional(line))[1:])))
-    return forms
+    return list(dict.fromkeys(forms))
 
 
 FORMS = readme_forms()
@@ -294,3 +300,28 @@ def test_readme_form_runs(form, world, tmp_path, monkeypatch, request, capsys):
         assert Path(output).exists(), f"`clipbeam {' '.join(argv)}` wrote no {output}"
     if form.command == "search":
         assert captured.out.strip(), f"`clipbeam {' '.join(argv)}` printed no results"
+
+
+def _layout_section() -> str:
+    text = README.read_text()
+    section = text[text.index("## Layout"):]
+    return section[: section.index("\n## ", 1)] if "\n## " in section[1:] else section
+
+
+def test_the_readme_layout_matches_the_code():
+    """Every folder the README's layout names exists, and every package of clipbeam/ is named there."""
+    block = _layout_section()
+    named = set(re.findall(r"^((?:clipbeam/)?[\w.-]+/)", block, flags=re.M))
+    inner = {f"clipbeam/{path}" for path in re.findall(r"(?<![\w/])(\w+/\w+/)", block)
+             if not path.startswith("clipbeam/")}  # layout/embeddings/
+    missing = sorted(name for name in named | inner if not (ROOT / name).exists())
+    assert not missing, f"README's Layout names folders that do not exist: {missing}"
+    packages = {f"clipbeam/{p.parent.name}/" for p in (ROOT / "clipbeam").glob("*/__init__.py")}
+    unnamed = sorted(packages - named)
+    assert not unnamed, f"README's Layout does not name: {unnamed}"
+
+
+def test_every_docs_page_is_linked_from_the_readme():
+    text = README.read_text()
+    unlinked = [p.name for p in DOCS[1:] if f"docs/{p.name}" not in text]
+    assert not unlinked, f"docs pages the README does not link: {unlinked}"

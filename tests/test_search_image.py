@@ -9,7 +9,7 @@ import json
 
 import numpy as np
 import pytest
-from embedhelpers import embed
+from embedhelpers import embed, read_rows
 from imagefactory import exif_rotated_jpeg, jpeg, rgba_png
 from PIL import Image
 
@@ -91,3 +91,56 @@ def test_unreadable_query_image_is_one_line_exit_2(photo_index, tmp_path, capsys
     assert main(["search", "--index", str(index), "--image", str(tmp_path / "missing.jpg")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 2 and "not a readable image" in err[0] and "does not exist" in err[1]
+
+
+def _embeds_vector(photo_index, name: str) -> np.ndarray:
+    photos, index = photo_index
+    rows = [r for r in read_rows(str(index.parent / "emb")) if r["source"].endswith("/" + name)]
+    assert len(rows) == 1
+    return np.asarray(rows[0]["image_embedding"], dtype=np.float32)
+
+
+@pytest.mark.parametrize("name", ["plain0.jpg", "rotated.jpg", "large.jpg", "alpha.png"])
+def test_search_serve_and_generate_get_embeds_own_vector(photo_index, name, tmp_path):
+    """One pixel path: identical bytes give embed's vector, to 1e-6, in search --image, serve and
+    generate --image-prompt (the large JPEG is decoded at a reduced scale by all four)."""
+    from vqganhelpers import save_tiny_vqgan
+
+    from clipbeam.commands import search, serve
+    from clipbeam.index import ShardedIndex
+    from clipbeam.models.clip import ClipSpec
+    from clipbeam.models.vqgan_checkpoint import resolve_vqgan
+    from clipbeam.models.vqgan_clip import RenderSettings
+    from clipbeam.serve.queries import Query
+    from clipbeam.transforms.render import ImagePromptSpec, RenderConfig, RenderDoFn
+
+    photos, index = photo_index
+    expected = _embeds_vector(photo_index, name)
+    parser = argparse.ArgumentParser()
+    search.add_arguments(parser)
+    args = parser.parse_args(["--index", str(index), "--image", str(photos / name)])
+    _, by_search = search.queries_from_args(args, ShardedIndex.open(str(index)), {})
+
+    parser = argparse.ArgumentParser()
+    serve.add_arguments(parser)
+    engine = serve.build_engine(parser.parse_args(["--index", str(index)]))
+    by_serve = engine._vectors([Query(1, image=(photos / name).read_bytes())])[0]
+
+    config = RenderConfig(vqgan=resolve_vqgan(str(save_tiny_vqgan(tmp_path))), clip=ClipSpec("clipbeam-tiny"),
+                          settings=RenderSettings(cutn=2), image_prompts=(ImagePromptSpec(str(photos / name)),),
+                          output=str(tmp_path / "out"), storage_options={}, animation="gif", metadata={})
+    render = RenderDoFn(config)
+    render.setup()
+    by_generate = render.image_prompts[0].vector
+
+    for got in (by_search[0], by_serve[0], by_generate):
+        np.testing.assert_allclose(got, expected, atol=1e-6, rtol=0)
+
+
+def test_search_and_serve_share_one_pixel_cap_rule():
+    from clipbeam.index.manifest import query_decoding
+
+    manifest = {"embeddings": [{"manifest": {"model": "m", "max_pixels": 1000, "fast_decode": True}}]}
+    assert query_decoding(manifest, 5000) == (1000, True)  # never more pixels than embed allowed the corpus
+    assert query_decoding(manifest, 500) == (500, True)  # nor more than the server allows an upload
+    assert query_decoding({"embeddings": [{"manifest": {"model": "m"}}]}, 700) == (700, False)

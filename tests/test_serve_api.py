@@ -243,8 +243,8 @@ def test_cors_only_for_allowed_origins(engine):
 
 @pytest.mark.parametrize("args, words", [
     (["--index", "/nonexistent/index"], "has no index.json"),
-    (["--port", "70000"], "--port must be"),
-    (["--max-k", "0"], "--max-k must be at least 1"),
+    (["--port", "70000"], "argument --port: must be between 1 and 65535"),
+    (["--max-k", "0"], "argument --max-k: must be at least 1, not 0"),
 ], ids=["missing index", "bad port", "bad max-k"])
 def test_bad_arguments_exit_2_with_one_line(built, args, words, capsys):
     from clipbeam.cli import main

@@ -14,7 +14,7 @@ import pytest
 import s3fs
 from embedhelpers import embed, manifest, read_rows, write_tar
 
-from clipbeam.index.fetch import ImageUnavailable, fetch_image
+from clipbeam.corpus.fetch import ImageUnavailable, fetch_image
 
 
 def _shard(path, n: int, seed: int) -> dict[str, bytes]:

@@ -166,8 +166,8 @@ def test_vqgan_loss_falls_and_generate_can_load_it(tmp_path, corpus):
 
 
 @pytest.mark.parametrize("extra, message", [
-    (["--steps", "0"], "--steps must be positive"),
-    (["--batch-size", "1"], "--batch-size must be at least 2"),
+    (["--steps", "0"], "argument --steps: must be at least 1, not 0"),
+    (["--batch-size", "1"], "argument --batch-size: must be at least 2, not 1"),
     (["--model", "no-such-model"], "unknown model"),
     (["--epochs", "1", "--batch-size", "500"], "fewer than --batch-size"),
 ])
@@ -185,7 +185,7 @@ def test_missing_corpus_and_bad_vqgan_crop(tmp_path, capsys):
     assert "--crop must be" in capsys.readouterr().err
     assert main(["train", "vqgan", "--corpus", str(tmp_path), "--output", str(tmp_path / "o"),
                  "--l2-weight", "-1"]) == 2
-    assert "--l2-weight must not be negative" in capsys.readouterr().err
+    assert "argument --l2-weight: must be 0 or more, not -1" in capsys.readouterr().err
     assert not os.path.exists(tmp_path / "o")
 
 

@@ -16,6 +16,7 @@ import dataclasses
 import logging
 
 from clipbeam import __version__, storage
+from clipbeam.commands.argtypes import positive_int
 from clipbeam.commands.common import (
     Stopwatch,
     add_output_arguments,
@@ -27,12 +28,12 @@ from clipbeam.commands.common import (
 from clipbeam.commands.part_jobs import run_parts
 from clipbeam.commands.query_model import add_query_model_arguments, load_query_model, query_spec
 from clipbeam.errors import UsageError
-from clipbeam.index.inputs import resolve_embeddings
 from clipbeam.layout import Mode, OutputFolder, open_output
+from clipbeam.layout.embeddings.input_parts import EmbeddingsPart, embeddings_parts
+from clipbeam.layout.embeddings.read import resolve_embeddings
 from clipbeam.layout.labels import FORMAT_VERSION, LABELS
 from clipbeam.models.zero_shot import DEFAULT_TEMPLATE, LOGIT_SCALE, label_embeddings
 from clipbeam.transforms.classify_parts import ClassifyConfig, ClassifyParts
-from clipbeam.transforms.embeddings_parts import EmbeddingsPart, embeddings_parts
 
 LOG = logging.getLogger(__name__)
 
@@ -45,9 +46,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     labels.add_argument("--labels-file", help="text file with one label a line")
     parser.add_argument("--template", action="append", default=None,
                         help=f'prompt template with {{}} for the label (repeatable; default "{DEFAULT_TEMPLATE}")')
-    parser.add_argument("--top-k", type=int, default=3, help="labels kept per image (default %(default)s)")
+    parser.add_argument("--top-k", type=positive_int, default=3, help="labels kept per image (default %(default)s)")
     parser.add_argument("--column", default="image_embedding", help="vector column (default %(default)s)")
-    parser.add_argument("--batch-rows", type=int, default=65_536, help="rows read at a time (default %(default)s)")
+    parser.add_argument("--batch-rows", type=positive_int, default=65_536,
+                        help="rows read at a time (default %(default)s)")
     add_output_arguments(parser)
     add_storage_arguments(parser)
     add_query_model_arguments(parser)
@@ -83,10 +85,6 @@ def read_templates(args: argparse.Namespace) -> list[str]:
 def prepare(args: argparse.Namespace) -> tuple[ClassifyConfig, dict, list[EmbeddingsPart]]:
     """Check every argument and input, encode the labels: (config without ledger, settings, parts)."""
     storage_options = storage_options_from_args(args)
-    if args.top_k < 1:
-        raise UsageError(f"--top-k must be at least 1, not {args.top_k}")
-    if args.batch_rows < 1:
-        raise UsageError(f"--batch-rows must be at least 1, not {args.batch_rows}")
     templates = read_templates(args)
     labels = read_labels(args, storage_options)
     inputs = resolve_embeddings(args.embeddings, args.column, "id", [], storage_options)

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import apache_beam as beam
 
 from clipbeam import __version__
+from clipbeam.commands.argtypes import non_negative_int, positive_int
 from clipbeam.commands.common import (
     EXIT_UNFINISHED,
     Stopwatch,
@@ -36,6 +37,8 @@ from clipbeam.commands.common import (
     storage_options_from_args,
 )
 from clipbeam.commands.progress import MarkerProgress
+from clipbeam.corpus.plan import FORMATS, ManifestColumns, PartSpec, plan_parts
+from clipbeam.corpus.read import DEFAULT_MAX_MEMBER_BYTES, ReadLimits
 from clipbeam.errors import UsageError
 from clipbeam.layout import Mode, OutputFolder, open_output
 from clipbeam.layout.embeddings import (
@@ -49,6 +52,7 @@ from clipbeam.layout.embeddings import (
     part_name,
     plan_numbers,
 )
+from clipbeam.layout.embeddings.schema import DIM_KEY
 from clipbeam.models.clip import (
     SHIPPED_CHECKPOINTS,
     ClipSpec,
@@ -63,12 +67,11 @@ from clipbeam.models.clip import (
 from clipbeam.models.images import DEFAULT_MAX_PIXELS
 from clipbeam.storage import absolute_url, join, remove_if_present, remove_temporaries
 from clipbeam.transforms.clip_handler import DECODE_DEVICES, EmbedTuning, inference_summary
-from clipbeam.transforms.corpus_plan import FORMATS, ManifestColumns, PartSpec, plan_parts
-from clipbeam.transforms.corpus_read import DEFAULT_MAX_MEMBER_BYTES, ReadLimits
 from clipbeam.transforms.embed_corpus import EmbedCorpus, EmbedCorpusConfig
 from clipbeam.transforms.embed_write import PartInfo
 
 LOG = logging.getLogger(__name__)
+FLAGS = {"inputs": "--input"}  # library field -> this command's flag, where they differ (argtypes.flag_message)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -80,9 +83,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--image-column", default=None, help="manifest column with image paths/URLs or bytes")
     group.add_argument("--caption-column", default=None, help="manifest column with captions")
     group.add_argument("--id-column", default=None, help="manifest column with ids (default: derived)")
-    group.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
+    group.add_argument("--max-pixels", type=positive_int, default=DEFAULT_MAX_PIXELS,
                        help="images with more pixels fail as decompression bombs (default %(default)s)")
-    group.add_argument("--max-member-bytes", type=int, default=DEFAULT_MAX_MEMBER_BYTES,
+    group.add_argument("--max-member-bytes", type=positive_int, default=DEFAULT_MAX_MEMBER_BYTES,
                        help="tar members and image files larger than this fail as read failures, "
                             "before they are read (default %(default)s, 256 MB)")
     group.add_argument("--allow-any-path", action="store_true",
@@ -90,13 +93,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                             "in a remote manifest, another URL scheme)")
     add_storage_arguments(parser)
     add_output_arguments(parser)
-    parser.add_argument("--rows-per-part", type=int, default=10_000,
+    parser.add_argument("--rows-per-part", type=positive_int, default=10_000,
                         help="manifests and folders are cut into parts of at most this many rows")
     parser.add_argument("--dtype", default="float16", choices=("float16", "float32"),
                         help="stored embedding type (default %(default)s)")
     add_model_arguments(parser, default_model="ViT-B-32", default_pretrained="laion2b_s34b_b79k")
-    parser.add_argument("--batch-size", type=int, default=64, help="fixed inference batch size")
-    parser.add_argument("--model-copies", type=int, default=1,
+    parser.add_argument("--batch-size", type=positive_int, default=64, help="fixed inference batch size")
+    parser.add_argument("--model-copies", type=positive_int, default=1,
                         help="model copies shared by a GPU worker's processes (default 1: one per process)")
     add_accelerator_argument(parser)
     parser.add_argument("--no-text", action="store_true", help="do not embed captions")
@@ -108,22 +111,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def add_speed_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("speed (none of these change the vectors, except --exact-decode)")
-    group.add_argument("--decode-threads", type=int, default=0, metavar="N",
+    group.add_argument("--decode-threads", type=non_negative_int, default=0, metavar="N",
                        help="threads decoding and resizing images in each worker (default: the worker's cores)")
     group.add_argument("--decode-device", default="cpu", choices=DECODE_DEVICES,
                        help="cuda: decode JPEGs in batches on the model's GPU (others fall back to CPU, counted)")
     group.add_argument("--exact-decode", action="store_true",
                        help="decode every JPEG at full size (default: JPEGs at least twice the model's input "
                             "are decoded at a reduced scale, never below it; README gives the measured effect)")
-    group.add_argument("--caption-cache-mb", type=int, default=64, metavar="MB",
+    group.add_argument("--caption-cache-mb", type=non_negative_int, default=64, metavar="MB",
                        help="per-worker cache of caption embeddings, for repeated captions (0: off; default 64)")
     group.add_argument("--full-text-context", action="store_true",
                        help="encode captions at the full context as open_clip does (same vectors, slower)")
 
 
 def tuning_from_args(args: argparse.Namespace) -> EmbedTuning:
-    if args.decode_threads < 0 or args.caption_cache_mb < 0:
-        raise UsageError("--decode-threads and --caption-cache-mb must be 0 or more")
     if args.decode_device == "cuda" and args.device == "cpu":
         raise UsageError("--decode-device cuda decodes on the model's GPU; it needs --device cuda (or auto)")
     return EmbedTuning(decode_threads=args.decode_threads, decode_device=args.decode_device,
@@ -170,9 +171,6 @@ class EmbedJob:
 
 def job_from_args(args: argparse.Namespace) -> EmbedJob:
     """Validate the arguments (UsageError: one line, exit 2) into one frozen EmbedJob."""
-    for flag in ("batch_size", "model_copies", "rows_per_part", "max_pixels", "max_member_bytes"):
-        if getattr(args, flag) <= 0:
-            raise UsageError(f"--{flag.replace('_', '-')} must be positive")
     check_accelerator(args.accelerator)
     return EmbedJob(
         inputs=tuple(args.input), fmt=args.format, output=args.output,
@@ -223,7 +221,7 @@ def build_pipeline(pipeline: beam.Pipeline, pending: list[tuple[int, PartSpec]],
 
 
 def corpus_config(job: EmbedJob, out: OutputFolder, plan: PartPlan, weights: str, dim: int) -> EmbedCorpusConfig:
-    schema_meta = {"clipbeam.dim": str(dim), "clipbeam.model": job.spec.model, "clipbeam.weights": weights,
+    schema_meta = {DIM_KEY: str(dim), "clipbeam.model": job.spec.model, "clipbeam.weights": weights,
                    "clipbeam.dtype": job.dtype, "clipbeam.version": __version__}
     return EmbedCorpusConfig(
         ledger=out.ledger, spec=job.spec, dim=dim, preprocess=preprocess_config(job.spec),

@@ -16,6 +16,7 @@ import dataclasses
 import logging
 
 from clipbeam import __version__, storage
+from clipbeam.commands.argtypes import positive_int
 from clipbeam.commands.common import (
     Stopwatch,
     add_output_arguments,
@@ -25,11 +26,10 @@ from clipbeam.commands.common import (
     storage_options_from_args,
 )
 from clipbeam.commands.part_jobs import run_parts
-from clipbeam.errors import UsageError
-from clipbeam.index.inputs import resolve_embeddings
 from clipbeam.layout import Mode, OutputFolder, open_output
 from clipbeam.layout.clip_retrieval import EXPORT, FORMAT_VERSION, partition_width
-from clipbeam.transforms.embeddings_parts import EmbeddingsPart, embeddings_parts
+from clipbeam.layout.embeddings.input_parts import EmbeddingsPart, embeddings_parts
+from clipbeam.layout.embeddings.read import resolve_embeddings
 from clipbeam.transforms.export_parts import TEXT_MISSING, ExportConfig, ExportParts
 
 LOG = logging.getLogger(__name__)
@@ -43,7 +43,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--text-missing", default="zero", choices=TEXT_MISSING,
                         help="rows without a text embedding: a zero vector in text_emb and has_text=false (zero, "
                              "the default), or no text_emb at all unless every row has one (drop)")
-    parser.add_argument("--batch-rows", type=int, default=65_536, help="rows read at a time (default %(default)s)")
+    parser.add_argument("--batch-rows", type=positive_int, default=65_536,
+                        help="rows read at a time (default %(default)s)")
     add_output_arguments(parser)
     add_storage_arguments(parser)
 
@@ -51,8 +52,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def prepare(args: argparse.Namespace) -> tuple[ExportConfig, dict, list[EmbeddingsPart]]:
     """Check arguments and inputs: (config, settings compared on resume, the parts)."""
     storage_options = storage_options_from_args(args)
-    if args.batch_rows < 1:
-        raise UsageError(f"--batch-rows must be at least 1, not {args.batch_rows}")
     inputs = resolve_embeddings(args.embeddings, "image_embedding", "id", [], storage_options)
     parts = embeddings_parts(inputs)
     width = partition_width(max(p.number for p in parts) + 1)
@@ -65,13 +64,24 @@ def prepare(args: argparse.Namespace) -> tuple[ExportConfig, dict, list[Embeddin
     return config, settings, parts
 
 
+def drop_text_files(config: ExportConfig, numbers: list[int]) -> None:
+    """Delete the text_emb files of these partitions, and text_emb/ itself only when nothing else is left
+    in it: files a user keeps there are not the export's to delete."""
+    for number in numbers:
+        storage.remove_if_present(config.url("text_emb", number), config.storage_options)
+    folder = storage.join(config.output, "text_emb")
+    storage.remove_temporaries(folder, config.storage_options)
+    if not storage.list_names(folder, config.storage_options):
+        storage.remove_if_present(folder, config.storage_options, recursive=True)
+
+
 def commit(out: OutputFolder, config: ExportConfig, settings: dict) -> dict:
     """export.json, last; under --text-missing drop, text_emb goes unless every partition kept it."""
     partitions = sorted(out.done_units().values(), key=lambda m: m["number"])
     text = config.with_text and all(p["text"] for p in partitions)
     if config.with_text and not text:
         LOG.warning("some rows have no text embedding: text_emb is not exported (--text-missing drop)")
-        storage.remove_if_present(storage.join(config.output, "text_emb"), config.storage_options, recursive=True)
+        drop_text_files(config, [p["number"] for p in partitions])
     entries = [{"partition": f"{p['number']:0{config.width}d}", "rows": p["rows"], "text": p["text"] and text,
                 "source": p["source"]} for p in partitions]
     return out.commit({**settings, "version": FORMAT_VERSION, "dtype": "float16", "text": text, "partitions": entries,

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import apache_beam as beam
 
 from clipbeam import __version__
+from clipbeam.commands.argtypes import non_negative_float, non_negative_int, positive_float, positive_int
 from clipbeam.commands.common import (
     Stopwatch,
     add_accelerator_argument,
@@ -36,6 +37,7 @@ from clipbeam.commands.common import (
     runner_is_local,
     storage_options_from_args,
 )
+from clipbeam.corpus.render_plan import PromptRow, RenderJob, parse_seeds, plan_renders, read_prompt_rows
 from clipbeam.errors import UsageError
 from clipbeam.layout import Mode, OutputFolder, open_output
 from clipbeam.layout.renders import FAILURES_TABLE, FORMAT_VERSION, RENDER_COLUMNS, RENDERS, RENDERS_TABLE
@@ -43,7 +45,6 @@ from clipbeam.models.prompts import parse_prompt
 from clipbeam.models.vqgan_clip import AUGMENTATIONS, RenderSettings
 from clipbeam.storage import file_sha256, join
 from clipbeam.transforms.render import ImagePromptSpec, RenderConfig, RenderPrompts, WriteRenderTables
-from clipbeam.transforms.render_plan import PromptRow, RenderJob, parse_seeds, plan_renders, read_prompt_rows
 
 LOG = logging.getLogger(__name__)
 
@@ -59,21 +60,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="taming .ckpt or .safetensors (YAML config beside it), or a shipped name")
     parser.add_argument("--vqgan-config", metavar="YAML", help="the checkpoint's taming config, if not beside it")
     loop = parser.add_argument_group("loop")
-    loop.add_argument("--steps", type=int, default=300, help="Adam steps per render (default %(default)s)")
-    loop.add_argument("--size", type=int, nargs=2, default=(256, 256), metavar=("W", "H"),
+    loop.add_argument("--steps", type=positive_int, default=300, help="Adam steps per render (default %(default)s)")
+    loop.add_argument("--size", type=positive_int, nargs=2, default=(256, 256), metavar=("W", "H"),
                       help="output size, rounded down to a multiple of the VQGAN factor (default 256 256)")
-    loop.add_argument("--cutn", type=int, default=32, help="cutouts per step (default %(default)s)")
-    loop.add_argument("--cut-pow", type=float, default=1.0, help=">1 favours small cutouts (default %(default)s)")
-    loop.add_argument("--lr", type=float, default=0.1, help="Adam learning rate (default %(default)s)")
+    loop.add_argument("--cutn", type=positive_int, default=32, help="cutouts per step (default %(default)s)")
+    loop.add_argument("--cut-pow", type=positive_float, default=1.0,
+                      help=">1 favours small cutouts (default %(default)s)")
+    loop.add_argument("--lr", type=positive_float, default=0.1, help="Adam learning rate (default %(default)s)")
     loop.add_argument("--augment", default=",".join(AUGMENTATIONS),
                       help="comma-separated augmentations, or 'none' (default %(default)s)")
-    loop.add_argument("--noise-fac", type=float, default=0.1, help="cutout noise amplitude (default %(default)s)")
+    loop.add_argument("--noise-fac", type=non_negative_float, default=0.1,
+                      help="cutout noise amplitude (default %(default)s)")
     loop.add_argument("--init-image", metavar="PATH", help="start from this image instead of random tokens")
-    loop.add_argument("--init-weight", type=float, default=0.0,
+    loop.add_argument("--init-weight", type=non_negative_float, default=0.0,
                       help="pull toward the init image's latent: init_weight/2 * MSE (default 0)")
     loop.add_argument("--image-prompt", action="append", default=[], metavar="PATH[:WEIGHT[:STOP]]",
                       help="an image to match (repeatable)")
-    loop.add_argument("--save-every", type=int, default=0, metavar="N",
+    loop.add_argument("--save-every", type=non_negative_int, default=0, metavar="N",
                       help="save a frame every N steps and a progress animation (default off)")
     loop.add_argument("--animation", choices=("gif", "apng"), default="gif",
                       help="progress animation format with --save-every (default %(default)s)")
@@ -97,12 +100,6 @@ class GenerateConfig:
 
 
 def _check_loop_args(args: argparse.Namespace) -> RenderSettings:
-    if args.steps < 1:
-        raise UsageError("--steps must be at least 1")
-    if args.save_every < 0:
-        raise UsageError("--save-every must be 0 (off) or positive")
-    if args.noise_fac < 0:
-        raise UsageError("--noise-fac must not be negative")
     augment = () if args.augment.strip().lower() == "none" else tuple(
         a.strip() for a in args.augment.split(",") if a.strip())
     try:

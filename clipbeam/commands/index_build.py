@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import apache_beam as beam
 
 from clipbeam import __version__, storage
+from clipbeam.commands.argtypes import non_negative_int, positive_int, unit_interval
 from clipbeam.commands.common import (
     Stopwatch,
     add_output_arguments,
@@ -38,9 +39,9 @@ from clipbeam.index import manifest as index_layout
 from clipbeam.index.checksum import verify_index
 from clipbeam.index.factory import choose_factory, default_train_sample, format_bytes, parse_memory
 from clipbeam.index.faiss_io import METRICS, make_index
-from clipbeam.index.inputs import EmbeddingsInput, describe, resolve_embeddings
 from clipbeam.index.plan import plan_sample, plan_shards, query_count, sample_reads, shard_count
 from clipbeam.layout import RUN_RECORD, Mode, OutputFolder, open_output, settings_fingerprint
+from clipbeam.layout.embeddings.read import EmbeddingsInput, describe, resolve_embeddings
 from clipbeam.layout.index import INDEX, WORK
 from clipbeam.transforms.index_shards import (
     RECALL_K,
@@ -65,18 +66,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--keep-columns", default=None,
                         help="comma-separated columns copied into the shard id tables "
                              "(default: caption,source,source_offset,source_size where present)")
-    parser.add_argument("--shards", type=int, default=None, help="number of shards (default 1)")
-    parser.add_argument("--shard-size", type=int, default=None, help="rows per shard, instead of --shards")
+    parser.add_argument("--shards", type=positive_int, default=None, help="number of shards (default 1)")
+    parser.add_argument("--shard-size", type=positive_int, default=None, help="rows per shard, instead of --shards")
     parser.add_argument("--index-factory", default="auto", help="auto, or any faiss factory string (default auto)")
     parser.add_argument("--max-index-memory", default="4GB", help="memory budget of the index (default %(default)s)")
     parser.add_argument("--metric", default="ip", choices=sorted(METRICS),
                         help="ip (cosine on normalised vectors) or l2")
-    parser.add_argument("--train-sample", type=int, default=None, help="training vectors (default: from the factory)")
-    parser.add_argument("--target-recall", type=float, default=0.95, help="recall@10 to tune for (default %(default)s)")
-    parser.add_argument("--tune-queries", type=int, default=1000,
+    parser.add_argument("--train-sample", type=non_negative_int, default=None,
+                        help="training vectors (default: from the factory)")
+    parser.add_argument("--target-recall", type=unit_interval, default=0.95,
+                        help="recall@10 to tune for (default %(default)s)")
+    parser.add_argument("--tune-queries", type=positive_int, default=1000,
                         help="held-out queries for tuning, at most a tenth of the rows (default %(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the training / query sample (default 0)")
-    parser.add_argument("--batch-rows", type=int, default=65_536, help="rows read at a time (default %(default)s)")
+    parser.add_argument("--batch-rows", type=positive_int, default=65_536,
+                        help="rows read at a time (default %(default)s)")
     parser.add_argument("--append", action="store_true",
                         help="add the embedding parts not yet indexed to the index in --output")
     parser.add_argument("--verify", action="store_true",
@@ -120,10 +124,6 @@ def _read_existing(output: str, storage_options: dict) -> dict | None:
 def _check_args(args: argparse.Namespace) -> int:
     """Argument checks that need no input; returns the memory budget in bytes."""
     max_memory = parse_memory(args.max_index_memory)
-    if not 0 < args.target_recall <= 1:
-        raise UsageError(f"--target-recall must be in (0, 1], not {args.target_recall}")
-    if args.batch_rows < 1 or args.tune_queries < 1:
-        raise UsageError("--batch-rows and --tune-queries must be at least 1")
     if args.shards is not None and args.shard_size is not None:
         raise UsageError("give --shards or --shard-size, not both")
     if args.append and args.overwrite:
@@ -326,9 +326,9 @@ def run(args: argparse.Namespace, beam_args: list[str]) -> int:
         return 0
     config = planned.config
     mode = Mode.from_flags(args.overwrite)
-    with open_output(args.output, INDEX, planned.settings, mode, config.storage_options) as out:
-        if config.previous is not None:  # the index stays readable while shards are added
-            index_layout.write_manifest(args.output, config.previous, config.storage_options)
+    # An append keeps the previous index.json until the new one replaces it: the index stays readable.
+    with open_output(args.output, INDEX, planned.settings, mode, config.storage_options,
+                     keep_manifest=config.previous is not None) as out:
         trained, built = start_work(out, planned)
         pending = [p for p in config.shards if p.number not in {s.number for s in built}]
         LOG.info("index %d vectors of dimension %d: %s (%s), %d shard(s), %d built already",

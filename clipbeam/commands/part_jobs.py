@@ -17,7 +17,7 @@ from apache_beam.options.pipeline_options import PipelineOptions
 from clipbeam.commands.common import run_pipeline
 from clipbeam.layout import OutputFolder, UnitLedger
 from clipbeam.layout.embeddings import part_name
-from clipbeam.transforms.embeddings_parts import EmbeddingsPart
+from clipbeam.layout.embeddings.input_parts import EmbeddingsPart
 
 LOG = logging.getLogger(__name__)
 

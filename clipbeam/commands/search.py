@@ -16,12 +16,13 @@ import sys
 import numpy as np
 
 from clipbeam import storage
+from clipbeam.commands.argtypes import positive_int
 from clipbeam.commands.common import add_storage_arguments, storage_options_from_args
 from clipbeam.commands.query_model import add_query_model_arguments, load_query_model, query_spec
 from clipbeam.errors import UsageError
 from clipbeam.index import ShardedIndex
-from clipbeam.index.manifest import corpus_decoding, query_model
-from clipbeam.models.images import DEFAULT_MAX_PIXELS, DecodeError, load_image
+from clipbeam.index.manifest import query_decoding, query_model
+from clipbeam.models.images import DEFAULT_MAX_PIXELS, DecodeError
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -31,7 +32,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     what.add_argument("--text", action="append", help="text query (repeat for several)")
     what.add_argument("--image", action="append", help="image path or URL (repeat for several)")
     what.add_argument("--vectors", help=".npy file with one query vector [D] or several [N, D]")
-    parser.add_argument("-k", "--k", type=int, default=10, help="results per query (default %(default)s)")
+    parser.add_argument("-k", "--k", type=positive_int, default=10, help="results per query (default %(default)s)")
     parser.add_argument("--params", default=None, help="search parameters instead of the tuned ones, e.g. nprobe=64")
     parser.add_argument("--json", action="store_true", help="one JSON object a line")
     add_storage_arguments(parser)
@@ -51,13 +52,13 @@ def _load_vectors(url: str, storage_options: dict) -> np.ndarray:
 
 def _encode_images(clip, urls: list[str], index: ShardedIndex, storage_options: dict) -> np.ndarray:
     """Query images -> vectors, decoded and preprocessed exactly as `clipbeam embed` does corpus images."""
-    from clipbeam.models.clip import QueryImages
+    from clipbeam.models.embedder import QueryImages
 
-    queries = QueryImages(clip, *corpus_decoding(index.manifest, DEFAULT_MAX_PIXELS))
+    queries = QueryImages(clip, *query_decoding(index.manifest, DEFAULT_MAX_PIXELS))
     images = []
     for url in urls:
         try:
-            images.append(load_image(url, storage_options, queries.max_pixels, queries.min_side))
+            images.append(queries.pixels(storage.read_bytes(url, storage_options)))
         except FileNotFoundError:
             raise UsageError(f"--image {url} does not exist") from None
         except DecodeError as exc:
@@ -85,8 +86,6 @@ def queries_from_args(args: argparse.Namespace, index: ShardedIndex,
 def run(args: argparse.Namespace, beam_args: list[str]) -> int:
     if beam_args:
         raise UsageError(f"unrecognized arguments: {' '.join(beam_args)}")
-    if args.k < 1:
-        raise UsageError(f"-k must be at least 1, not {args.k}")
     storage_options = storage_options_from_args(args)
     index = ShardedIndex.open(args.index, storage_options)
     if args.params is not None:

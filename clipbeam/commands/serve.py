@@ -15,6 +15,7 @@ import logging
 import posixpath
 
 from clipbeam import storage
+from clipbeam.commands.argtypes import port, positive_int
 from clipbeam.commands.common import add_storage_arguments, storage_options_from_args
 from clipbeam.commands.query_model import add_query_model_arguments, load_query_model, query_spec
 from clipbeam.errors import UsageError
@@ -30,28 +31,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="index folder written by `clipbeam index` (any fsspec URL)")
     parser.add_argument("--host", default="127.0.0.1",
                         help="address to bind (default %(default)s; there is no authentication)")
-    parser.add_argument("--port", type=int, default=8765, help="port (default %(default)s)")
+    parser.add_argument("--port", type=port, default=8765, help="port (default %(default)s)")
     parser.add_argument("--name", default=None, help="index name for clip-retrieval clients (default: folder name)")
-    parser.add_argument("--max-k", type=int, default=Limits.max_k,
+    parser.add_argument("--max-k", type=positive_int, default=Limits.max_k,
                         help="largest k a request may ask for (default %(default)s)")
-    parser.add_argument("--max-body-bytes", type=int, default=Limits.max_body_bytes,
+    parser.add_argument("--max-body-bytes", type=positive_int, default=Limits.max_body_bytes,
                         help="largest request body, uploads included (default %(default)s)")
-    parser.add_argument("--max-pixels", type=int, default=Limits.max_pixels,
+    parser.add_argument("--max-pixels", type=positive_int, default=Limits.max_pixels,
                         help="larger uploaded images are refused as decompression bombs (default %(default)s)")
     parser.add_argument("--allow-origin", action="append", default=[], metavar="ORIGIN",
                         help="let pages on ORIGIN call the API (CORS), e.g. a clip-retrieval front; repeatable")
-    parser.add_argument("--threads", type=int, default=1,
+    parser.add_argument("--threads", type=positive_int, default=1,
                         help="torch and faiss threads for the query worker (default %(default)s)")
     add_storage_arguments(parser)
     add_query_model_arguments(parser)
 
 
 def _check(args: argparse.Namespace) -> Limits:
-    if not 0 < args.port < 65536:
-        raise UsageError(f"--port must be between 1 and 65535, not {args.port}")
-    for flag in ("max_k", "max_body_bytes", "max_pixels", "threads"):
-        if getattr(args, flag) < 1:
-            raise UsageError(f"--{flag.replace('_', '-')} must be at least 1, not {getattr(args, flag)}")
     return Limits(max_k=args.max_k, max_body_bytes=args.max_body_bytes, max_pixels=args.max_pixels)
 
 

@@ -18,6 +18,7 @@ import logging
 import apache_beam as beam
 
 from clipbeam import __version__
+from clipbeam.commands.argtypes import non_negative_int, positive_int
 from clipbeam.commands.common import (
     Stopwatch,
     add_output_arguments,
@@ -27,7 +28,6 @@ from clipbeam.commands.common import (
     run_pipeline,
     storage_options_from_args,
 )
-from clipbeam.errors import UsageError
 from clipbeam.layout import Mode, open_output
 from clipbeam.layout.corpus import CORPUS
 from clipbeam.models.shapes import COLORS, IMAGE_SIZE, SHAPES, class_prompts
@@ -39,9 +39,10 @@ LOG = logging.getLogger(__name__)
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_output_arguments(parser)
-    parser.add_argument("--n", type=int, required=True, help="number of samples")
-    parser.add_argument("--seed", type=int, default=0, help="corpus seed (default %(default)s)")
-    parser.add_argument("--shard-size", type=int, default=1000, help="samples per tar shard (default %(default)s)")
+    parser.add_argument("--n", type=positive_int, required=True, help="number of samples")
+    parser.add_argument("--seed", type=non_negative_int, default=0, help="corpus seed (default %(default)s)")
+    parser.add_argument("--shard-size", type=positive_int, default=1000,
+                        help="samples per tar shard (default %(default)s)")
     add_storage_arguments(parser)
 
 
@@ -50,17 +51,7 @@ def _settings(args: argparse.Namespace) -> dict:
             "image_size": IMAGE_SIZE}
 
 
-def _check_args(args: argparse.Namespace) -> None:
-    if args.n <= 0:
-        raise UsageError("--n must be positive")
-    if args.shard_size <= 0:
-        raise UsageError("--shard-size must be positive")
-    if args.seed < 0:
-        raise UsageError("--seed must be >= 0")
-
-
 def run(args: argparse.Namespace, beam_args: list[str]) -> int:
-    _check_args(args)
     storage_options = storage_options_from_args(args)
     options = beam_options(beam_args)
     settings = _settings(args)

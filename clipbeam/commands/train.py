@@ -19,6 +19,7 @@ import argparse
 import logging
 
 from clipbeam import __version__
+from clipbeam.commands.argtypes import at_least, non_negative_float, non_negative_int, positive_float, positive_int
 from clipbeam.commands.common import (
     Stopwatch,
     add_storage_arguments,
@@ -26,13 +27,14 @@ from clipbeam.commands.common import (
     report_unfinished,
     storage_options_from_args,
 )
+from clipbeam.corpus.plan import FORMATS, ManifestColumns
 from clipbeam.errors import UsageError
 from clipbeam.layout import Mode, open_output
 from clipbeam.layout.training import TRAINING
 from clipbeam.storage import get_fs
-from clipbeam.transforms.corpus_plan import FORMATS, ManifestColumns
 
 LOG = logging.getLogger(__name__)
+FLAGS = {"inputs": "--corpus"}  # library field -> this command's flag, where they differ (argtypes.flag_message)
 
 
 def _common(parser: argparse.ArgumentParser, batch_size: int, lr: float, weight_decay: float) -> None:
@@ -42,24 +44,25 @@ def _common(parser: argparse.ArgumentParser, batch_size: int, lr: float, weight_
     data.add_argument("--format", default="auto", choices=FORMATS, help="corpus format (default: by suffix)")
     data.add_argument("--image-column", default=None, help="manifest column with image paths/URLs or bytes")
     data.add_argument("--caption-column", default=None, help="manifest column with captions")
-    data.add_argument("--shuffle-buffer", type=int, default=4096, help="records in the shuffle buffer")
+    data.add_argument("--shuffle-buffer", type=positive_int, default=4096, help="records in the shuffle buffer")
     add_storage_arguments(parser)
     parser.add_argument("--output", required=True, help="output folder (any fsspec URL)")
     parser.add_argument("--overwrite", action="store_true", help="start over instead of resuming from the output")
     loop = parser.add_argument_group("loop")
     length = loop.add_mutually_exclusive_group()
-    length.add_argument("--steps", type=int, help="optimizer steps in all (default: --epochs)")
-    length.add_argument("--epochs", type=float, help="passes over the corpus (default 1)")
-    loop.add_argument("--batch-size", type=int, default=batch_size, help="samples per step (default %(default)s)")
-    loop.add_argument("--lr", type=float, default=lr, help="peak AdamW learning rate (default %(default)s)")
-    loop.add_argument("--weight-decay", type=float, default=weight_decay, help="(default %(default)s)")
-    loop.add_argument("--warmup", type=int, default=50, help="linear warm-up steps (default %(default)s)")
+    length.add_argument("--steps", type=positive_int, help="optimizer steps in all (default: --epochs)")
+    length.add_argument("--epochs", type=positive_float, help="passes over the corpus (default 1)")
+    loop.add_argument("--batch-size", type=at_least(2), default=batch_size,
+                      help="samples per step (default %(default)s)")
+    loop.add_argument("--lr", type=positive_float, default=lr, help="peak AdamW learning rate (default %(default)s)")
+    loop.add_argument("--weight-decay", type=non_negative_float, default=weight_decay, help="(default %(default)s)")
+    loop.add_argument("--warmup", type=non_negative_int, default=50, help="linear warm-up steps (default %(default)s)")
     loop.add_argument("--seed", type=int, default=0, help="initialisation and data-order seed (default 0)")
     loop.add_argument("--device", default="auto", help="auto, cpu or cuda[:N] (default auto)")
-    loop.add_argument("--threads", type=int, default=0,
+    loop.add_argument("--threads", type=non_negative_int, default=0,
                       help="CPU threads for torch (default 0: torch's choice; 1 is fastest on a busy machine)")
-    loop.add_argument("--log-every", type=int, default=20, help="steps between progress lines (default 20)")
-    loop.add_argument("--save-every", type=int, default=200, help="steps between checkpoints (default 200)")
+    loop.add_argument("--log-every", type=positive_int, default=20, help="steps between progress lines (default 20)")
+    loop.add_argument("--save-every", type=positive_int, default=200, help="steps between checkpoints (default 200)")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -77,31 +80,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     _common(vqgan, batch_size=32, lr=1e-3, weight_decay=0.0)
     vqgan.add_argument("--config", default="shapes-vqgan", metavar="YAML_OR_NAME",
                        help="taming YAML of the model, or a preset name (default %(default)s)")
-    vqgan.add_argument("--crop", type=int, default=None,
+    vqgan.add_argument("--crop", type=positive_int, default=None,
                        help="train on random CROPxCROP windows (default: the config's resolution)")
-    vqgan.add_argument("--restart-dead-codes", type=int, default=20, metavar="N",
+    vqgan.add_argument("--restart-dead-codes", type=non_negative_int, default=20, metavar="N",
                        help="every N steps, re-seed codes no input used (0: never; default %(default)s)")
-    vqgan.add_argument("--autoencoder-steps", type=int, default=0, metavar="N",
+    vqgan.add_argument("--autoencoder-steps", type=non_negative_int, default=0, metavar="N",
                        help="first N steps without quantization, then seed the codebook from encoder outputs")
-    vqgan.add_argument("--codebook-weight", type=float, default=0.75,
+    vqgan.add_argument("--codebook-weight", type=non_negative_float, default=0.75,
                        help="extra weight of the codebook term on top of taming's 0.25 (default %(default)s)")
-    vqgan.add_argument("--l2-weight", type=float, default=0.0,
+    vqgan.add_argument("--l2-weight", type=non_negative_float, default=0.0,
                        help="weight of a squared-error term beside the L1 loss; it makes small models learn "
                             "colors sooner (default %(default)s)")
-
-
-def _check_common(args: argparse.Namespace) -> None:
-    for name in ("batch_size", "log_every", "save_every"):
-        if getattr(args, name) <= 0:
-            raise UsageError(f"--{name.replace('_', '-')} must be positive")
-    if args.batch_size < 2:
-        raise UsageError("--batch-size must be at least 2")
-    if args.steps is not None and args.steps <= 0:
-        raise UsageError("--steps must be positive")
-    if args.epochs is not None and args.epochs <= 0:
-        raise UsageError("--epochs must be positive")
-    if args.lr <= 0 or args.weight_decay < 0 or args.warmup < 0 or args.threads < 0:
-        raise UsageError("--lr must be positive; --weight-decay, --warmup and --threads must not be negative")
 
 
 def _vqgan_config(value: str, storage_options: dict):
@@ -149,9 +138,6 @@ def _vqgan_task(args: argparse.Namespace, storage_options: dict, device: str, se
     if crop % config.factor or crop > int(config.ddconfig["resolution"]) or crop <= 0:
         raise UsageError(f"--crop must be a positive multiple of {config.factor}, at most the config's "
                          f"resolution {config.ddconfig['resolution']}")
-    if min(args.restart_dead_codes, args.codebook_weight, args.autoencoder_steps, args.l2_weight) < 0:
-        raise UsageError("--restart-dead-codes, --codebook-weight, --autoencoder-steps and --l2-weight must not "
-                         "be negative")
     settings.update(config=config.to_yaml_dict(), crop=crop, autoencoder_steps=args.autoencoder_steps)
 
     def build(start_step: int):
@@ -192,13 +178,12 @@ def _resume_step(args: argparse.Namespace, loop) -> int:
 def run(args: argparse.Namespace, beam_args: list[str]) -> int:
     import torch
 
+    from clipbeam.corpus.train_data import CorpusSamples
     from clipbeam.models import train_common
     from clipbeam.models.clip import resolve_device
-    from clipbeam.transforms.train_data import CorpusSamples
 
     if beam_args:
         raise UsageError(f"unrecognized arguments: {' '.join(beam_args)}")
-    _check_common(args)
     storage_options = storage_options_from_args(args)
     device = resolve_device(args.device)
     if args.threads:

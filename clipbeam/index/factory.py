@@ -15,6 +15,7 @@ import math
 import re
 from dataclasses import dataclass
 
+from clipbeam.errors import FieldError
 from clipbeam.index.errors import IndexInputError
 
 FLAT_MAX_VECTORS = 10_000  # below this, exact search answers in well under a millisecond per query
@@ -94,7 +95,7 @@ def choose_factory(n: int, dim: int, max_memory: int) -> FactoryChoice:
     per_vector = (max_memory - coarse) / n - ID_BYTES
     if per_vector < 4:
         need = coarse + n * (4 + ID_BYTES)
-        raise IndexInputError(f"--max-index-memory {format_bytes(max_memory)} is too small for {n} vectors of "
+        raise FieldError("max_index_memory", f"{{field}} {format_bytes(max_memory)} is too small for {n} vectors of "
                               f"dimension {dim}: the smallest index (PQ4) needs about {format_bytes(need)}")
     m = 1 << int(math.floor(math.log2(min(per_vector, max(4, dim // 2), 256))))
     pq = coarse + n * (m + ID_BYTES)

@@ -50,18 +50,17 @@ def read_manifest(index_url: str, storage_options: dict | None = None) -> dict[s
     return manifest
 
 
-def write_manifest(index_url: str, manifest: dict[str, Any], storage_options: dict | None = None) -> None:
-    storage.write_json(storage.join(index_url, INDEX_JSON), manifest, storage_options)
-
-
-def corpus_decoding(manifest: dict[str, Any], default_max_pixels: int) -> tuple[int, bool]:
-    """(max_pixels, reduced-scale JPEG decoding) as embed used them for the indexed corpus, so that a query
-    photo is decoded as its copy in the corpus was (older manifests: exact decoding)."""
+def query_decoding(manifest: dict[str, Any], max_pixels: int) -> tuple[int, bool]:
+    """(pixel cap, reduced-scale JPEG decoding) for query images of an index: the one rule search and
+    serve share. A query photo is decoded as embed decoded its copy in the corpus (older manifests:
+    exact decoding), under the smaller of embed's pixel cap and the caller's own `max_pixels`, so a
+    query is never decoded from more pixels than the corpus would have been."""
     for source in manifest.get("embeddings", []):
         info = source.get("manifest") or {}
         if info.get("model"):
-            return int(info.get("max_pixels") or default_max_pixels), bool(info.get("fast_decode", False))
-    return default_max_pixels, False
+            cap = int(info.get("max_pixels") or max_pixels)
+            return min(cap, max_pixels), bool(info.get("fast_decode", False))
+    return max_pixels, False
 
 
 def query_model(manifest: dict[str, Any]) -> dict[str, Any] | None:

@@ -12,8 +12,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from clipbeam.index.errors import IndexInputError
-from clipbeam.index.inputs import InputFile
+from clipbeam.errors import FieldError
+from clipbeam.layout.embeddings.read import InputFile
 
 SAMPLE_READ_FACTOR = 2  # sampled row groups hold at least twice the sample, so rows are still drawn at random
 
@@ -41,11 +41,11 @@ def shard_count(total: int, shards: int | None = None, shard_size: int | None = 
     """How many shards: `shard_size` rows each when given, else `shards`, never more than rows."""
     if shard_size is not None:
         if shard_size < 1:
-            raise IndexInputError(f"--shard-size must be at least 1, not {shard_size}")
+            raise FieldError("shard_size", f"{{field}} must be at least 1, not {shard_size}")
         return max(1, math.ceil(total / shard_size))
     shards = 1 if shards is None else shards
     if shards < 1:
-        raise IndexInputError(f"--shards must be at least 1, not {shards}")
+        raise FieldError("shards", f"{{field}} must be at least 1, not {shards}")
     return max(1, min(shards, total))
 
 

@@ -15,8 +15,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from clipbeam.index.inputs import read_rows
 from clipbeam.index.plan import SampleRead
+from clipbeam.layout.embeddings.read import read_rows
 
 READ_THREADS = 4  # files decoded at once: enough for two cores or for remote latency, memory stays a few batches
 

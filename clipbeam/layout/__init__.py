@@ -13,7 +13,7 @@ Usage (a job whose units are parts)::
 
     from clipbeam.layout import Mode, OutputKind, open_output
 
-    LABELS = OutputKind("clipbeam.labels", markers="_done", scratch=("_tmp",))
+    LABELS = OutputKind("clipbeam.labels", markers="_done", scratch=("_tmp/*.parquet",))
 
     out = open_output(args.output, LABELS, settings={"labels": labels, "model": model},
                       mode=Mode.from_flags(args.overwrite), storage_options=so)

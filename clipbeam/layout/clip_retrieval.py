@@ -51,5 +51,5 @@ def manifest_files(manifest: dict) -> list[str]:
 
 # Exports of version 1 have no run record; their export.json (which only this job writes) marks the folder as
 # an export, so `--overwrite` can replace one (deleting the files its partitions list, and its old _work/).
-EXPORT = OutputKind("clipbeam.export", manifest=EXPORT_JSON, markers="_done", scratch=("_work",),
+EXPORT = OutputKind("clipbeam.export", manifest=EXPORT_JSON, markers="_done", scratch=("_work/*.json",),
                     manifest_files=manifest_files, legacy_records=(EXPORT_JSON,))

@@ -16,12 +16,13 @@ import posixpath
 from dataclasses import dataclass, field
 from typing import Callable
 
-from clipbeam.errors import UsageError
+from clipbeam.errors import FieldError
 from clipbeam.layout.lease import DEFAULT_TIMEOUT, LEASE_FILE, Lease
 from clipbeam.layout.ledger import UnitLedger, inside
 from clipbeam.storage import (
     check_writable,
     exists,
+    get_fs,
     is_temporary,
     join,
     list_names,
@@ -57,7 +58,7 @@ class OutputKind:
     name: str
     manifest: str = "manifest.json"
     markers: str = "_done"
-    scratch: tuple[str, ...] = ()  # folders the job alone writes (fragments, temp work), removed whole
+    scratch: tuple[str, ...] = ()  # globs of the files the job writes in its scratch folders (fragments, temp work)
     manifest_files: Callable[[dict], list[str]] = _files_listed  # the files a manifest lists
     legacy_records: tuple[str, ...] = ()  # run records of older versions: they mark the folder as ours
 
@@ -140,7 +141,8 @@ def _check_ownership(url: str, kind: OutputKind, record: dict | None, manifest: 
                      storage_options: dict | None) -> bool:
     """True when the folder holds this kind's output; UsageError when it holds anything else."""
     if record is not None and record.get("kind") != kind.name:
-        raise UsageError(f"{url} holds a {record.get('kind')} output, not {kind.name}; choose another --output")
+        raise FieldError("output", f"{url} holds a {record.get('kind')} output, not {kind.name}; "
+                         "choose another {field}")
     if record is not None or (manifest is not None and manifest.get("format") == kind.name):
         return True
     others = [n for n in list_names(url, storage_options)  # a lease, or temp files clipbeam left, are no output
@@ -149,21 +151,21 @@ def _check_ownership(url: str, kind: OutputKind, record: dict | None, manifest: 
         return True
     if others:
         shown = ", ".join(others[:3]) + (", ..." if len(others) > 3 else "")
-        raise UsageError(f"{url} is not empty ({shown}) and holds no {kind.name} output; "
-                         "choose an empty or new --output")
+        raise FieldError("output", f"{url} is not empty ({shown}) and holds no {kind.name} output; "
+                         "choose an empty or new {field}")
     return False
 
 
 def _check_settings(url: str, record: dict | None, settings: dict) -> None:
     if record is None:
-        raise UsageError(f"{url} was written by an older clipbeam without a run record; "
-                         "use --overwrite to start over or another --output")
+        raise FieldError("overwrite", f"{url} was written by an older clipbeam without a run record; "
+                         "use {field} to start over or another {output}", ("output",))
     if record.get("fingerprint") == settings_fingerprint(settings):
         return
     before = record.get("settings", {})
     details = ", ".join(f"{k}: {before.get(k)!r} -> {settings.get(k)!r}" for k in changed_keys(before, settings))
-    raise UsageError(f"{url} was written with other settings ({details}); "
-                     "use --overwrite to start over or another --output")
+    raise FieldError("overwrite", f"{url} was written with other settings ({details}); "
+                     "use {field} to start over or another {output}", ("output",))
 
 
 def clear_owned(out: OutputFolder, record: dict | None) -> None:
@@ -179,20 +181,39 @@ def clear_owned(out: OutputFolder, record: dict | None) -> None:
         LOG.warning("--overwrite: not deleting %d listed name(s) outside %s: %s", len(outside), out.url,
                     ", ".join(sorted(map(str, outside))[:3]))
     names -= outside
+    names.update(_scratch_names(out))
     for name in sorted(names):
         remove_if_present(out.path(name), so)
-    for folder in (kind.markers, *kind.scratch, *kind.legacy_records):
-        remove_if_present(out.path(folder), so, recursive=True)
-    for parent in sorted({posixpath.dirname(n) for n in names if posixpath.dirname(n)}, key=len, reverse=True):
+    parents = {posixpath.dirname(n) for n in names}
+    parents |= {posixpath.dirname(p) for p in parents}  # _fragments/part-00001/x -> _fragments too
+    for parent in sorted((p for p in parents if p), key=len, reverse=True):
         remove_temporaries(out.path(parent), so)
         if not list_names(out.path(parent), so):
             remove_if_present(out.path(parent), so, recursive=True)
     LOG.info("--overwrite: removed %d names %s owned in %s", len(names), kind.name, out.url)
 
 
+def _scratch_names(out: OutputFolder) -> list[str]:
+    """The job's own files outside the listed ones: the done-markers its ledger reads, the files its
+    scratch globs match, old run records. Folders are never removed whole: a folder goes only when
+    it is empty once these are gone, so a file a user keeps there survives --overwrite."""
+    kind, so = out.kind, out.storage_options
+    names = [f"{kind.markers}/{unit}.json" for unit in UnitLedger(out.url, kind.markers, so).markers()]
+    fs, root = get_fs(out.url, so)
+    fs.invalidate_cache()  # what the workers wrote since this process last listed
+    root = root.rstrip("/")
+    for pattern in kind.scratch:
+        names += [path[len(root) + 1:] for path in fs.glob(f"{root}/{pattern}") if not fs.isdir(path)]
+    return names + [name for name in kind.legacy_records if exists(out.path(name), so)]
+
+
 def open_output(url: str, kind: OutputKind, settings: dict, mode: Mode, storage_options: dict | None = None,
-                lease_timeout: float = DEFAULT_TIMEOUT) -> OutputFolder:
+                lease_timeout: float = DEFAULT_TIMEOUT, keep_manifest: bool = False) -> OutputFolder:
     """Open `url` for a run of `kind`: check ownership and settings, take the lease, drop the manifest.
+
+    With `keep_manifest` (a run that only adds to a complete output, such as `index --append`) the
+    previous manifest stays until commit() replaces it in one atomic rename: readers see the old
+    complete output, then the new one, never a folder without a manifest.
 
     Raises UsageError (exit 2, nothing touched) for a foreign non-empty folder,
     an existing output under Mode.REFUSE, other settings under Mode.RESUME, or a
@@ -202,7 +223,7 @@ def open_output(url: str, kind: OutputKind, settings: dict, mode: Mode, storage_
     manifest = _read_if_present(join(url, kind.manifest), storage_options)
     ours = _check_ownership(url, kind, record, manifest, storage_options)
     if ours and mode is Mode.REFUSE:
-        raise UsageError(f"{url} already holds a {kind.name} output; pass --overwrite to replace it")
+        raise FieldError("overwrite", f"{url} already holds a {kind.name} output; pass {{field}} to replace it")
     if ours and mode is Mode.RESUME:
         _check_settings(url, record, settings)
     check_writable(url, storage_options)
@@ -210,7 +231,8 @@ def open_output(url: str, kind: OutputKind, settings: dict, mode: Mode, storage_
     try:
         out = OutputFolder(url, kind, settings, storage_options, lease, previous_manifest=manifest,
                            owned=list(record.get("owned", [])) if record and mode is Mode.RESUME else [])
-        remove_if_present(out.path(kind.manifest), storage_options)  # the output stops being "complete" first
+        if not keep_manifest or mode is Mode.CLEAR:
+            remove_if_present(out.path(kind.manifest), storage_options)  # the output stops being "complete" first
         if ours and mode is Mode.CLEAR:
             clear_owned(out, record)
         out._write_record()

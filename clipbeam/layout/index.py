@@ -22,4 +22,5 @@ def manifest_files(manifest: dict) -> list[str]:
     return [TRAINED_INDEX, *(s["index"] for s in shards), *(s["ids"] for s in shards)]
 
 
-INDEX = OutputKind(FORMAT, manifest=INDEX_JSON, markers="_done", scratch=(WORK,), manifest_files=manifest_files)
+INDEX = OutputKind(FORMAT, manifest=INDEX_JSON, markers="_done", scratch=(f"{WORK}/*.npz", f"{WORK}/*.json"),
+                   manifest_files=manifest_files)

@@ -17,7 +17,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from clipbeam.errors import UsageError, first_line
+from clipbeam.errors import FieldError, UsageError, first_line
 from clipbeam.models.text_trim import encode_trimmed, trimmable_tower
 from clipbeam.storage import file_sha256
 
@@ -77,9 +77,9 @@ def resolve_device(device: str) -> str:
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if device.startswith("cuda") and not torch.cuda.is_available():
-        raise UsageError(f"--device {device} asked for, but no CUDA device is available")
+        raise FieldError("device", f"{{field}} {device} asked for, but no CUDA device is available")
     if device not in ("cpu",) and not device.startswith("cuda"):
-        raise UsageError(f"--device must be auto, cpu or cuda[:N], not {device!r}")
+        raise FieldError("device", f"{{field}} must be auto, cpu or cuda[:N], not {device!r}")
     return device
 
 
@@ -97,7 +97,7 @@ def validate_spec(spec: ClipSpec, storage_options: dict | None = None) -> None:
             f"unknown model {spec.model!r}: see open_clip.list_models() (e.g. ViT-B-32, ViT-S-32, clipbeam-tiny)"
         )
     if spec.precision not in PRECISIONS:
-        raise UsageError(f"--precision must be one of {', '.join(PRECISIONS)}")
+        raise FieldError("precision", f"{{field}} must be one of {', '.join(PRECISIONS)}")
     resolve_device(spec.device)
     pretrained = spec.pretrained
     if pretrained == "none" or (spec.model, pretrained) in SHIPPED_CHECKPOINTS:
@@ -115,8 +115,8 @@ def validate_spec(spec: ClipSpec, storage_options: dict | None = None) -> None:
         return
     tags = open_clip.list_pretrained_tags_by_model(spec.model)
     if pretrained not in tags:
-        known = ", ".join(tags) or "none (use --pretrained none or a checkpoint path)"
-        raise UsageError(f"unknown pretrained tag {pretrained!r} for {spec.model}; known: {known}")
+        known = ", ".join(tags) or "none (use {field} none or a checkpoint path)"
+        raise FieldError("pretrained", f"unknown pretrained tag {pretrained!r} for {spec.model}; known: {known}")
 
 
 def fetch_pretrained(spec: ClipSpec, local_runner: bool = True) -> str | None:
@@ -144,8 +144,8 @@ def fetch_pretrained(spec: ClipSpec, local_runner: bool = True) -> str | None:
         path = download_pretrained(open_clip.get_pretrained_cfg(spec.model, pretrained))
     except Exception as exc:  # offline hub, HTTP errors, a missing file on the hub
         first = first_line(exc, 200)
-        raise UsageError(f"cannot download the {pretrained!r} weights of {spec.model} ({exc.__class__.__name__}: "
-                         f"{first}); use --pretrained PATH for a local checkpoint") from None
+        raise FieldError("pretrained", f"cannot download the {pretrained!r} weights of {spec.model} "
+                         f"({exc.__class__.__name__}: {first}); use {{field}} PATH for a local checkpoint") from None
     if not path:
         raise UsageError(f"open_clip knows no download for the {pretrained!r} weights of {spec.model}")
     return None
@@ -343,60 +343,6 @@ def preprocess_config(spec: ClipSpec) -> dict:
     size = model_cfg.get("vision_cfg", {}).get("image_size", cfg["size"])
     cfg["size"] = tuple(size) if isinstance(size, (list, tuple)) else size
     return cfg
-
-
-def build_preprocess(cfg: dict):
-    """The torchvision transform open_clip uses at inference for these settings."""
-    from open_clip.transform import PreprocessCfg, image_transform_v2
-
-    return image_transform_v2(PreprocessCfg(**cfg), is_train=False)
-
-
-def image_preprocessor(cfg: dict):
-    """A function: decoded RGB PIL image -> one normalised float32 model input row [3, H, W] (numpy).
-
-    For query images (search, serve), stacked and given to `encode_images`. It
-    runs embed's own pixel path (models.pixels.uint8_transform: open_clip's
-    resize and crop to uint8) and then the arithmetic `encode_pixels` applies on
-    the device, so a query image and the same image inside a corpus give the
-    same vector.
-    """
-    from clipbeam.models.pixels import PixelRecipe, uint8_transform
-
-    recipe = PixelRecipe(cfg, max_pixels=0)
-    transform = uint8_transform(recipe)
-    mean = np.asarray(recipe.mean, dtype=np.float32).reshape(-1, 1, 1)
-    std = np.asarray(recipe.std, dtype=np.float32).reshape(-1, 1, 1)
-
-    def preprocess(image) -> np.ndarray:
-        return (transform(image).astype(np.float32) / np.float32(255.0) - mean) / std
-
-    return preprocess
-
-
-class QueryImages:
-    """Query images (search, serve) -> vectors, decoded and preprocessed as embed did the corpus's images:
-    the same pixel cap, the same reduced-scale JPEG decoding when the corpus had it, the same pixel path."""
-
-    def __init__(self, clip: LoadedClip, max_pixels: int, fast_decode: bool) -> None:
-        cfg = preprocess_config(clip.spec)
-        size = cfg["size"]
-        self.clip = clip
-        self.max_pixels = max_pixels
-        self.min_side = (size if isinstance(size, int) else min(size)) if fast_decode else None
-        self._preprocess = image_preprocessor(cfg)
-
-    def decode(self, data: bytes):
-        """Bytes -> RGB PIL image (DecodeError for unusable bytes)."""
-        from clipbeam.models.images import decode_sized
-
-        return decode_sized(data, self.max_pixels, self.min_side)[0]
-
-    def encode(self, images: Sequence) -> np.ndarray:
-        """Decoded images -> L2-normalised float32 [N, D]."""
-        import torch
-
-        return encode_images(self.clip, torch.from_numpy(np.stack([self._preprocess(i) for i in images])))
 
 
 def embedding_dim(spec: ClipSpec) -> int:

@@ -23,6 +23,8 @@ import numpy as np
 
 from clipbeam.models.images import ImageHeader, decode_sized, failure_reason, probe_image
 
+DEFAULT_FAST_DECODE = True  # embed decodes large JPEGs at a reduced scale unless told --exact-decode
+
 # torchvision 0.29 deprecates its decoders in favour of TorchCodec; they still work (set once, not per call:
 # warnings.catch_warnings changes process-wide state and races with the decode threads)
 warnings.filterwarnings("ignore", category=DeprecationWarning, module="torchvision.io.image")
@@ -68,11 +70,16 @@ class Decoded:
     height: int
 
 
+def build_preprocess(cfg: dict):
+    """The torchvision transform open_clip uses at inference for these settings (clip.preprocess_config)."""
+    from open_clip.transform import PreprocessCfg, image_transform_v2
+
+    return image_transform_v2(PreprocessCfg(**cfg), is_train=False)
+
+
 def uint8_transform(recipe: PixelRecipe):
     """open_clip's inference transform for these settings, without ToTensor and Normalize."""
     from torchvision.transforms import Normalize
-
-    from clipbeam.models.clip import build_preprocess
 
     steps = [t for t in build_preprocess(recipe.cfg).transforms
              if not isinstance(t, Normalize) and type(t).__name__ not in ("ToTensor", "MaybeToTensor")]

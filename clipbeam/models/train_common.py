@@ -9,7 +9,7 @@ optimizer, the step, the position in the epoch and the RNG state, so an
 interrupted run continues with the batches it would have seen.
 
 Records come from any object with `epoch(epoch, seed, skip)` and `decode(record)`
-(clipbeam.transforms.train_data.CorpusSamples); this module never imports Beam.
+(clipbeam.corpus.train_data.CorpusSamples); this module never imports Beam.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from typing import Any, Iterator, Protocol, Sequence
 
 import torch
 
-from clipbeam.errors import UsageError
+from clipbeam.errors import FieldError
 from clipbeam.models.torch_files import load_weights_only
 from clipbeam.storage import atomic_open, get_fs, join
 
@@ -114,8 +114,8 @@ def check_resume_settings(saved: dict, current: dict) -> None:
     """Raise UsageError when a resume would continue another run (other model, corpus, batch, seed...)."""
     changed = [f"{k}: {saved.get(k)!r} -> {v!r}" for k, v in current.items() if saved.get(k) != v]
     if changed:
-        raise UsageError("the output holds a checkpoint of another run (" + "; ".join(changed[:3]) +
-                         "); pass --overwrite to start over or use another --output")
+        raise FieldError("overwrite", "the output holds a checkpoint of another run (" + "; ".join(changed[:3]) +
+                         "); pass {field} to start over or use another {output}", ("output",))
 
 
 def _batches(source: RecordSource, batch_size: int, seed: int, epoch: int, batch: int
@@ -132,7 +132,7 @@ def _batches(source: RecordSource, batch_size: int, seed: int, epoch: int, batch
                 batch += 1
                 chunk = []
         if produced == 0 and batch == 0:
-            raise UsageError(f"the corpus has fewer usable samples than --batch-size {batch_size}")
+            raise FieldError("batch_size", f"the corpus has fewer usable samples than {{field}} {batch_size}")
         epoch, batch = epoch + 1, 0
 
 
@@ -234,7 +234,7 @@ def _optimise(task: TrainTask, optimizer, images: list, captions: list, lr: floa
         group["lr"] = lr
     loss, metrics = task.step(images, captions)
     if not torch.isfinite(loss):
-        raise RuntimeError(f"{task.name}: loss is {loss.item()} at step {step}; lower --lr")
+        raise RuntimeError(f"{task.name}: loss is {loss.item()} at step {step}; lower the learning rate (lr)")
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()

@@ -33,7 +33,7 @@ from typing import Any
 
 import torch
 
-from clipbeam.errors import UsageError
+from clipbeam.errors import FieldError, UsageError
 from clipbeam.models.torch_files import refuse_torchscript
 from clipbeam.models.vqgan import VQGANConfig, VQModel, build_vqgan, config_from_dict, config_from_yaml, config_to_yaml
 
@@ -339,9 +339,9 @@ def find_config(checkpoint: str, storage_options: dict | None = None) -> tuple[V
                 return config_from_dict(json.loads(metadata[CONFIG_METADATA_KEY])), "embedded"
             except ValueError as exc:
                 raise UsageError(f"{checkpoint}: embedded config: {exc}") from None
-    raise UsageError(
-        f"no config for VQGAN checkpoint {checkpoint}: put its YAML beside it as "
-        f"{_config_candidates(checkpoint)[0].rsplit('/', 1)[-1]} or pass --vqgan-config"
+    raise FieldError(
+        "vqgan_config", f"no config for VQGAN checkpoint {checkpoint}: put its YAML beside it as "
+        f"{_config_candidates(checkpoint)[0].rsplit('/', 1)[-1]} or pass {{field}}"
     )
 
 

@@ -47,9 +47,11 @@ JITTER_P, JITTER_BRIGHTNESS, JITTER_CONTRAST, JITTER_SATURATION, JITTER_HUE = 0.
 
 @dataclass(frozen=True)
 class ImagePrompt:
-    """An image to match (pixels as a PIL image), with a weight and stop like a text prompt."""
+    """An image to match, with a weight and stop like a text prompt. `vector` is the image's CLIP
+    vector as embed computes it (models.embedder.QueryImages): the render is pulled towards the very
+    vector `clipbeam search` would find the image by."""
 
-    image: Any  # PIL.Image.Image
+    vector: np.ndarray  # L2-normalised float32 [D]
     weight: float = 1.0
     stop: float = -math.inf
     name: str = ""
@@ -307,17 +309,6 @@ def pil_to_tensor(image: Any, size: tuple[int, int] | None = None) -> torch.Tens
     return torch.from_numpy(array.copy()).permute(2, 0, 1)[None]
 
 
-def fit_area(image: Any, width: int, height: int) -> Any:
-    """Resize keeping the aspect ratio so that the area is at most width*height (image prompts)."""
-    from PIL import Image
-
-    w, h = image.size
-    scale = math.sqrt(width * height / (w * h))
-    if scale >= 1:
-        return image.convert("RGB")
-    return image.convert("RGB").resize((max(1, int(w * scale)), max(1, int(h * scale))), Image.Resampling.LANCZOS)
-
-
 ProgressFn = Callable[[int, int, float], None]  # (step, steps, loss)
 FrameFn = Callable[[int, np.ndarray], None]  # (step, uint8 [H, W, 3])
 
@@ -427,14 +418,11 @@ class Renderer:
 
     def _targets(self, prompts: Sequence[Prompt], image_prompts: Sequence[ImagePrompt], width: int, height: int,
                  settings: RenderSettings, gen: torch.Generator) -> list[tuple[torch.Tensor, float, float]]:
-        """(embedding, weight, stop) per text and image prompt; image prompts are cut up like the render."""
+        """(embedding, weight, stop) per text and image prompt."""
         targets = [(self.embed_text(p.text), p.weight, p.stop) for p in prompts]
         for ip in image_prompts:
-            pixels = pil_to_tensor(fit_area(ip.image, width, height)).to(self.device)
-            with torch.no_grad():
-                cuts = make_cutouts(pixels, self.clip.image_size, settings.cutn, settings.cut_pow, settings.augment,
-                                    settings.noise_fac, gen)
-                targets.append((self.embed_images(cuts), ip.weight, ip.stop))
+            targets.append((torch.as_tensor(ip.vector, dtype=torch.float32, device=self.device)[None],
+                            ip.weight, ip.stop))
         return targets
 
     def _similarity(self, image: torch.Tensor, prompts: Sequence[Prompt]) -> float | None:

@@ -20,10 +20,10 @@ from typing import Any
 
 import numpy as np
 
+from clipbeam.corpus.fetch import ImageUnavailable, fetch_image
 from clipbeam.index import IndexInputError, ShardedIndex
-from clipbeam.index.fetch import ImageUnavailable, fetch_image
-from clipbeam.index.inputs import InputFile, read_rows
-from clipbeam.index.manifest import corpus_decoding
+from clipbeam.index.manifest import query_decoding
+from clipbeam.layout.embeddings.read import InputFile, read_rows
 from clipbeam.serve.queries import ApiError, Limits, Query
 
 
@@ -50,10 +50,9 @@ class SearchEngine:
         self.default_params = index.search_params
         self._images = None
         if clip is not None:  # uploads decoded as embed decoded the corpus (reduced-scale JPEGs if it did)
-            from clipbeam.models.clip import QueryImages
+            from clipbeam.models.embedder import QueryImages
 
-            fast_decode = corpus_decoding(index.manifest, limits.max_pixels)[1]
-            self._images = QueryImages(clip, limits.max_pixels, fast_decode)
+            self._images = QueryImages(clip, *query_decoding(index.manifest, limits.max_pixels))
         self.thumbnail = functools.lru_cache(maxsize=thumbnail_cache)(self._thumbnail)
         self.stored_vector = functools.lru_cache(maxsize=1024)(self._stored_vector)
 
@@ -121,11 +120,11 @@ class SearchEngine:
         if self._images is None:
             raise ApiError(400, "this server has no model (the index records none): send a vector")
         try:
-            image = self._images.decode(data)
+            pixels = self._images.pixels(data)
         except DecodeError as exc:
             status = 413 if "decompression bomb" in str(exc) else 400
             raise ApiError(status, f"image: {exc}") from None
-        return self._images.encode([image])
+        return self._images.encode([pixels])
 
     def _search(self, vectors: np.ndarray, k: int, params: str | None) -> list[list[Hit]]:
         if params:

@@ -16,12 +16,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from clipbeam import storage
-from clipbeam.index.inputs import iter_batches
 from clipbeam.layout import UnitLedger
 from clipbeam.layout.embeddings import part_name
+from clipbeam.layout.embeddings.input_parts import EmbeddingsPart
+from clipbeam.layout.embeddings.read import iter_batches
 from clipbeam.layout.labels import SCHEMA, labels_file
 from clipbeam.models.zero_shot import zero_shot
-from clipbeam.transforms.embeddings_parts import EmbeddingsPart
 
 
 @dataclass(frozen=True)

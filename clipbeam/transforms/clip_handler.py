@@ -25,7 +25,7 @@ from clipbeam.models.caption_cache import CaptionCache
 from clipbeam.models.clip import ClipSpec, load_clip
 from clipbeam.models.embedder import ClipEmbedder
 from clipbeam.models.images import DEFAULT_MAX_PIXELS
-from clipbeam.models.pixels import PixelRecipe
+from clipbeam.models.pixels import DEFAULT_FAST_DECODE, PixelRecipe
 
 LOG = logging.getLogger(__name__)
 NAMESPACE = "clipbeam.embed"
@@ -40,7 +40,7 @@ class EmbedTuning:
 
     decode_threads: int = 0         # threads decoding in each worker; 0: the worker's cores
     decode_device: str = "cpu"      # "cuda": JPEGs decoded in batches on the model's GPU
-    fast_decode: bool = True        # reduced-scale JPEG decoding of images >= 2x the model's input
+    fast_decode: bool = DEFAULT_FAST_DECODE  # reduced-scale JPEG decoding of images >= 2x the model's input
     caption_cache_mb: int = 64      # per-worker caption -> embedding cache; 0 turns it off
     trim_text: bool = True          # captions encoded without their padding where that is exact
 
@@ -99,7 +99,8 @@ class ClipModelHandler(ModelHandler[list, PredictionResult, ClipEmbedder]):
                 for samples in batch]
 
     def _embed_isolated(self, samples: list[dict], model: ClipEmbedder) -> list[dict]:
-        """One output per sample; a batch that fails is retried sample by sample, to find the bad ones."""
+        """One output per sample; a batch that fails is retried sample by sample, to find the bad ones.
+        Only the attempts whose outputs are kept count in the metrics (a failed batch counts nothing)."""
         try:
             return self._embed(samples, model)
         except Exception as exc:
@@ -113,19 +114,20 @@ class ClipModelHandler(ModelHandler[list, PredictionResult, ClipEmbedder]):
             return outputs
 
     def _embed(self, batch: Sequence[dict], model: ClipEmbedder) -> list[dict]:
+        """Outputs for a batch; its metrics are counted once it has all of them."""
         items = [sample["pixels"] if sample.get("pixels") is not None else sample["jpeg"] for sample in batch]
         images = model.embed_images(items)
-        self._fallbacks.inc(images.fallbacks)
         with_text = [i for i, sample in enumerate(batch) if sample.get("embed_text")]
         text_rows: list[np.ndarray | None] = [None] * len(batch)
+        hits, misses = self._cache.hits, self._cache.misses
         if with_text:  # no call to the model (maybe a proxy in another process) for a batch without captions
-            hits, misses = self._cache.hits, self._cache.misses
             texts = self._cache.embed([batch[i]["caption"] for i in with_text],
                                       _caption_encoder([batch[i] for i in with_text], model))
-            self._hits.inc(self._cache.hits - hits)
-            self._misses.inc(self._cache.misses - misses)
             for row, i in enumerate(with_text):
                 text_rows[i] = texts[row]
+        self._fallbacks.inc(images.fallbacks)
+        self._hits.inc(self._cache.hits - hits)
+        self._misses.inc(self._cache.misses - misses)
         return [{"error": images.failed[i], "stage": "decode"} if i in images.failed
                 else {"image": images.vectors[i], "text": text_rows[i]} for i in range(len(batch))]
 

@@ -16,12 +16,12 @@ from dataclasses import dataclass, field
 import apache_beam as beam
 from apache_beam.ml.inference.base import RunInference
 
+from clipbeam.corpus.plan import ManifestColumns
+from clipbeam.corpus.read import ReadLimits
 from clipbeam.layout.ledger import UnitLedger
 from clipbeam.models.clip import ClipSpec
 from clipbeam.models.images import DEFAULT_MAX_PIXELS
 from clipbeam.transforms.clip_handler import ClipModelHandler, EmbedTuning
-from clipbeam.transforms.corpus_plan import ManifestColumns
-from clipbeam.transforms.corpus_read import ReadLimits
 from clipbeam.transforms.embed_dofns import COUNTS, FAILURES, DecodeDoFn, OrderByCaptionLength, ReadPartDoFn
 from clipbeam.transforms.embed_write import (
     FailedSample,

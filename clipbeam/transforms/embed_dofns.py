@@ -19,13 +19,13 @@ from apache_beam.transforms.window import GlobalWindow
 from apache_beam.utils.timestamp import MIN_TIMESTAMP
 from apache_beam.utils.windowed_value import WindowedValue
 
+from clipbeam.corpus.plan import PartSpec
+from clipbeam.corpus.read import DEFAULT_LIMITS, ReadLimits, failure, read_part
 from clipbeam.models.clip import ClipSpec, load_tokenizer, tokenize_texts
 from clipbeam.models.images import decode_caption, failure_reason, sha256_hex
 from clipbeam.models.ordered_pool import OrderedPool
 from clipbeam.models.pixels import Decoded, decode_or_defer, uint8_transform
 from clipbeam.transforms.clip_handler import DEFAULT_TUNING, NAMESPACE, EmbedTuning, pixel_recipe
-from clipbeam.transforms.corpus_plan import PartSpec
-from clipbeam.transforms.corpus_read import DEFAULT_LIMITS, ReadLimits, failure, read_part
 
 FAILURES = "failures"
 COUNTS = "counts"
@@ -126,12 +126,22 @@ class DecodeDoFn(beam.DoFn):
         for sample in samples:
             for original, result in self._pool.submit(sample.pop("image"), sample):
                 yield from self._take(original, *result)
-        yield from _batches(self._ready, self._batch_size, final=False)
+        yield from self._emit(final=False)
 
     def finish_bundle(self):
         for original, result in self._pool.drain():
             yield from self._take(original, *result)
-        yield from _batches(self._ready, self._batch_size, final=True)
+        yield from self._emit(final=True)
+
+    def _emit(self, final: bool):
+        """Whole lists from `_ready`, their captions tokenised in one call per list."""
+        for batch in _batches(self._ready, self._batch_size, final):
+            texted = [s for s in batch.value if s["embed_text"]] if self._tokenizer is not None else []
+            if texted:
+                tokens = tokenize_texts(self._tokenizer, [s["caption"] for s in texted])
+                for sample, row in zip(texted, tokens, strict=True):
+                    sample["tokens"] = row
+            yield batch
 
     def _take(self, sample: dict, decoded: Decoded | Exception, sha256: str):
         """A failure goes out at once; a decoded sample waits in `_ready` for its list to fill."""
@@ -145,8 +155,6 @@ class DecodeDoFn(beam.DoFn):
         if note:
             sample["meta"] = dict(sample.get("meta") or {}, caption_note=note)
         sample["embed_text"] = self._embed_text and caption is not None
-        if sample["embed_text"] and self._tokenizer is not None:
-            sample["tokens"] = tokenize_texts(self._tokenizer, [caption])[0]
         sample["width"], sample["height"] = decoded.width, decoded.height
         sample["sha256"] = sha256
         sample["pixels"], sample["jpeg"] = decoded.pixels, decoded.jpeg

@@ -13,12 +13,12 @@ from typing import Union
 import apache_beam as beam
 from apache_beam.metrics import Metrics
 
+from clipbeam.corpus.read import failure
 from clipbeam.layout.embeddings import fragments_dir, part_name
+from clipbeam.layout.embeddings.write import merge_fragments, write_fragment, write_part
 from clipbeam.layout.ledger import UnitLedger
 from clipbeam.storage import remove_if_present
-from clipbeam.transforms.corpus_read import failure
 from clipbeam.transforms.embed_dofns import FAILURES, NAMESPACE, in_global_window
-from clipbeam.transforms.parquet_sink import merge_fragments, write_fragment, write_part
 
 
 @dataclass(frozen=True)
@@ -30,7 +30,7 @@ class FragmentFile:
 
 @dataclass(frozen=True)
 class FailedSample:
-    """A failure row (id, source, stage, error), as corpus_read.failure makes it."""
+    """A failure row (id, source, stage, error), as corpus.read.failure makes it."""
 
     row: dict
 
@@ -68,7 +68,7 @@ class SplitResultsDoFn(beam.DoFn):
         self._storage_options = storage_options
         self._flush_rows = flush_rows
         self._embedded = Metrics.counter(NAMESPACE, "embedded")
-        self._failed = Metrics.counter(NAMESPACE, "failed_embed")
+        self._failed = {stage: Metrics.counter(NAMESPACE, f"failed_{stage}") for stage in ("decode", "embed")}
         self._buffers: dict[int, list[dict]] = {}
 
     def start_bundle(self) -> None:
@@ -77,10 +77,11 @@ class SplitResultsDoFn(beam.DoFn):
     def process(self, result):
         """One PredictionResult holds a batch: its samples and one output each."""
         for sample, output in zip(result.example, result.inference, strict=True):
-            if "error" in output:
-                self._failed.inc()
+            if "error" in output:  # a JPEG the GPU path could not decode is a decode failure, counted so
+                stage = output.get("stage", "embed")
+                self._failed[stage].inc()
                 yield beam.pvalue.TaggedOutput(FAILURES, failure(sample["part"], sample["id"], sample["source"],
-                                                                 output.get("stage", "embed"), output["error"]))
+                                                                 stage, output["error"]))
                 continue
             self._embedded.inc()
             buffer = self._buffers.setdefault(sample["part"], [])

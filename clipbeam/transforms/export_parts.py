@@ -24,11 +24,11 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from clipbeam import storage
-from clipbeam.index.inputs import to_matrix
 from clipbeam.layout import UnitLedger
 from clipbeam.layout.clip_retrieval import npy_header, partition_file
 from clipbeam.layout.embeddings import part_name
-from clipbeam.transforms.embeddings_parts import EmbeddingsPart
+from clipbeam.layout.embeddings.input_parts import EmbeddingsPart
+from clipbeam.layout.embeddings.read import to_matrix
 
 TEXT_MISSING = ("zero", "drop")
 EMBEDDING_COLUMNS = ("image_embedding", "text_embedding")

@@ -27,14 +27,13 @@ import pyarrow.parquet as pq
 
 from clipbeam import storage
 from clipbeam.index import manifest as index_layout
-from clipbeam.index.checksum import sha256_file
 from clipbeam.index.faiss_io import make_index, read_index, train_index, write_index
-from clipbeam.index.inputs import iter_batches
 from clipbeam.index.plan import SampleRead, ShardPlan
 from clipbeam.index.sample import read_sample
 from clipbeam.index.topk import ExactTopK, merge_topk
 from clipbeam.index.tune import tune
 from clipbeam.layout import UnitLedger
+from clipbeam.layout.embeddings.read import iter_batches
 from clipbeam.layout.index import WORK
 
 LOG = logging.getLogger(__name__)
@@ -120,11 +119,13 @@ def train_once(_, config: IndexConfig) -> dict:
     return info
 
 
-def _write_ids(plan: ShardPlan, config: IndexConfig, index: faiss.Index, exact: ExactTopK) -> int:
-    """Stream the shard's rows into `index`, `exact` and its id table; the count of null vectors skipped."""
+def _write_ids(plan: ShardPlan, config: IndexConfig, index: faiss.Index, exact: ExactTopK) -> tuple[int, str]:
+    """Stream the shard's rows into `index`, `exact` and its id table: (null vectors skipped, the id
+    table's SHA-256, hashed as it is written rather than read back)."""
     skipped = 0
     url = config.url(index_layout.shard_ids_name(plan.number))
     with storage.atomic_open(url, "wb", config.storage_options) as handle, contextlib.ExitStack() as stack:
+        hashing = storage.HashingWriter(handle)
         writer = None
         for piece in plan.pieces:
             for batch in iter_batches(piece.file, config.column, config.id_column, list(config.metadata_columns),
@@ -135,11 +136,12 @@ def _write_ids(plan: ShardPlan, config: IndexConfig, index: faiss.Index, exact: 
                 skipped += batch.skipped
                 table = batch.metadata.add_column(0, "faiss_id", pa.array(batch.ids, pa.int64()))
                 if writer is None:
-                    writer = stack.enter_context(pq.ParquetWriter(handle, table.schema))
+                    writer = stack.enter_context(pq.ParquetWriter(hashing, table.schema))
                 writer.write_table(table)
         if writer is None:
             raise RuntimeError(f"shard {plan.number} read no rows")
-    return skipped
+        writer.close()  # the footer, hashed too
+    return skipped, hashing.hexdigest()
 
 
 class BuildShard(beam.DoFn):
@@ -159,14 +161,14 @@ class BuildShard(beam.DoFn):
             self._queries = load_npz(config.url(WORK, "queries.npz"), config.storage_options)
         index = faiss.deserialize_index(self._trained)
         exact = ExactTopK(self._queries["vectors"], RECALL_K + 1, config.metric)
-        skipped = _write_ids(plan, config, index, exact)
+        skipped, ids_sha256 = _write_ids(plan, config, index, exact)
         written = write_index(index, config.url(index_layout.shard_index_name(plan.number)), config.storage_options)
         save_npz(config.url(WORK, f"{shard_unit(plan.number)}.gt.npz"), config.storage_options,
                  scores=exact.scores, ids=exact.ids)
         shard = BuiltShard(plan.number, index_layout.shard_index_name(plan.number),
                            index_layout.shard_ids_name(plan.number), int(index.ntotal), plan.id_start, plan.id_end,
                            written.bytes, skipped, round(time.monotonic() - started, 3), written.sha256,
-                           sha256_file(config.url(index_layout.shard_ids_name(plan.number)), config.storage_options))
+                           ids_sha256)
         if config.ledger is not None:
             config.ledger.mark_done(shard_unit(plan.number), asdict(shard), files=[shard.index, shard.ids])
         LOG.info("shard %d: %d vectors in %.1fs", plan.number, index.ntotal, shard.seconds)

@@ -20,6 +20,7 @@ from typing import Any, Iterator
 
 import apache_beam as beam
 
+from clipbeam.corpus.render_plan import RenderJob
 from clipbeam.layout import LeaseLost, UnitLedger
 from clipbeam.layout.renders import (
     FAILURES_TABLE,
@@ -30,11 +31,10 @@ from clipbeam.layout.renders import (
     write_failures,
     write_renders,
 )
-from clipbeam.models.images import load_image
+from clipbeam.models.images import DEFAULT_MAX_PIXELS, load_image
 from clipbeam.models.prompts import parse_prompts
 from clipbeam.models.vqgan_clip import RenderSettings
-from clipbeam.storage import atomic_open, join, remove_if_present
-from clipbeam.transforms.render_plan import RenderJob
+from clipbeam.storage import atomic_open, join, read_bytes, remove_if_present
 
 LOG = logging.getLogger(__name__)
 
@@ -113,6 +113,8 @@ class RenderDoFn(beam.DoFn):
 
     def setup(self) -> None:
         from clipbeam.models.clip import load_clip
+        from clipbeam.models.embedder import QueryImages
+        from clipbeam.models.pixels import DEFAULT_FAST_DECODE
         from clipbeam.models.vqgan_checkpoint import load_vqgan
         from clipbeam.models.vqgan_clip import ImagePrompt, Renderer
 
@@ -121,8 +123,9 @@ class RenderDoFn(beam.DoFn):
         vqgan = load_vqgan(config.vqgan, clip.device, config.storage_options)
         self.renderer = Renderer(vqgan, clip)
         self.clip_weights = clip.weights
-        self.image_prompts = [ImagePrompt(load_image(p.url, config.storage_options), p.weight, p.stop, p.url)
-                              for p in config.image_prompts]
+        queries = QueryImages(clip, DEFAULT_MAX_PIXELS, DEFAULT_FAST_DECODE)  # embed's defaults: embed's vector
+        self.image_prompts = [ImagePrompt(queries.embed([read_bytes(p.url, config.storage_options)])[0],
+                                          p.weight, p.stop, p.url) for p in config.image_prompts]
         self.finished = 0
 
     def process(self, job: RenderJob) -> Iterator[Any]:

@@ -1,7 +1,7 @@
 """Writing one embed part: the embeddings Parquet, the failures Parquet, the done-marker.
 
-Files follow the Embeddings contract of DESIGN.md; their names come from
-clipbeam.layout.embeddings. Embedded rows reach the part writer as fragment
+Files follow the Embeddings contract of DESIGN.md: their tables come from
+schema.py, their names from parts.py. Embedded rows reach the part writer as fragment
 files (`_fragments/part-NNNNN/*.parquet`, written per bundle), not through the
 shuffle, so that no runner holds a run's rows in memory. Each file is written
 under a temporary name and renamed; the caller writes the done-marker after
@@ -10,78 +10,15 @@ them, so a part counts as done only when all of its files are in place.
 
 from __future__ import annotations
 
-import json
 import uuid
 from dataclasses import dataclass
-from typing import Any
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from clipbeam.layout.embeddings import embeddings_file, failures_file, fragments_dir
+from clipbeam.layout.embeddings.parts import embeddings_file, failures_file, fragments_dir
+from clipbeam.layout.embeddings.schema import FAILURE_SCHEMA, RESERVED, VECTOR_COLUMNS, embedding_table
 from clipbeam.storage import atomic_open, join, open_input
-
-RESERVED = ("id", "source", "caption", "image_embedding", "text_embedding", "width", "height", "sha256",
-            "source_offset", "source_size")
-FAILURE_SCHEMA = pa.schema([("id", pa.string()), ("source", pa.string()), ("stage", pa.string()),
-                            ("error", pa.string())])
-
-
-def _meta_value(value: Any) -> Any:
-    if isinstance(value, (dict, list, tuple)):
-        return json.dumps(value, ensure_ascii=False, default=str)
-    return value
-
-
-def embedding_table(rows: list[dict], dim: int, dtype: str, schema_meta: dict[str, str]) -> pa.Table:
-    """Rows (sorted by id) -> the contract's table; metadata columns pass through."""
-    np_dtype = np.float16 if dtype == "float16" else np.float32
-    value_type = pa.float16() if dtype == "float16" else pa.float32()
-    list_type = pa.list_(value_type)
-
-    def vectors(key: str) -> pa.Array:
-        flat, offsets, valid = [], [0], []
-        for row in rows:
-            vector = row[key]
-            if vector is None:
-                valid.append(False)
-            else:
-                flat.append(np.asarray(vector, dtype=np_dtype))
-                valid.append(True)
-            offsets.append(offsets[-1] + (0 if vector is None else dim))
-        values = pa.array(np.concatenate(flat) if flat else np.zeros(0, np_dtype), type=value_type)
-        mask = pa.array([not v for v in valid], type=pa.bool_())
-        return pa.ListArray.from_arrays(pa.array(offsets, type=pa.int32()), values, mask=mask).cast(list_type)
-
-    columns = {
-        "id": pa.array([r["id"] for r in rows], pa.string()),
-        "source": pa.array([r["source"] for r in rows], pa.string()),
-        "caption": pa.array([r["caption"] for r in rows], pa.string()),
-        "image_embedding": vectors("image_embedding"),
-        "text_embedding": vectors("text_embedding"),
-        "width": pa.array([r["width"] for r in rows], pa.int32()),
-        "height": pa.array([r["height"] for r in rows], pa.int32()),
-        "sha256": pa.array([r["sha256"] for r in rows], pa.string()),
-        # Where the image bytes lie in a tar shard (null for manifests, folders, compressed tars).
-        "source_offset": pa.array([r.get("source_offset") for r in rows], pa.int64()),
-        "source_size": pa.array([r.get("source_size") for r in rows], pa.int64()),
-    }
-    meta_keys: list[str] = []
-    for row in rows:
-        for key in row.get("meta") or {}:
-            if key not in meta_keys:
-                meta_keys.append(key)
-    for key in meta_keys:
-        name = key if key not in RESERVED else f"meta_{key}"
-        values = [_meta_value((r.get("meta") or {}).get(key)) for r in rows]
-        try:
-            columns[name] = pa.array(values)
-        except (pa.ArrowInvalid, pa.ArrowTypeError):  # mixed types across samples
-            columns[name] = pa.array([None if v is None else str(v) for v in values], pa.string())
-    table = pa.table(columns)
-    return table.replace_schema_metadata({k.encode(): v.encode() for k, v in schema_meta.items()})
-
 
 # Row groups small enough that a sampler (`clipbeam index`) or a single-row reader (`clipbeam serve`)
 # decodes a slice of a part, not all of it.
@@ -90,8 +27,7 @@ ROW_GROUP_ROWS = 8192
 
 def write_table(table: pa.Table, url: str, storage_options: dict | None) -> None:
     """Zstd Parquet; vector columns plain-encoded (a dictionary of float16 values costs 3x the decode time)."""
-    vectors = {"image_embedding", "text_embedding"}
-    dictionary = [name for name in table.column_names if name not in vectors]
+    dictionary = [name for name in table.column_names if name not in VECTOR_COLUMNS]
     with atomic_open(url, "wb", storage_options) as handle:
         pq.write_table(table, handle, compression="zstd", use_dictionary=dictionary, row_group_size=ROW_GROUP_ROWS)
 

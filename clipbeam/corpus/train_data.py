@@ -19,10 +19,10 @@ import random
 from dataclasses import dataclass
 from typing import Iterator
 
-from clipbeam.errors import UsageError
+from clipbeam.corpus.plan import ManifestColumns, PartSpec, plan_parts
+from clipbeam.corpus.read import read_part
+from clipbeam.errors import FieldError, UsageError
 from clipbeam.models.images import DEFAULT_MAX_PIXELS, decode_caption, decode_image
-from clipbeam.transforms.corpus_plan import ManifestColumns, PartSpec, plan_parts
-from clipbeam.transforms.corpus_read import read_part
 
 LOG = logging.getLogger(__name__)
 
@@ -44,7 +44,7 @@ class CorpusSamples:
                  columns: ManifestColumns | None = None, rows_per_part: int = 10_000,
                  max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
         if shuffle_buffer <= 0:
-            raise UsageError("--shuffle-buffer must be positive")
+            raise FieldError("shuffle_buffer", f"{{field}} must be at least 1, not {shuffle_buffer}")
         self.inputs = list(inputs)
         self.storage_options = storage_options or {}
         self.need_caption = need_caption

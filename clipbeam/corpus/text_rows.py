@@ -1,7 +1,7 @@
 """Row boundaries of CSV and JSONL manifests, so that a part reads only its own bytes.
 
-Planning scans a text manifest once and records the byte offset of every
-part's first row; a part then reads [its offset, the next part's offset) and
+Planning reads a text manifest once, a part's bytes at a time (`parts`),
+and records the byte offset of every part's first row; a part then reads [its offset, the next part's offset) and
 parses only that (with the CSV header in front), instead of reading the file
 from the start. A CSV record may span lines (a quoted field holding a
 newline), so a line ends a record only where the quotes before it balance
@@ -17,12 +17,13 @@ from typing import IO, Iterator
 
 
 @dataclass(frozen=True)
-class TextLayout:
-    """Where the rows of a text manifest are: `offsets[k]` is the byte offset of row k * every,
-    and the last entry is the end of the file."""
+class TextPart:
+    """`rows` consecutive records of a text manifest: bytes [start, stop) of the file."""
 
+    start: int
+    stop: int
     rows: int
-    offsets: tuple[int, ...]
+    data: bytes
 
 
 def _blank(record: bytes, quoted: bool) -> bool:
@@ -51,19 +52,25 @@ def records(handle: IO[bytes], quoted: bool) -> Iterator[tuple[int, bytes]]:
         yield start, b"".join(pending)
 
 
-def scan(handle: IO[bytes], quoted: bool, header: bool, every: int) -> TextLayout:
-    """Count the rows (after the header, when there is one) and note where every `every`-th one starts."""
-    offsets: list[int] = []
-    rows, end = 0, 0
+def parts(handle: IO[bytes], quoted: bool, header: bool, every: int) -> Iterator[TextPart]:
+    """The file cut into parts of `every` records (after the header, when there is one), in one pass
+    from the start: planning parses each part as it comes, and holds one part's bytes at a time."""
+    handle.seek(0)
     found = records(handle, quoted)
     if header:
         next(found, None)
-    for start, record in found:
-        if rows % every == 0:
-            offsets.append(start)
-        rows += 1
-        end = start + len(record)
-    return TextLayout(rows, tuple(offsets) + (end,))
+    chunk: list[bytes] = []
+    start = end = 0
+    for offset, record in found:
+        if not chunk:
+            start = offset
+        chunk.append(record)
+        end = offset + len(record)
+        if len(chunk) == every:
+            yield TextPart(start, end, len(chunk), b"".join(chunk))
+            chunk = []
+    if chunk:
+        yield TextPart(start, end, len(chunk), b"".join(chunk))
 
 
 def header_record(handle: IO[bytes]) -> bytes:

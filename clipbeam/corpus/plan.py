@@ -15,7 +15,7 @@ import logging
 import posixpath
 from dataclasses import dataclass, field
 
-from clipbeam.errors import UsageError, first_line
+from clipbeam.errors import FieldError, UsageError, first_line
 from clipbeam.storage import expand_braces, get_fs, has_magic, unstrip
 
 LOG = logging.getLogger(__name__)
@@ -80,7 +80,7 @@ def expand_inputs(inputs: list[str], storage_options: dict | None) -> list[str]:
             if has_magic(path):
                 matches = sorted(fs.glob(path))
                 if not matches:
-                    raise UsageError(f"--input {given}: no files match {pattern}")
+                    raise FieldError("inputs", f"{{field}} {given}: no files match {pattern}")
                 urls.extend(unstrip(fs, pattern, m) for m in matches)
             else:
                 urls.append(pattern)
@@ -95,7 +95,7 @@ def detect_format(url: str, is_dir: bool) -> str:
         return "webdataset"
     if lower.endswith(MANIFEST_SUFFIXES):
         return "manifest"
-    raise UsageError(f"cannot tell the format of {url}: use --format webdataset|manifest|folder")
+    raise FieldError("format", f"cannot tell the format of {url}: use {{field}} webdataset|manifest|folder")
 
 
 def unique_labels(urls: list[str]) -> dict[str, str]:
@@ -134,7 +134,7 @@ def unique_labels(urls: list[str]) -> dict[str, str]:
 def cut_ranges(total: int, rows_per_part: int) -> list[tuple[int, int]]:
     """[0, total) cut into consecutive ranges of at most rows_per_part rows."""
     if rows_per_part <= 0:
-        raise UsageError("--rows-per-part must be positive")
+        raise FieldError("rows_per_part", f"{{field}} must be at least 1, not {rows_per_part}")
     return [(start, min(start + rows_per_part, total)) for start in range(0, total, rows_per_part)]
 
 
@@ -159,7 +159,7 @@ def check_manifest(url: str, storage_options: dict | None, columns: ManifestColu
     CSV or a missing --image-column is one line and exit 2, not a run that
     writes a failure row for every sample.
     """
-    from clipbeam.transforms.manifest_table import choose_columns, inspect_manifest
+    from clipbeam.corpus.manifest_table import choose_columns, inspect_manifest
 
     columns = columns or ManifestColumns()
     try:
@@ -218,12 +218,10 @@ def plan_parts(
     or lack the `columns` asked for. (Part numbers are not given here: the
     output folder keeps them per source, see clipbeam.layout.embeddings.)"""
     if fmt not in FORMATS:
-        raise UsageError(f"--format must be one of {', '.join(FORMATS)}")
+        raise FieldError("format", f"{{field}} must be one of {', '.join(FORMATS)}, not {fmt!r}")
     sources = list_sources(expand_inputs(inputs, storage_options), fmt, storage_options)
     labels = unique_labels([url for url, _ in sources])
     manifests = sorted((url, labels[url]) for url, kind in sources if kind == "manifest")
-    if rows_per_part <= 0:
-        raise UsageError("--rows-per-part must be positive")
     infos = {url: check_manifest(url, storage_options, columns, rows_per_part) for url, _ in manifests}
     repeated = duplicate_ids(manifests, {u: i.ids for u, i in infos.items()}) if columns and columns.id else {}
     parts: list[PartSpec] = []
@@ -254,19 +252,19 @@ def list_sources(urls: list[str], fmt: str, storage_options: dict | None) -> lis
             is_dir = fs.isdir(path)
             exists = is_dir or fs.exists(path)
         except Exception as exc:
-            raise UsageError(f"--input {url}: {exc.__class__.__name__}: {exc}") from None
+            raise FieldError("inputs", f"{{field}} {url}: {exc.__class__.__name__}: {exc}") from None
         if not exists:
             if fmt in ("auto", "webdataset") and url.lower().endswith(TAR_SUFFIXES):
                 # A gap in a shard list: that shard fails as unreadable, the run goes on.
                 missing.append(url)
                 sources.append((url, "webdataset"))
                 continue
-            raise UsageError(f"--input {url} does not exist")
+            raise FieldError("inputs", f"{{field}} {url} does not exist")
         kind = detect_format(url, is_dir) if fmt == "auto" else fmt
         if is_dir and kind == "webdataset":
             tars = sorted(p for p in fs.find(path) if p.lower().endswith(TAR_SUFFIXES))
             if not tars:
-                raise UsageError(f"--input {url}: folder holds no .tar shards")
+                raise FieldError("inputs", f"{{field}} {url}: folder holds no .tar shards")
             sources.extend((unstrip(fs, url, p), "webdataset") for p in tars)
         elif is_dir and kind == "folder" and fmt == "auto" and _holds_only_tars(fs, path):
             tars = sorted(p for p in fs.find(path) if p.lower().endswith(TAR_SUFFIXES))
@@ -274,7 +272,7 @@ def list_sources(urls: list[str], fmt: str, storage_options: dict | None) -> lis
         else:
             sources.append((url, kind))
     if missing and len(missing) == len(urls):
-        raise UsageError(f"--input: none of the {len(urls)} shards exist (first: {missing[0]})")
+        raise FieldError("inputs", f"{{field}}: none of the {len(urls)} shards exist (first: {missing[0]})")
     for url in missing:
         LOG.warning("shard %s does not exist; its samples will be recorded as failed", url)
     return sources

@@ -21,13 +21,11 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from clipbeam import storage
-from clipbeam.index.errors import IndexInputError
+from clipbeam.errors import FieldError, InputError
+from clipbeam.layout.embeddings.schema import DEFAULT_KEEP_COLUMNS, DIM_METADATA_KEY
 
 LOG = logging.getLogger(__name__)
 EMBED_MANIFEST = "manifest.json"
-DIM_METADATA_KEY = b"clipbeam.dim"
-# What a search result shows, and where its image bytes lie (so `fetch_image` needs one range read).
-DEFAULT_KEEP_COLUMNS = ("caption", "source", "source_offset", "source_size")
 
 
 @dataclass(frozen=True)
@@ -71,11 +69,11 @@ def list_parquet(url: str, storage_options: dict | None = None) -> tuple[list[st
     try:
         fs, path = storage.get_fs(url, storage_options)
     except Exception as exc:
-        raise IndexInputError(f"cannot open {url}: {exc}") from None
+        raise InputError(f"cannot open {url}: {exc}") from None
     if storage.has_magic(path):
         return [storage.unstrip(fs, url, p) for p in sorted(fs.glob(path)) if p.endswith(".parquet")], None
     if not fs.exists(path):
-        raise IndexInputError(f"embeddings input {url} does not exist")
+        raise InputError(f"embeddings input {url} does not exist")
     if fs.isfile(path):
         return [url], None
     manifest_url = storage.join(url, EMBED_MANIFEST)
@@ -83,10 +81,10 @@ def list_parquet(url: str, storage_options: dict | None = None) -> tuple[list[st
         manifest = storage.read_json(manifest_url, storage_options)
         parts = manifest.get("parts")
         if not isinstance(parts, list):
-            raise IndexInputError(f"{manifest_url} has no list of parts: not an embed output")
+            raise InputError(f"{manifest_url} has no list of parts: not an embed output")
         return [storage.join(url, p["path"]) for p in parts if int(p.get("rows", 1)) > 0], manifest
     if fs.exists(storage.join(path, "embeddings")):
-        raise IndexInputError(f"{url} has no {EMBED_MANIFEST}: the embed job has not finished (rerun it to complete)")
+        raise InputError(f"{url} has no {EMBED_MANIFEST}: the embed job has not finished (rerun it to complete)")
     files = sorted(p for p in fs.find(path) if p.endswith(".parquet"))
     return [storage.unstrip(fs, url, p) for p in files], None
 
@@ -100,7 +98,7 @@ def resolve_embeddings(url: str, column: str = "image_embedding", id_column: str
     """
     urls, manifest = list_parquet(url, storage_options)
     if not urls:
-        raise IndexInputError(f"no Parquet files in {url}")
+        raise InputError(f"no Parquet files in {url}")
     files: list[InputFile] = []
     schema = None
     dim = int(manifest["dim"]) if manifest and manifest.get("dim") else None
@@ -111,14 +109,14 @@ def resolve_embeddings(url: str, column: str = "image_embedding", id_column: str
                 meta = pq.ParquetFile(handle).metadata
                 file_schema = meta.schema.to_arrow_schema()
         except FileNotFoundError:
-            raise IndexInputError(f"embeddings part {file_url} is missing") from None
+            raise InputError(f"embeddings part {file_url} is missing") from None
         except (pa.ArrowInvalid, OSError) as exc:
-            raise IndexInputError(f"{file_url} is not a readable Parquet file: {exc}") from None
+            raise InputError(f"{file_url} is not a readable Parquet file: {exc}") from None
         if schema is None:
             schema = file_schema
             _check_columns(file_url, schema, column, id_column, metadata_columns)
         elif column not in file_schema.names or file_schema.field(column).type != schema.field(column).type:
-            raise IndexInputError(f"{file_url}: column {column!r} is missing or has another type than in {urls[0]}")
+            raise InputError(f"{file_url}: column {column!r} is missing or has another type than in {urls[0]}")
         if dim is None:
             dim = _dim_from_schema(file_schema, column)
         if meta.num_rows:
@@ -126,7 +124,7 @@ def resolve_embeddings(url: str, column: str = "image_embedding", id_column: str
             files.append(InputFile(file_url, int(meta.num_rows), next_id, groups))
             next_id += int(meta.num_rows)
     if not files:
-        raise IndexInputError(f"embeddings input {url} is empty: {len(urls)} file(s), 0 rows")
+        raise InputError(f"embeddings input {url} is empty: {len(urls)} file(s), 0 rows")
     if dim is None:
         dim = _dim_from_rows(files[0].url, column, storage_options)
     if metadata_columns is None:
@@ -137,14 +135,14 @@ def resolve_embeddings(url: str, column: str = "image_embedding", id_column: str
 def _check_columns(file_url: str, schema: pa.Schema, column: str, id_column: str,
                    metadata_columns: list[str] | None) -> None:
     if column not in schema.names:
-        raise IndexInputError(f"{file_url} has no column {column!r} (columns: {', '.join(schema.names)})")
+        raise InputError(f"{file_url} has no column {column!r} (columns: {', '.join(schema.names)})")
     if not _is_float_list(schema.field(column).type):
-        raise IndexInputError(f"column {column!r} in {file_url} is {schema.field(column).type}, not a list of floats")
+        raise InputError(f"column {column!r} in {file_url} is {schema.field(column).type}, not a list of floats")
     if id_column not in schema.names:
-        raise IndexInputError(f"{file_url} has no id column {id_column!r} (use --id-column)")
+        raise FieldError("id_column", f"{file_url} has no id column {id_column!r} (use {{field}})")
     for name in metadata_columns or []:
         if name not in schema.names:
-            raise IndexInputError(f"{file_url} has no column {name!r} to keep")
+            raise InputError(f"{file_url} has no column {name!r} to keep")
 
 
 def _dim_from_schema(schema: pa.Schema, column: str) -> int | None:
@@ -162,7 +160,7 @@ def _dim_from_rows(file_url: str, column: str, storage_options: dict | None) -> 
             lengths = pc.list_value_length(batch.column(0)).drop_null()
             if len(lengths):
                 return int(lengths[0].as_py())
-    raise IndexInputError(f"{file_url}: every {column!r} value is null; cannot tell the dimension")
+    raise InputError(f"{file_url}: every {column!r} value is null; cannot tell the dimension")
 
 
 def to_matrix(values: pa.Array, dim: int, where: str = "") -> np.ndarray:
@@ -247,7 +245,7 @@ def read_rows(file: InputFile, column: str, dim: int, rows: np.ndarray, batch_ro
         sizes = [parquet.metadata.row_group(g).num_rows for g in range(parquet.metadata.num_row_groups)]
         starts = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
         if rows[0] < 0 or rows[-1] >= starts[-1]:
-            raise IndexInputError(f"{file.url} has {starts[-1]} rows, not rows {rows[0]}..{rows[-1]}")
+            raise InputError(f"{file.url} has {starts[-1]} rows, not rows {rows[0]}..{rows[-1]}")
         group_of = np.searchsorted(starts, rows, side="right") - 1
         groups, which = np.unique(group_of, return_inverse=True)
         # each chosen row's position in the stream of the chosen groups' rows, which is what iter_batches yields

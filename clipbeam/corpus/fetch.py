@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import Any, Mapping
 
 from clipbeam import storage
-from clipbeam.transforms.corpus_plan import MANIFEST_SUFFIXES, TAR_SUFFIXES
+from clipbeam.corpus.plan import MANIFEST_SUFFIXES, TAR_SUFFIXES
 
 
 class ImageUnavailable(LookupError):
@@ -34,7 +34,7 @@ def fetch_image(row: Mapping[str, Any], storage_options: dict | None = None) -> 
     if offset is None or size is None:
         if lower.endswith(TAR_SUFFIXES):
             raise ImageUnavailable(f"no byte offset recorded for this sample of {source} (a compressed shard, "
-                                   "or embeddings older than format 2: rerun `clipbeam embed --overwrite`)")
+                                   "or embeddings older than format 2: embed the corpus again from scratch)")
         if lower.endswith(MANIFEST_SUFFIXES):
             raise ImageUnavailable(f"the image bytes are stored inside the manifest table {source}")
         return _read(source, storage_options)

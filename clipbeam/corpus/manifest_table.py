@@ -21,9 +21,9 @@ from typing import Iterator
 
 import pyarrow as pa
 
-from clipbeam.errors import UsageError
+from clipbeam.corpus import text_rows
+from clipbeam.errors import FieldError, UsageError
 from clipbeam.storage import get_fs
-from clipbeam.transforms import text_rows
 
 IMAGE_COLUMN_GUESSES = ("image", "image_path", "img", "path", "filepath", "file", "url", "image_url", "jpg")
 CAPTION_COLUMN_GUESSES = ("caption", "text", "txt", "title", "prompt")
@@ -82,23 +82,23 @@ def inspect_manifest(url: str, storage_options: dict | None, rows_per_part: int,
             ids = _ids(pfile.read(columns=[id_column]), id_column) if has_id else None
             return ManifestInfo(pfile.metadata.num_rows, pfile.schema_arrow, None, ids)
         quoted = kind == "csv"
-        layout = text_rows.scan(handle, quoted=quoted, header=quoted, every=rows_per_part)
         header = text_rows.header_record(handle) if quoted else b""
-        schemas, id_chunks = [], []
-        for number, (start, stop) in enumerate(zip(layout.offsets, layout.offsets[1:], strict=False)):
-            part = _parse_text(header + text_rows.read_range(handle, start, stop), kind)
-            planned = min(rows_per_part, layout.rows - number * rows_per_part)
-            if part.num_rows != planned:
+        schemas, id_chunks, offsets, rows, end = [], [], [], 0, 0
+        for number, piece in enumerate(text_rows.parts(handle, quoted=quoted, header=quoted, every=rows_per_part)):
+            part = _parse_text(header + piece.data, kind)
+            if part.num_rows != piece.rows:
                 raise UsageError(f"cannot cut manifest {url} into parts: part {number} parses to "
-                                 f"{part.num_rows} rows where {planned} records were found")
+                                 f"{part.num_rows} rows where {piece.rows} records were found")
             schemas.append(part.schema)
             found = _ids(part, id_column)
             id_chunks += found.chunks if found is not None else [pa.nulls(part.num_rows, pa.string())]
+            offsets.append(piece.start)
+            rows, end = rows + piece.rows, piece.stop
     if not schemas and header:
         schemas.append(_parse_text(header, kind).schema)
     schema = pa.unify_schemas(schemas, promote_options="permissive") if schemas else pa.schema([])
     ids = pa.chunked_array(id_chunks, pa.string()) if id_column in schema.names else None
-    return ManifestInfo(layout.rows, schema, layout.offsets, ids)
+    return ManifestInfo(rows, schema, (*offsets, end), ids)
 
 
 def read_manifest_table(url: str, storage_options: dict | None, start: int = 0, stop: int | None = None,
@@ -165,15 +165,16 @@ def _parquet_rows(handle, start: int, stop: int | None) -> pa.Table:
 
 def choose_columns(schema: pa.Schema, image: str | None, caption: str | None, id_column: str | None,
                    url: str) -> tuple[str, str | None, str | None]:
-    """Resolve --image-column/--caption-column/--id-column against a table's schema."""
+    """Resolve the image, caption and id columns asked for (None: guess the image and caption) against a schema."""
     names = schema.names
-    for given, flag in ((image, "--image-column"), (caption, "--caption-column"), (id_column, "--id-column")):
+    for given, field in ((image, "image_column"), (caption, "caption_column"), (id_column, "id_column")):
         if given is not None and given not in names:
-            raise UsageError(f"{flag} {given!r} is not a column of {url} (columns: {', '.join(names)})")
+            raise FieldError(field, f"{{field}} {given!r} is not a column of {url} (columns: {', '.join(names)})")
     if image is None:
         image = next((c for c in IMAGE_COLUMN_GUESSES if c in names), None)
         if image is None:
-            raise UsageError(f"{url}: no image column found; name it with --image-column (columns: {', '.join(names)})")
+            raise FieldError("image_column", f"{url}: no image column found; name it with {{field}} "
+                             f"(columns: {', '.join(names)})")
     if caption is None:
         caption = next((c for c in CAPTION_COLUMN_GUESSES if c in names and c != image), None)
     return image, caption, id_column

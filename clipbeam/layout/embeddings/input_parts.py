@@ -12,7 +12,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from clipbeam.index.inputs import EmbeddingsInput, InputFile
+from clipbeam.layout.embeddings.read import EmbeddingsInput, InputFile
 
 _PART_NAME = re.compile(r"part-(\d+)\.parquet$")
 

@@ -1,7 +1,7 @@
 """The embeddings folder (what `clipbeam embed` writes): names, part numbers by source, the manifest.
 
 ```
-OUT/manifest.json                   written last (format_version 3)
+OUT/manifest.json                   written last (format_version: schema.FORMAT_VERSION)
 OUT/embeddings/part-NNNNN.parquet   one per part that embedded rows
 OUT/failures/part-NNNNN.parquet     one per part that had failures
 OUT/_parts/part-NNNNN.json          done-markers (the lifecycle's ledger)
@@ -21,10 +21,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Iterable
 
+from clipbeam.layout.embeddings.schema import FORMAT_VERSION
 from clipbeam.layout.folder import OutputKind
 from clipbeam.storage import join
 
-FORMAT_VERSION = 3  # 3: part numbers kept per source, "in_input" per part, "files"
 MARKERS = "_parts"
 FRAGMENTS = "_fragments"
 
@@ -54,7 +54,7 @@ def manifest_files(manifest: dict) -> list[str]:
     return sorted(set(listed))
 
 
-EMBEDDINGS = OutputKind("clipbeam.embeddings", markers=MARKERS, scratch=(FRAGMENTS,),
+EMBEDDINGS = OutputKind("clipbeam.embeddings", markers=MARKERS, scratch=(f"{FRAGMENTS}/part-*/*.parquet",),
                         manifest_files=manifest_files, legacy_records=("_run.json",))
 
 

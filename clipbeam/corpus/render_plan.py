@@ -17,7 +17,7 @@ import unicodedata
 from dataclasses import dataclass
 from typing import Any
 
-from clipbeam.errors import UsageError, first_line
+from clipbeam.errors import FieldError, UsageError, first_line
 from clipbeam.models.prompts import parse_prompts
 from clipbeam.models.vqgan_clip import output_size
 from clipbeam.storage import decode_utf8, open_input, require_readable_file
@@ -69,7 +69,7 @@ def parse_seeds(text: str) -> list[int]:
     for part in text.split(","):
         part = part.strip()
         if not re.fullmatch(r"-?\d+", part):
-            raise UsageError(f"--seeds must be comma-separated integers, not {text!r}")
+            raise FieldError("seeds", f"{{field}} must be comma-separated integers, not {text!r}")
         if int(part) not in seeds:
             seeds.append(int(part))
     return seeds
@@ -94,7 +94,7 @@ def _resolve_relative(path: str, base: str) -> str:
 def _read_bytes(url: str, storage_options: dict | None) -> bytes:
     lower = url.lower()
     if not lower.endswith(TABLE_SUFFIXES):
-        raise UsageError(f"--prompts must be a .txt, .csv or .parquet file, not {url}")
+        raise FieldError("prompts", f"{{field}} must be a .txt, .csv or .parquet file, not {url}")
     require_readable_file(url, storage_options, what="prompts file")
     with open_input(url, storage_options) as handle:
         return handle.read()
@@ -133,7 +133,7 @@ def read_prompt_rows(url: str, storage_options: dict | None = None) -> list[Prom
     """
     data = _read_bytes(url, storage_options)
     if url.lower().endswith(".txt"):
-        lines = decode_utf8(data, url, "--prompts").splitlines()
+        lines = decode_utf8(data, url, field="prompts").splitlines()
         return [PromptRow(line.strip()) for line in lines if line.strip() and not line.lstrip().startswith("#")]
     table = _read_table(data, url)
     if "prompt" not in table.column_names:

@@ -22,9 +22,9 @@ import tarfile
 from dataclasses import dataclass
 from typing import Any, Iterator
 
+from clipbeam.corpus.manifest_table import choose_columns, read_manifest_table
+from clipbeam.corpus.plan import IMAGE_SUFFIXES, PartSpec
 from clipbeam.storage import get_fs, join
-from clipbeam.transforms.corpus_plan import IMAGE_SUFFIXES, PartSpec
-from clipbeam.transforms.manifest_table import choose_columns, read_manifest_table
 
 LOG = logging.getLogger(__name__)
 
@@ -221,7 +221,7 @@ def read_capped(fs, path: str, max_bytes: int) -> bytes:
 
 def _with_named_columns(table, columns):
     """JSON lines may hold a field only in some rows, so a part may lack a column that planning found
-    in the manifest (corpus_plan.check_manifest): here it reads as nulls."""
+    in the manifest (corpus.plan.check_manifest): here it reads as nulls."""
     import pyarrow as pa
 
     for name in (columns.image, columns.caption, columns.id) if columns else ():
@@ -248,7 +248,7 @@ def _read_manifest(index: int, spec: PartSpec, storage_options: dict | None, col
     duplicates = dict(spec.duplicates)
     for offset, row in enumerate(rows):
         number = spec.start + offset
-        if number in duplicates:  # the first row with this id keeps it (corpus_plan.duplicate_ids)
+        if number in duplicates:  # the first row with this id keeps it (corpus.plan.duplicate_ids)
             yield failure(index, f"{spec.label}/{number}", source, "read", duplicates[number])
             continue
         sample_id = str(row[id_col]) if id_col and row.get(id_col) is not None else f"{spec.label}/{number}"
