@@ -192,13 +192,15 @@ class VectorBatch:
 
 def iter_batches(file: InputFile, column: str, id_column: str | None, metadata_columns: list[str], dim: int,
                  row_start: int = 0, row_end: int | None = None, batch_rows: int = 65_536,
-                 storage_options: dict | None = None) -> Iterator[VectorBatch]:
+                 storage_options: dict | None = None, exclude: frozenset[str] = frozenset()) -> Iterator[VectorBatch]:
     """Stream rows [row_start, row_end) of one file, reading only the row groups that overlap it.
 
     Metadata holds the id column (renamed `id`, as strings) and `metadata_columns`; none when id_column is None.
+    Rows whose id is in `exclude` (e.g. the duplicates a dedup output removes) are left out, like null vectors.
     """
     row_end = file.rows if row_end is None else row_end
     columns = list(dict.fromkeys([column, *([id_column] if id_column else []), *metadata_columns]))
+    excluded = pa.array(list(exclude), pa.string()) if exclude and id_column else None
     with storage.open_input(file.url, storage_options) as handle:
         parquet = pq.ParquetFile(handle)
         groups, group_first, position = [], None, 0
@@ -221,6 +223,9 @@ def iter_batches(file: InputFile, column: str, id_column: str | None, metadata_c
             if skipped:
                 valid = pc.is_valid(table.column(column))
                 table, ids = table.filter(valid), ids[valid.to_numpy(zero_copy_only=False)]
+            if excluded is not None:
+                kept = pc.invert(pc.is_in(pc.cast(table.column(id_column), pa.string()), value_set=excluded))
+                table, ids = table.filter(kept), ids[kept.to_numpy(zero_copy_only=False)]
             vectors = to_matrix(table.column(column), dim, where=f"{file.url}: ")
             meta = table.select([c for c in metadata_columns if c != id_column])
             if id_column:
