@@ -35,7 +35,7 @@ from clipbeam.dedup.keep import COLUMNS, RULES
 from clipbeam.errors import UsageError
 from clipbeam.index import manifest as index_layout
 from clipbeam.index.faiss_io import read_index
-from clipbeam.index.inputs import EmbeddingsInput, describe, resolve_embeddings
+from clipbeam.index.inputs import EmbeddingsInput, describe, part_keys, resolve_embeddings
 from clipbeam.index.plan import plan_sample, sample_reads
 from clipbeam.index.sample import read_sample
 from clipbeam.layout import Mode, OutputFolder, open_output, settings_fingerprint
@@ -100,8 +100,8 @@ def _check_numbers(args: argparse.Namespace) -> None:
 def _check_index(url: str, inputs: EmbeddingsInput, storage_options: dict) -> dict:
     """--index: it must be a finished index of exactly these embeddings parts, with a coarse quantizer."""
     manifest = index_layout.read_manifest(url, storage_options)
-    indexed = {(f["url"], int(f["rows"])) for source in manifest.get("embeddings", []) for f in source["files"]}
-    given = {(f.url, f.rows) for f in inputs.files}
+    indexed = {key for source in manifest.get("embeddings", []) for key in part_keys(source)}
+    given = part_keys(describe(inputs))
     if indexed != given or int(manifest["dim"]) != inputs.dim:
         raise UsageError(f"--index {url} was built from other embeddings than {inputs.url} "
                          f"({len(given - indexed)} part(s) not in it, {len(indexed - given)} not in the input)")
@@ -110,7 +110,7 @@ def _check_index(url: str, inputs: EmbeddingsInput, storage_options: dict) -> di
 
 def _inputs_summary(inputs: EmbeddingsInput) -> str:
     """The embeddings parts as one short value: a grown corpus changes it, and the refusal names it."""
-    files = [(f.url, f.rows) for f in inputs.files]
+    files = sorted(part_keys(describe(inputs)))
     return f"{len(files)} parts, {inputs.rows} rows, {settings_fingerprint({'files': files})}"
 
 

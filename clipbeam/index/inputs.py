@@ -270,6 +270,14 @@ def read_rows(file: InputFile, column: str, dim: int, rows: np.ndarray, batch_ro
     return np.concatenate(out_vectors), np.concatenate(out_ids)
 
 
+def part_keys(described: dict[str, Any]) -> set[tuple[str, int]]:
+    """(path relative to the input, rows) of each file of a `describe` record: what says two runs read the
+    same embeddings parts, even after the folder was copied or moved."""
+    root = str(described.get("url", "")).rstrip("/") + "/"
+    return {(f["url"][len(root):] if f["url"].startswith(root) else f["url"], int(f["rows"]))
+            for f in described.get("files", [])}
+
+
 def describe(inputs: EmbeddingsInput) -> dict[str, Any]:
     """The input as recorded in index.json: url, files with row counts and first ids, the embed manifest."""
     return {"url": inputs.url, "column": inputs.column,

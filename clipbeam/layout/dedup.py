@@ -27,6 +27,7 @@ import pyarrow.parquet as pq
 
 from clipbeam import storage
 from clipbeam.errors import UsageError
+from clipbeam.index.inputs import EmbeddingsInput, describe, part_keys
 from clipbeam.layout.embeddings import part_name
 from clipbeam.layout.folder import OutputKind
 
@@ -65,10 +66,9 @@ def read_manifest(url: str, storage_options: dict | None = None) -> dict:
     return manifest
 
 
-def check_same_embeddings(url: str, manifest: dict, files: list[tuple[str, int]]) -> None:
-    """Refuse a dedup output made from other embeddings parts (url, rows) than `files`."""
-    deduped = {(f["url"], int(f["rows"])) for f in manifest.get("embeddings", {}).get("files", [])}
-    given = {(u, int(r)) for u, r in files}
+def check_same_embeddings(url: str, manifest: dict, described: dict) -> None:
+    """Refuse a dedup output made from other embeddings parts (path, rows) than the input `described`."""
+    deduped, given = part_keys(manifest.get("embeddings", {})), part_keys(described)
     if deduped != given:
         new, gone = len(given - deduped), len(deduped - given)
         raise UsageError(f"{url} was computed over other embeddings ({new} part(s) new or changed, {gone} "
@@ -83,9 +83,9 @@ class ExcludedSamples:
     ids: frozenset[str]
 
 
-def removed_samples(url: str, threshold: float | None, inputs, storage_options: dict | None = None
-                    ) -> ExcludedSamples:
-    """`--exclude DEDUP [--threshold T]` for an embeddings input (anything with `.files` of url and rows)."""
+def removed_samples(url: str, threshold: float | None, inputs: EmbeddingsInput,
+                    storage_options: dict | None = None) -> ExcludedSamples:
+    """`--exclude DEDUP [--threshold T]` for an embeddings input."""
     manifest = read_manifest(url, storage_options)
     thresholds = [float(t) for t in manifest.get("thresholds", [])]
     if threshold is None:
@@ -93,16 +93,15 @@ def removed_samples(url: str, threshold: float | None, inputs, storage_options: 
             raise UsageError(f"{url} has groups at thresholds {', '.join(map(str, thresholds))}: "
                              "choose one with --threshold")
         threshold = thresholds[0]
-    ids = removed_ids(url, threshold, [(f.url, f.rows) for f in inputs.files], storage_options)
+    ids = removed_ids(url, threshold, describe(inputs), storage_options)
     return ExcludedSamples({"url": url, "threshold": threshold, "fingerprint": manifest.get("fingerprint"),
                             "removed": len(ids)}, ids)
 
 
-def removed_ids(url: str, threshold: float, files: list[tuple[str, int]],
-                storage_options: dict | None = None) -> frozenset[str]:
-    """The ids a threshold removes (in a group, not kept), for these embeddings parts only."""
+def removed_ids(url: str, threshold: float, described: dict, storage_options: dict | None = None) -> frozenset[str]:
+    """The ids a threshold removes (in a group, not kept), for the embeddings input `described` only."""
     manifest = read_manifest(url, storage_options)
-    check_same_embeddings(url, manifest, files)
+    check_same_embeddings(url, manifest, described)
     thresholds = [float(t) for t in manifest.get("thresholds", [])]
     match = [t for t in thresholds if abs(t - threshold) < 1e-6]
     if not match:
