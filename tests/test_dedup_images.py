@@ -14,56 +14,15 @@ import numpy as np
 import pytest
 from browser import open_page
 from dedup_helpers import exact_groups, groups_at, manifest, read_groups
-from embedhelpers import read_rows, write_tar
-from imagefactory import encode, picture
-from PIL import Image, ImageEnhance
+from embedhelpers import read_rows
+from PIL import Image
+from planted_images import TRANSFORMS, write_corpus
 
 from clipbeam.cli import main
 
-BASES, SHARED = 6, 4
+BASES = 6
 MODELS = {"shapes-clip (shipped)": ["--model", "shapes-clip", "--pretrained", "shapes"],
           "clipbeam-tiny (--pretrained none)": ["--model", "clipbeam-tiny", "--pretrained", "none", "--seed", "0"]}
-
-
-def _crop(image: Image.Image, share: float) -> Image.Image:
-    w, h = image.size
-    cw, ch = int(w * share), int(h * share)
-    return image.crop(((w - cw) // 2, (h - ch) // 2, (w - cw) // 2 + cw, (h - ch) // 2 + ch))
-
-
-TRANSFORMS = {
-    "exact copy": None, "re-captioned copy": None,
-    "jpeg q30": lambda im: encode(im, "JPEG", quality=30), "jpeg q60": lambda im: encode(im, "JPEG", quality=60),
-    "jpeg q95": lambda im: encode(im, "JPEG", quality=95),
-    "resize 50%": lambda im: encode(im.resize((im.width // 2, im.height // 2)), "JPEG", quality=90),
-    "resize 200%": lambda im: encode(im.resize((im.width * 2, im.height * 2)), "JPEG", quality=90),
-    "crop 80%": lambda im: encode(_crop(im, 0.8), "JPEG", quality=90),
-    "crop 95%": lambda im: encode(_crop(im, 0.95), "JPEG", quality=90),
-    "colour shift": lambda im: encode(ImageEnhance.Color(ImageEnhance.Brightness(im).enhance(1.06)).enhance(0.9),
-                                      "JPEG", quality=90),
-}
-
-
-def _corpus(path) -> dict[str, tuple[str, int]]:
-    """One tar: each base picture, its planted copies, and distinct pictures sharing one caption.
-    Returns key -> (what it is, base)."""
-    members, what = [], {}
-    for base in range(BASES):
-        image = picture(base, (128, 96))
-        original = encode(image, "JPEG", quality=90)
-        members += [(f"b{base}-orig.jpg", original), (f"b{base}-orig.txt", f"picture {base}".encode())]
-        what[f"b{base}-orig"] = ("original", base)
-        for n, (name, make) in enumerate(TRANSFORMS.items()):
-            data = original if make is None else make(image)
-            caption = f"another caption {base}" if name == "re-captioned copy" else f"picture {base}"
-            members += [(f"b{base}-t{n:02d}.jpg", data), (f"b{base}-t{n:02d}.txt", caption.encode())]
-            what[f"b{base}-t{n:02d}"] = (name, base)
-    for s in range(SHARED):
-        members += [(f"s{s}.jpg", encode(picture(100 + s, (128, 96)), "JPEG", quality=90)),
-                    (f"s{s}.txt", b"a shared caption")]
-        what[f"s{s}"] = ("distinct, shared caption", 100 + s)
-    write_tar(str(path), members)
-    return what
 
 
 def _similarity_report(rows: list[dict], what: dict) -> dict[str, tuple[float, float]]:
@@ -83,7 +42,7 @@ def _similarity_report(rows: list[dict], what: dict) -> dict[str, tuple[float, f
 @pytest.mark.parametrize("model", list(MODELS))
 def test_planted_copies_in_real_images(model, tmp_path):
     (tmp_path / "corpus").mkdir()
-    what = _corpus(tmp_path / "corpus" / "00000.tar")
+    what = write_corpus(str(tmp_path / "corpus" / "00000.tar"), BASES)
     emb, out = tmp_path / "emb", tmp_path / "dd"
     assert main(["embed", "--input", str(tmp_path / "corpus" / "*.tar"), "--output", str(emb), *MODELS[model],
                  "--no-progress"]) == 0
