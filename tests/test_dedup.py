@@ -222,3 +222,28 @@ def test_index_quantizer_is_reused_and_index_and_export_exclude_the_removed(corp
     meta = pq.read_table(tmp_path / "cr" / "metadata").column("id").to_pylist()
     npy = sum(len(np.load(tmp_path / "cr" / "img_emb" / n)) for n in os.listdir(tmp_path / "cr" / "img_emb"))
     assert len(meta) == npy == 650 - len(removed) and not removed & set(meta)
+
+
+def test_a_rerun_reuses_the_links_of_the_units_that_finished(corpus, tmp_path, monkeypatch):
+    """The run dies while writing the groups (after every unit's links were cached): the rerun computes no links."""
+    import clipbeam.transforms.dedup_job as job
+
+    root, vectors, ids = corpus
+    out = tmp_path / "dd"
+
+    def disk_full(item, config):
+        raise OSError("No space left on device")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(job, "write_part", disk_full)
+        assert dedup(root / "emb", out, "--clusters", "4", "--threshold", "0.9") == 1
+    assert os.listdir(out / "_work" / "links") and not (out / "manifest.json").exists()
+    calls = []
+    real = job.block_links
+    monkeypatch.setattr(job, "block_links", lambda *a, **k: calls.append(1) or real(*a, **k))
+    assert dedup(root / "emb", out, "--clusters", "4", "--threshold", "0.9") == 0
+    assert calls == []
+    assert groups_at(read_groups(str(out)), 0.9) == exact_groups(vectors, ids, 0.9)
+    before = (out / "manifest.json").read_text()
+    assert dedup(root / "emb", out, "--clusters", "4", "--threshold", "0.9") == 0  # done: nothing to do
+    assert (out / "manifest.json").read_text() == before and calls == []
