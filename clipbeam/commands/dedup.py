@@ -114,8 +114,8 @@ def _inputs_summary(inputs: EmbeddingsInput) -> str:
     return f"{len(files)} parts, {inputs.rows} rows, {settings_fingerprint({'files': files})}"
 
 
-def prepare(args: argparse.Namespace) -> tuple[DedupConfig, dict, EmbeddingsInput, dict | None]:
-    """Check arguments and inputs: (config without centroids, settings, the input, the index manifest)."""
+def prepare(args: argparse.Namespace) -> tuple[DedupConfig, dict, EmbeddingsInput]:
+    """Check arguments and inputs: (config without centroids, settings compared on resume, the input)."""
     storage_options = storage_options_from_args(args)
     thresholds = _thresholds(args.threshold)
     _check_numbers(args)
@@ -136,7 +136,7 @@ def prepare(args: argparse.Namespace) -> tuple[DedupConfig, dict, EmbeddingsInpu
                 "parts": args.parts or len(parts), "gallery_groups": args.gallery_groups}
     config = DedupConfig(args.output, storage_options, args.column, args.id_column, inputs.dim, thresholds,
                          args.keep, args.probe, None, None, args.batch_rows, settings["parts"], hashes, ledger=None)
-    return config, settings, inputs, index
+    return config, settings, inputs
 
 
 def _sample(inputs: EmbeddingsInput, rows: int, seed: int, config: DedupConfig) -> np.ndarray:
@@ -212,7 +212,7 @@ def _already_done(args: argparse.Namespace, settings: dict, storage_options: dic
 def run(args: argparse.Namespace, beam_args: list[str]) -> int:
     watch = Stopwatch()
     options = beam_options(beam_args)
-    config, settings, inputs, _ = prepare(args)
+    config, settings, inputs = prepare(args)
     if _already_done(args, settings, config.storage_options):
         LOG.info("%s already holds this dedup output: nothing to do (--overwrite redoes it)", args.output)
         return 0

@@ -202,7 +202,7 @@ def read_members(part: EmbeddingsPart, config: DedupConfig, components: dict):
             found = (where < len(nodes)) & (nodes[np.minimum(where, len(nodes) - 1)] == batch.ids) if len(nodes) \
                 else np.zeros(len(ids), bool)
             for row in np.flatnonzero(found):
-                member = Member(int(batch.ids[row]), ids[row], int(ranks[row]), hashes[row], batch.vectors[row])
+                member = Member(int(batch.ids[row]), ids[row], int(ranks[row]), hashes[row], batch.vectors[row].copy())
                 yield (t, int(roots[where[row]])), member
 
 
