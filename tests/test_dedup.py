@@ -247,3 +247,24 @@ def test_a_rerun_reuses_the_links_of_the_units_that_finished(corpus, tmp_path, m
     before = (out / "manifest.json").read_text()
     assert dedup(root / "emb", out, "--clusters", "4", "--threshold", "0.9") == 0  # done: nothing to do
     assert (out / "manifest.json").read_text() == before and calls == []
+
+
+def test_dedup_to_s3_with_its_gallery_and_index_exclude_from_there(corpus, tmp_path, s3_server):
+    import s3fs
+
+    root, vectors, ids = corpus
+    options = json.dumps(s3_server["storage_options"])
+    out = f"s3://{s3_server['bucket']}/dedup"
+    assert dedup(root / "emb", out, "--storage-options", options) == 0
+    fs = s3fs.S3FileSystem(**s3_server["storage_options"])
+    info = json.loads(fs.cat(f"{out}/manifest.json"))
+    assert fs.exists(f"{out}/gallery/index.html") and "gallery/images/histogram.png" in info["gallery_files"]
+    rows = []
+    for part in info["parts"]:
+        with fs.open(f"{out}/{part['path']}") as handle:
+            rows += pq.read_table(handle).to_pylist()
+    assert groups_at(rows, 0.95) == exact_groups(vectors, ids, 0.95)
+    assert main(["index", "--embeddings", str(root / "emb"), "--output", str(tmp_path / "idx"), "--exclude", out,
+                 "--storage-options", options]) == 0
+    assert json.loads((tmp_path / "idx" / "index.json").read_text())["ntotal"] == 650 - info["per_threshold"][0][
+        "removed"]
