@@ -268,3 +268,14 @@ def test_dedup_to_s3_with_its_gallery_and_index_exclude_from_there(corpus, tmp_p
                  "--storage-options", options]) == 0
     assert json.loads((tmp_path / "idx" / "index.json").read_text())["ntotal"] == 650 - info["per_threshold"][0][
         "removed"]
+
+
+def test_two_worker_processes_give_the_exact_components(corpus, tmp_path):
+    """Parts, units and partial components spread over two processes (Beam merges the forests)."""
+    root, vectors, ids = corpus
+    out = tmp_path / "dd"
+    assert dedup(root / "emb", out, "--threshold", "0.95", "--threshold", "0.9", "--clusters", "6", "--probe", "6",
+                 "--block-rows", "32", "--direct_num_workers", "2", "--direct_running_mode", "multi_processing") == 0
+    rows = read_groups(str(out))
+    for t in THRESHOLDS:
+        assert groups_at(rows, t) == exact_groups(vectors, ids, t)
