@@ -71,17 +71,30 @@ def _panel(title: str, rows: list[dict], lookup: dict, storage_options: dict | N
     return SearchPanel(title, hits)
 
 
+def _largest_and_borderline(table: pa.Table, count: int) -> tuple[list[list[dict]], list[list[dict]]]:
+    """The `count` largest groups (first rows of each), and the `count` near pairs least similar to their kept
+    sample; only these rows become Python objects, however many groups the output holds."""
+    if table.num_rows == 0:
+        return [], []
+    sizes = table.group_by("group").aggregate([("id", "count"), ("kept_id", "min")])
+    top = sizes.sort_by([("id_count", "descending"), ("kept_id_min", "ascending")]).slice(0, count)
+    chosen = table.filter(pc.is_in(table["group"], value_set=top["group"])).to_pylist()
+    by_group: dict[int, list[dict]] = {}
+    for row in sorted(chosen, key=lambda r: (not r["kept"], r["id"])):
+        by_group.setdefault(row["group"], []).append(row)
+    largest = [by_group[g] for g in top["group"].to_pylist()]
+    near = table.filter(pc.and_(pc.invert(table["kept"]), pc.equal(table["kind"], "near")))
+    borderline = near.sort_by([("similarity_to_kept", "ascending"), ("id", "ascending")]).slice(0, count).to_pylist()
+    kept = table.filter(pc.and_(table["kept"], pc.is_in(table["id"], value_set=pa.array(
+        [r["kept_id"] for r in borderline], pa.string())))).to_pylist()
+    kept_rows = {r["id"]: r for r in kept}
+    return largest, [[kept_rows[r["kept_id"]], r] for r in borderline if r["kept_id"] in kept_rows]
+
+
 def build_gallery(table: pa.Table, threshold: float, thresholds: tuple[float, ...], histogram: dict | None,
                   files: list[str], id_column: str, count: int, storage_options: dict | None) -> Gallery:
-    rows = table.to_pylist() if table.num_rows else []
-    groups: dict[int, list[dict]] = {}
-    for row in rows:
-        groups.setdefault(row["group"], []).append(row)
-    largest = sorted(groups.values(), key=lambda g: (-len(g), g[0]["kept_id"]))[:count]
-    borderline = sorted((r for r in rows if not r["kept"] and r["kind"] == "near"),
-                        key=lambda r: (r["similarity_to_kept"], r["id"]))[:count]
-    kept_rows = {r["id"]: r for r in rows if r["kept"]}
-    pairs = [[kept_rows[r["kept_id"]], r] for r in borderline if r["kept_id"] in kept_rows]
+    largest, pairs = _largest_and_borderline(table, count)
+    groups = len(pc.unique(table["group"])) if table.num_rows else 0
     shown = [g[:MEMBERS_SHOWN] for g in largest]
     lookup = _lookup(files, id_column, {r["id"] for g in shown + pairs for r in g}, storage_options)
     sections = [
@@ -96,7 +109,7 @@ def build_gallery(table: pa.Table, threshold: float, thresholds: tuple[float, ..
                           for pair in pairs])]
     plot = None if histogram is None else Histogram(histogram["counts"], *histogram["range"],
                                                     "cosine similarity to the nearest other sample", list(thresholds))
-    return Gallery(title="clipbeam dedup", notes=[f"{len(groups)} groups at cos >= {threshold}"],
+    return Gallery(title="clipbeam dedup", notes=[f"{groups} groups at cos >= {threshold}"],
                    duplicates=sections, histogram=plot)
 
 

@@ -114,7 +114,8 @@ class Links(beam.DoFn):
         q_ids, queries = _stack(sides[QUERY], config.dim)
         t_ids, targets = (q_ids, queries) if same else _stack(sides[TARGET], config.dim)
         found = block_links(q_ids, queries, t_ids, targets, config.thresholds, same)
-        _save_links(url, found, config)
+        if len(q_ids) and len(t_ids):  # a unit with one side empty (no prober came) costs nothing to redo
+            _save_links(url, found, config)
         yield found
 
 
