@@ -279,3 +279,36 @@ def test_two_worker_processes_give_the_exact_components(corpus, tmp_path):
     rows = read_groups(str(out))
     for t in THRESHOLDS:
         assert groups_at(rows, t) == exact_groups(vectors, ids, t)
+
+
+def test_routing_meets_every_pair_once_and_bounds_the_units():
+    """Pure planning: members of one cluster meet once; a prober meets every member of the cluster it probes
+    once; a unit holds at most two blocks, or one block and one share of the probers."""
+    from collections import Counter
+
+    from clipbeam.dedup.clusters import PROBER, QUERY, TARGET, route
+
+    rng = np.random.default_rng(0)
+    n = 900
+    gids, nearest = np.arange(n), np.stack([rng.integers(0, 5, n), rng.integers(0, 5, n)], axis=1)
+    blocks = np.array([1, 3, 2, 1, 4])
+    units: dict[tuple, dict[int, list[int]]] = {}
+    for routed in route(gids, nearest, blocks):
+        units.setdefault(routed.key, {QUERY: [], TARGET: [], PROBER: []})[routed.side] += gids[routed.rows].tolist()
+    met = Counter()
+    for (c, a, b, share), sides in units.items():
+        members, others, probers = sides[QUERY], sides[TARGET], sides[PROBER]
+        assert probers == [] or a == b
+        if share == 0:
+            met.update((min(i, j), max(i, j)) for k, i in enumerate(members)
+                       for j in (members[k + 1:] if a == b else others))
+        met.update((i, -1 - j) for i in probers for j in members)
+        size, probing = np.sum(nearest[:, 0] == c), np.sum((nearest[:, 1] == c) & (nearest[:, 0] != c))
+        assert len(members) + len(others) <= 2.6 * size / blocks[c] + 20
+        assert len(probers) <= 1.6 * probing / blocks[c] + 20
+    c0 = nearest[:, 0]
+    for i in range(n):
+        same = np.flatnonzero(c0 == c0[i])
+        assert all(met[(i, j)] == 1 for j in same if j > i)
+        if nearest[i, 1] != c0[i]:
+            assert all(met[(i, -1 - j)] == 1 for j in np.flatnonzero(c0 == nearest[i, 1]))

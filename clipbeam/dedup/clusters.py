@@ -7,10 +7,11 @@ can have its duplicate in the neighbouring cluster; with `probe` N it is also
 compared with the members of its N-1 next nearest clusters.
 
 A cluster is cut into blocks of about `block_rows` members (the count comes
-from the sample's cluster sizes), and the unit of work is a pair of blocks,
-so no worker ever holds more than two blocks of one cluster, whatever its
-size. Block membership is a hash of the row's global id: deterministic, so a
-rerun routes every row to the same units and finds their links cached.
+from the sample's cluster sizes), and the unit of work is a pair of blocks
+(or one block and a share of the rows probing the cluster), so no worker
+ever holds more than two blocks' worth of one cluster, whatever its size. Block
+membership is a hash of the row's global id: deterministic, so a rerun
+routes every row to the same units and finds their links cached.
 """
 
 from __future__ import annotations
@@ -21,8 +22,7 @@ from dataclasses import dataclass
 import faiss
 import numpy as np
 
-MEMBERS, PROBES = 0, 1   # unit kinds: members x members of one cluster, probers x members
-QUERY, TARGET = 0, 1     # the two sides of a unit
+QUERY, TARGET, PROBER = 0, 1, 2  # the sides of a unit: its two member blocks, and rows probing the cluster
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 
 
@@ -97,7 +97,7 @@ def _expand(counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 @dataclass(frozen=True)
 class Routed:
-    """Rows `rows` of a batch go to unit `key` (cluster, kind, a, b) on `side`."""
+    """Rows `rows` of a batch go to unit `key` (cluster, block a, block b, prober share p) on `side`."""
 
     key: tuple[int, int, int, int]
     side: int
@@ -107,24 +107,25 @@ class Routed:
 def route(gids: np.ndarray, nearest: np.ndarray, blocks: np.ndarray) -> list[Routed]:
     """The units each row of a batch goes to.
 
-    MEMBERS (c, 0, a, b), a <= b: the members of blocks a and b of cluster c (a == b: one block with itself).
-    PROBES (c, 1, p, b): rows whose p-th prober block is c's (queries) against the members of c's block b.
+    Unit (c, a, b, 0), a <= b, compares the members of blocks a and b of cluster c (a == b: the block
+    with itself). The rows probing cluster c are split into as many shares p as c has blocks, and share
+    p meets block x of c in unit (c, x, x, p): every prober meets every member of c once, a unit holds
+    one block and one share, and a cluster of one block (the usual case) sends its members nowhere twice.
     """
     h, c0 = _hash(gids), nearest[:, 0]
     own = h % blocks[c0]
-    parts = []
     r, x = _expand(blocks[c0])
-    lo, hi = np.minimum(own[r], x), np.maximum(own[r], x)
-    parts.append((c0[r], np.full(len(r), MEMBERS), lo, hi, np.where(own[r] <= x, QUERY, TARGET), r))
+    parts = [(c0[r], np.minimum(own[r], x), np.maximum(own[r], x), np.zeros(len(r)),
+              np.where(own[r] <= x, QUERY, TARGET), r)]
     if nearest.shape[1] > 1:
-        parts.append((c0[r], np.full(len(r), PROBES), x, own[r], np.full(len(r), TARGET), r))
-        for j in range(1, nearest.shape[1]):
-            cj = nearest[:, j]
-            valid = np.flatnonzero((cj >= 0) & (cj != c0))
-            r2, x2 = _expand(blocks[cj[valid]])
-            rows = valid[r2]
-            parts.append((cj[rows], np.full(len(rows), PROBES), (h[rows] % blocks[cj[rows]]), x2,
-                          np.full(len(rows), QUERY), rows))
+        r1, p1 = _expand(blocks[c0] - 1)  # the other prober shares meet this row's block in their own units
+        parts.append((c0[r1], own[r1], own[r1], p1 + 1, np.full(len(r1), QUERY), r1))
+    for j in range(1, nearest.shape[1]):
+        cj = nearest[:, j]
+        valid = np.flatnonzero((cj >= 0) & (cj != c0))
+        r2, x2 = _expand(blocks[cj[valid]])
+        rows = valid[r2]
+        parts.append((cj[rows], x2, x2, h[rows] % blocks[cj[rows]], np.full(len(rows), PROBER), rows))
     cols = [np.concatenate([p[i] for p in parts]).astype(np.int64) for i in range(6)]
     order = np.lexsort(cols[4::-1])
     cols = [c[order] for c in cols]

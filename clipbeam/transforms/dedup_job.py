@@ -24,8 +24,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from clipbeam import storage
-from clipbeam.dedup.clusters import MEMBERS, QUERY, TARGET, Quantizer, route
-from clipbeam.dedup.components import Forests, star_forest
+from clipbeam.dedup.clusters import PROBER, QUERY, TARGET, Quantizer, route
+from clipbeam.dedup.components import Forests, merge_forests, star_forest
 from clipbeam.dedup.keep import COLUMNS, Member, group_rows, rank_column
 from clipbeam.dedup.links import BlockLinks, best_per_id, block_links
 from clipbeam.index.inputs import iter_batches
@@ -83,7 +83,7 @@ def exact_forests(item: tuple[str, Iterable[int]], thresholds: tuple[float, ...]
 
 
 def route_part(part: EmbeddingsPart, config: DedupConfig):
-    """(unit key, (side, rows, vectors)) for every block pair each row of the part is compared in."""
+    """(unit key, (side, rows, vectors)) for every unit each row of the part is compared in."""
     for batch in _batches(part, config, []):
         nearest = config.quantizer.assign(batch.vectors, config.probe)
         for routed in route(batch.ids, nearest, config.blocks):
@@ -107,14 +107,23 @@ class Links(beam.DoFn):
         if storage.exists(url, config.storage_options):
             yield _load_links(url, config)
             return
-        sides = {QUERY: [], TARGET: []}
+        sides = {QUERY: [], TARGET: [], PROBER: []}
         for side, gids, vectors in chunks:
             sides[side].append((gids, vectors))
-        same = key[1] == MEMBERS and key[2] == key[3]
+        same = key[1] == key[2]
         q_ids, queries = _stack(sides[QUERY], config.dim)
         t_ids, targets = (q_ids, queries) if same else _stack(sides[TARGET], config.dim)
-        found = block_links(q_ids, queries, t_ids, targets, config.thresholds, same)
-        if len(q_ids) and len(t_ids):  # a unit with one side empty (no prober came) costs nothing to redo
+        if key[3] == 0:  # the members of the two blocks with each other
+            found = block_links(q_ids, queries, t_ids, targets, config.thresholds, same)
+        else:            # only a share of the probers meets this block
+            found = block_links(q_ids[:0], queries[:0], t_ids, targets, config.thresholds, same=False)
+        p_ids, probers = _stack(sides[PROBER], config.dim)
+        if len(p_ids):  # probers come to diagonal units only: their members are the QUERY side
+            probed = block_links(p_ids, probers, q_ids, queries, config.thresholds, same=False)
+            found = BlockLinks({t: merge_forests([found.forests[t], probed.forests[t]]) for t in config.thresholds},
+                               np.concatenate([found.nn_ids, probed.nn_ids]),
+                               np.concatenate([found.nn_max, probed.nn_max]))
+        if len(t_ids) and len(q_ids) + len(p_ids) > 1:  # a unit with nothing to compare costs nothing to redo
             _save_links(url, found, config)
         yield found
 
