@@ -24,6 +24,7 @@ COMMANDS: list[tuple[str, str, str]] = [
     ("serve", "clipbeam.commands.serve", "search an index from a browser or over HTTP"),
     ("classify", "clipbeam.commands.classify", "zero-shot labels from stored image embeddings"),
     ("export", "clipbeam.commands.export", "embeddings -> clip-retrieval / autofaiss layout"),
+    ("dedup", "clipbeam.commands.dedup", "exact and near-duplicate groups over embeddings"),
     ("generate", "clipbeam.commands.generate", "render prompt lists with VQGAN+CLIP"),
     ("convert-vqgan", "clipbeam.commands.convert_vqgan", "taming .ckpt -> .safetensors, without pytorch_lightning"),
     ("synth-corpus", "clipbeam.commands.synth_corpus", "write a synthetic shapes corpus as webdataset shards"),

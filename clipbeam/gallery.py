@@ -1,7 +1,9 @@
 """A gallery of a run: an HTML page and a PNG contact sheet.
 
 Shows search hits (query, rank, score, caption, thumbnail), zero-shot
-classification accuracy with its confusion matrix, and renders. Images are
+classification accuracy with its confusion matrix, renders, and duplicate
+groups (the kept image first, the similarity to it under each) with a
+histogram of nearest-neighbour similarities. Images are
 written beside the page and referenced by relative paths, so the folder can be
 copied or served as it is.
 """
@@ -51,12 +53,32 @@ class Classification:
 
 
 @dataclass
+class DuplicateSection:
+    """Duplicate groups under one heading: each panel's hits are the kept image, then its duplicates."""
+
+    title: str
+    note: str
+    panels: list[SearchPanel]
+
+
+@dataclass
+class Histogram:
+    counts: list[int]
+    low: float
+    high: float
+    xlabel: str
+    marks: list[float] = field(default_factory=list)  # vertical lines, e.g. the thresholds
+
+
+@dataclass
 class Gallery:
     title: str
     notes: list[str] = field(default_factory=list)
     searches: list[SearchPanel] = field(default_factory=list)
     classification: Classification | None = None
     renders: list[RenderPanel] = field(default_factory=list)
+    duplicates: list[DuplicateSection] = field(default_factory=list)
+    histogram: Histogram | None = None
 
 
 def _save(image: Image.Image, folder: str, name: str, size: int = THUMB) -> str:
@@ -90,6 +112,50 @@ def confusion_plot(classification: Classification, path: str) -> None:
     plt.close(fig)
 
 
+def histogram_plot(histogram: Histogram, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    edges = np.linspace(histogram.low, histogram.high, len(histogram.counts) + 1)
+    fig, ax = plt.subplots(figsize=(7, 2.6))
+    ax.bar(edges[:-1], histogram.counts, width=np.diff(edges), align="edge", color="#4878a8")
+    for mark in histogram.marks:
+        ax.axvline(mark, color="#c03030", linewidth=1)
+    ax.set_yscale("symlog")
+    ax.set_xlabel(histogram.xlabel, parse_math=False)
+    ax.set_ylabel("samples")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _hits_html(hits: list[Hit], images_dir: str, prefix: str) -> list[str]:
+    parts = []
+    for hit in hits:
+        src = _save(hit.image, images_dir, f"{prefix}-{hit.rank:02d}.png")
+        parts.append(f"<figure><img src='{src}' width='{THUMB}' height='{THUMB}' alt='{html.escape(hit.id)}'>"
+                     f"<figcaption>#{hit.rank} {hit.score:.3f}<br>{html.escape(hit.caption or '')}"
+                     f"</figcaption></figure>")
+    return parts
+
+
+def _duplicates_html(gallery: Gallery, images_dir: str) -> list[str]:
+    parts = []
+    if gallery.histogram is not None:
+        histogram_plot(gallery.histogram, os.path.join(images_dir, "histogram.png"))
+        parts.append("<h2>Nearest-neighbour similarity</h2>"
+                     "<img src='images/histogram.png' alt='nearest-neighbour similarity histogram'>")
+    for s, section in enumerate(gallery.duplicates):
+        parts.append(f"<h2>{html.escape(section.title)}</h2><p>{html.escape(section.note)}</p>")
+        for p, panel in enumerate(section.panels):
+            parts.append(f"<h3>{html.escape(panel.query)}</h3><div class='hits'>")
+            parts += _hits_html(panel.hits, images_dir, f"dup{s}-{p:02d}")
+            parts.append("</div>")
+    return parts
+
+
 def write_gallery(gallery: Gallery, out_dir: str) -> tuple[str, str]:
     """Write OUT/index.html, OUT/contact_sheet.png and OUT/images/*; returns both paths."""
     images_dir = os.path.join(out_dir, "images")
@@ -105,11 +171,7 @@ def write_gallery(gallery: Gallery, out_dir: str) -> tuple[str, str]:
     for q, panel in enumerate(gallery.searches):
         extra = f" — precision@{len(panel.hits)} {panel.precision:.2f}" if panel.precision is not None else ""
         parts.append(f"<h3>“{html.escape(panel.query)}”{extra}</h3><div class='hits'>")
-        for hit in panel.hits:
-            src = _save(hit.image, images_dir, f"search{q:02d}-{hit.rank:02d}.png")
-            parts.append(f"<figure><img src='{src}' width='{THUMB}' height='{THUMB}' alt='{html.escape(hit.id)}'>"
-                         f"<figcaption>#{hit.rank} {hit.score:.3f}<br>{html.escape(hit.caption or '')}"
-                         f"</figcaption></figure>")
+        parts += _hits_html(panel.hits, images_dir, f"search{q:02d}")
         parts.append("</div>")
     if gallery.classification is not None:
         cls = gallery.classification
@@ -126,6 +188,7 @@ def write_gallery(gallery: Gallery, out_dir: str) -> tuple[str, str]:
                          f"alt='{html.escape(render.prompt)}'><figcaption>{html.escape(render.prompt)} "
                          f"(seed {render.seed}){sim}</figcaption></figure>")
         parts.append("</div>")
+    parts += _duplicates_html(gallery, images_dir)
     parts.append("</body></html>")
     page = os.path.join(out_dir, "index.html")
     with open(page, "w", encoding="utf-8") as handle:
@@ -142,6 +205,8 @@ def contact_sheet(gallery: Gallery, out_dir: str) -> Image.Image:
         rows.append((panel.query, [h.image for h in panel.hits]))
     if gallery.renders:
         rows.append(("renders", [r.image for r in gallery.renders]))
+    for section in gallery.duplicates:
+        rows += [(panel.query, [h.image for h in panel.hits]) for panel in section.panels]
     label_w, cell, pad = 150, 72, 4
     columns = max((len(images) for _, images in rows), default=1)
     width = label_w + columns * (cell + pad) + pad

@@ -1,6 +1,6 @@
 """DESIGN.md's layer rules, checked on the source (imports inside functions count too).
 
-- corpus/, models/, index/, layout/ and serve/ never import apache_beam, transforms/ or commands/;
+- corpus/, models/, index/, dedup/, layout/ and serve/ never import apache_beam, transforms/ or commands/;
 - transforms/ never imports commands/;
 - no two modules import each other, directly or round a longer loop.
 """
@@ -14,7 +14,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = ROOT / "clipbeam"
-LIBRARIES = ("corpus", "models", "index", "layout", "serve")
+LIBRARIES = ("corpus", "models", "index", "dedup", "layout", "serve")
 
 
 def module_name(path: Path) -> str:

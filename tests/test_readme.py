@@ -227,6 +227,8 @@ def world(tmp_path_factory) -> Path:
     emb, index = root / "out" / "emb", root / "out" / "index"
     assert main(["embed", "--input", f"{shards}/*.tar", "--output", str(emb), *SHIPPED_CLIP, "--no-progress"]) == 0
     assert main(["index", "--embeddings", str(emb), "--output", str(index), "--index-factory", "IVF2,Flat"]) == 0
+    assert main(["dedup", "--embeddings", str(emb), "--output", str(root / "out" / "dedup"),
+                 "--threshold", "0.95", "--threshold", "0.9"]) == 0
     vectors = pq.read_table(emb / "embeddings").column("image_embedding").to_pylist()[:3]
     np.save(root / "queries.npy", np.asarray(vectors, dtype=np.float32))
     return root

@@ -41,6 +41,7 @@ from clipbeam.index.factory import choose_factory, default_train_sample, format_
 from clipbeam.index.faiss_io import METRICS, make_index
 from clipbeam.index.plan import plan_sample, plan_shards, query_count, sample_reads, shard_count
 from clipbeam.layout import RUN_RECORD, Mode, OutputFolder, open_output, settings_fingerprint
+from clipbeam.layout.dedup import ExcludedSamples, removed_samples
 from clipbeam.layout.embeddings.read import EmbeddingsInput, describe, resolve_embeddings
 from clipbeam.layout.index import INDEX, WORK
 from clipbeam.transforms.index_shards import (
@@ -83,6 +84,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="rows read at a time (default %(default)s)")
     parser.add_argument("--append", action="store_true",
                         help="add the embedding parts not yet indexed to the index in --output")
+    parser.add_argument("--exclude", default=None, type=storage.absolute_url, metavar="DEDUP",
+                        help="a clipbeam dedup output of these embeddings: leave out the samples it removes")
+    parser.add_argument("--threshold", type=unit_interval, default=None,
+                        help="with --exclude: the dedup threshold whose removed samples are left out "
+                             "(default: the output's only threshold)")
     parser.add_argument("--verify", action="store_true",
                         help="build nothing: check every file of the index in --output against index.json's SHA-256")
 
@@ -128,6 +134,11 @@ def _check_args(args: argparse.Namespace) -> int:
         raise UsageError("give --shards or --shard-size, not both")
     if args.append and args.overwrite:
         raise UsageError("--append adds to the index in --output; --overwrite would delete it first")
+    if args.exclude and args.append:
+        raise UsageError("--exclude applies to a whole corpus: rerun dedup, then rebuild with --overwrite "
+                         "instead of --append")
+    if args.threshold is not None and not args.exclude:
+        raise UsageError("--threshold chooses the duplicates of --exclude; give --exclude DEDUP too")
     return max_memory
 
 
@@ -216,6 +227,8 @@ def prepare(args: argparse.Namespace) -> IndexRun | None:
             return None
     else:
         inputs = resolve_embeddings(args.embeddings, args.column, args.id_column, keep, storage_options)
+    exclude = removed_samples(args.exclude, args.threshold, inputs, storage_options) if args.exclude \
+        else ExcludedSamples(None, frozenset())
     choice = _choose_factory(args, previous, inputs, max_memory)
     queries = query_count(inputs.rows, args.tune_queries)
     train = _train_count(args, choice.factory, inputs, max_memory, appending)
@@ -224,7 +237,8 @@ def prepare(args: argparse.Namespace) -> IndexRun | None:
     options = {"factory": choice.factory, "metric": args.metric, "column": args.column, "id_column": args.id_column,
                "keep": inputs.metadata_columns, "shards": [(s.id_start, s.id_end) for s in shards],
                "train": train, "queries": queries, "seed": args.seed, "target": args.target_recall,
-               "memory": max_memory, "append_to": previous.get("fingerprint") if appending else None}
+               "memory": max_memory, "append_to": previous.get("fingerprint") if appending else None,
+               **({"exclude": exclude.source} if exclude.source else {})}
     fingerprint = _fingerprint(inputs, options)
     if previous is not None and not appending and not args.overwrite:
         if previous.get("fingerprint") == fingerprint:
@@ -235,8 +249,10 @@ def prepare(args: argparse.Namespace) -> IndexRun | None:
     sample = sample_reads(inputs.files, *plan_sample(inputs.files, train, queries, args.seed))
     config = IndexConfig(args.output, storage_options, args.column, args.id_column, tuple(inputs.metadata_columns),
                          inputs.dim, args.metric, choice.factory, args.target_recall, args.batch_rows, shards, sample,
-                         previous if appending else None, ledger=None)
+                         previous if appending else None, ledger=None, exclude=exclude.ids)
     settings = _settings(args, choice, inputs, max_memory, storage_options, appending)
+    if exclude.source:
+        settings["exclude"] = exclude.source
     return IndexRun(config, settings, fingerprint, choice.requested, choice.reason, max_memory, describe(inputs))
 
 

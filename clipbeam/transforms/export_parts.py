@@ -52,6 +52,7 @@ class ExportConfig:
     with_text: bool
     text_missing: str
     ledger: UnitLedger | None
+    exclude: frozenset[str] = frozenset()  # ids left out (`--exclude` of a dedup output)
 
     def name(self, kind: str, number: int) -> str:
         return partition_file(kind, number, self.width)
@@ -105,11 +106,27 @@ def metadata_table(table: pa.Table, has_text: np.ndarray) -> pa.Table:
                      **{c: table.column(c) for c in rest}})
 
 
+def _excluded(part: EmbeddingsPart, config: ExportConfig) -> tuple[pa.Array | None, int]:
+    """The excluded ids as a value set, and the rows of the part that stay (the .npy headers need it first)."""
+    if not config.exclude:
+        return None, part.file.rows
+    excluded = pa.array(list(config.exclude), pa.string())
+    with storage.open_input(part.file.url, config.storage_options) as source:
+        ids = pq.read_table(source, columns=["id"]).column("id")
+    return excluded, part.file.rows - pc.sum(pc.is_in(pc.cast(ids, pa.string()), value_set=excluded)).as_py()
+
+
 def export_part(part: EmbeddingsPart, config: ExportConfig) -> Partition:
     """Stream one embeddings part into one partition; a part with a null image vector is an error."""
     storage_options, file, where = config.storage_options, part.file, f"{part.file.url}: "
     rows, complete_text = 0, True
     text_url = config.url("text_emb", part.number)
+    excluded, rows_out = _excluded(part, config)
+    if rows_out == 0:  # every row removed: no 0-row partition (readers pair the files by position)
+        result = Partition(part.number, 0, False, file.url, file.rows)
+        if config.ledger is not None:
+            config.ledger.mark_done(part_name(part.number), asdict(result))
+        return result
 
     def write(url: str):
         return stack.enter_context(storage.atomic_open(url, "wb", storage_options))
@@ -119,10 +136,12 @@ def export_part(part: EmbeddingsPart, config: ExportConfig) -> Partition:
         text = write(text_url) if config.with_text else None
         meta = write(config.url("metadata", part.number))
         for handle in filter(None, (img, text)):
-            handle.write(npy_header(file.rows, config.dim))
+            handle.write(npy_header(rows_out, config.dim))
         writer = None
         for batch in pq.ParquetFile(source).iter_batches(batch_size=config.batch_rows):
             table = pa.Table.from_batches([batch])
+            if excluded is not None:
+                table = table.filter(pc.invert(pc.is_in(pc.cast(table.column("id"), pa.string()), value_set=excluded)))
             if table.column("image_embedding").null_count:
                 raise ValueError(f"{where}rows without an image embedding cannot be exported row-aligned")
             img.write(to_matrix(table.column("image_embedding"), config.dim, where).astype("<f2").tobytes())
@@ -134,8 +153,8 @@ def export_part(part: EmbeddingsPart, config: ExportConfig) -> Partition:
             writer = writer or stack.enter_context(pq.ParquetWriter(meta, out.schema))
             writer.write_table(out)
             rows += table.num_rows
-        if rows != file.rows:
-            raise ValueError(f"{where}read {rows} rows, its footer says {file.rows}")
+        if rows != rows_out:
+            raise ValueError(f"{where}read {rows} rows to export, expected {rows_out}")
     keep_text = config.with_text and (complete_text or config.text_missing == "zero")
     if not keep_text:
         storage.remove_if_present(text_url, storage_options)

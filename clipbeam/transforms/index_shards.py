@@ -62,6 +62,7 @@ class IndexConfig:
     sample: tuple[SampleRead, ...]
     previous: dict | None
     ledger: UnitLedger | None
+    exclude: frozenset[str] = frozenset()  # ids left out of every shard (`--exclude` of a dedup output)
 
     def url(self, *parts: str) -> str:
         return storage.join(self.output, *parts)
@@ -130,7 +131,7 @@ def _write_ids(plan: ShardPlan, config: IndexConfig, index: faiss.Index, exact: 
         for piece in plan.pieces:
             for batch in iter_batches(piece.file, config.column, config.id_column, list(config.metadata_columns),
                                       config.dim, piece.row_start, piece.row_end, config.batch_rows,
-                                      config.storage_options):
+                                      config.storage_options, config.exclude):
                 index.add_with_ids(batch.vectors, batch.ids)
                 exact.add(batch.vectors, batch.ids)
                 skipped += batch.skipped

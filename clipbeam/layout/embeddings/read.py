@@ -190,13 +190,15 @@ class VectorBatch:
 
 def iter_batches(file: InputFile, column: str, id_column: str | None, metadata_columns: list[str], dim: int,
                  row_start: int = 0, row_end: int | None = None, batch_rows: int = 65_536,
-                 storage_options: dict | None = None) -> Iterator[VectorBatch]:
+                 storage_options: dict | None = None, exclude: frozenset[str] = frozenset()) -> Iterator[VectorBatch]:
     """Stream rows [row_start, row_end) of one file, reading only the row groups that overlap it.
 
     Metadata holds the id column (renamed `id`, as strings) and `metadata_columns`; none when id_column is None.
+    Rows whose id is in `exclude` (e.g. the duplicates a dedup output removes) are left out, like null vectors.
     """
     row_end = file.rows if row_end is None else row_end
     columns = list(dict.fromkeys([column, *([id_column] if id_column else []), *metadata_columns]))
+    excluded = pa.array(list(exclude), pa.string()) if exclude and id_column else None
     with storage.open_input(file.url, storage_options) as handle:
         parquet = pq.ParquetFile(handle)
         groups, group_first, position = [], None, 0
@@ -219,6 +221,9 @@ def iter_batches(file: InputFile, column: str, id_column: str | None, metadata_c
             if skipped:
                 valid = pc.is_valid(table.column(column))
                 table, ids = table.filter(valid), ids[valid.to_numpy(zero_copy_only=False)]
+            if excluded is not None:
+                kept = pc.invert(pc.is_in(pc.cast(table.column(id_column), pa.string()), value_set=excluded))
+                table, ids = table.filter(kept), ids[kept.to_numpy(zero_copy_only=False)]
             vectors = to_matrix(table.column(column), dim, where=f"{file.url}: ")
             meta = table.select([c for c in metadata_columns if c != id_column])
             if id_column:
@@ -261,6 +266,14 @@ def read_rows(file: InputFile, column: str, dim: int, rows: np.ndarray, batch_ro
                 out_vectors.append(to_matrix(taken.filter(valid), dim, where=f"{file.url}: "))
             offset += batch.num_rows
     return np.concatenate(out_vectors), np.concatenate(out_ids)
+
+
+def part_keys(described: dict[str, Any]) -> set[tuple[str, int]]:
+    """(path relative to the input, rows) of each file of a `describe` record: what says two runs read the
+    same embeddings parts, even after the folder was copied or moved."""
+    root = str(described.get("url", "")).rstrip("/") + "/"
+    return {(f["url"][len(root):] if f["url"].startswith(root) else f["url"], int(f["rows"]))
+            for f in described.get("files", [])}
 
 
 def describe(inputs: EmbeddingsInput) -> dict[str, Any]:
