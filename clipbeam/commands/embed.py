@@ -45,10 +45,10 @@ from clipbeam.layout.embeddings import (
     build_manifest,
     embeddings_file,
     failures_file,
-    fragments_dir,
     part_name,
     plan_numbers,
 )
+from clipbeam.layout.owned import remove_owned, remove_owned_temporaries
 from clipbeam.models.clip import (
     SHIPPED_CHECKPOINTS,
     ClipSpec,
@@ -61,7 +61,7 @@ from clipbeam.models.clip import (
     weights_label,
 )
 from clipbeam.models.images import DEFAULT_MAX_PIXELS
-from clipbeam.storage import absolute_url, join, remove_if_present, remove_temporaries
+from clipbeam.storage import absolute_url
 from clipbeam.transforms.clip_handler import DECODE_DEVICES, EmbedTuning, inference_summary
 from clipbeam.transforms.corpus_plan import FORMATS, ManifestColumns, PartSpec, plan_parts
 from clipbeam.transforms.corpus_read import DEFAULT_MAX_MEMBER_BYTES, ReadLimits
@@ -210,8 +210,8 @@ def start_parts(out: OutputFolder, parts: list[PartSpec], overwrite: bool) -> Pa
     out.claim([name for n in pending for name in (embeddings_file(n), failures_file(n))])
     for number in pending:  # files a killed run of these parts may have left
         for name in (embeddings_file(number), failures_file(number)):
-            remove_if_present(out.path(name), out.storage_options)
-        remove_if_present(fragments_dir(out.url, number), out.storage_options, recursive=True)
+            remove_owned(out.url, name, out.storage_options)
+        remove_owned(out.url, f"{FRAGMENTS}/{part_name(number)}", out.storage_options, recursive=True)
     sys.stderr.write(f"clipbeam embed: {len(plan.done)} parts done already, {len(pending)} to run\n")
     return plan
 
@@ -253,8 +253,8 @@ def commit(out: OutputFolder, job: EmbedJob, plan: PartPlan, seconds: float) -> 
         _drop_gone(out, plan)
     listed = {n: m for n, m in done.items() if n in plan.numbered or (n in plan.gone and not job.prune)}
     for folder in ("embeddings", "failures"):  # files left half-written by a killed run
-        remove_temporaries(join(out.url, folder), out.storage_options)
-    remove_if_present(out.path(FRAGMENTS), out.storage_options, recursive=True)
+        remove_owned_temporaries(out.url, folder, out.storage_options)
+    remove_owned(out.url, FRAGMENTS, out.storage_options, recursive=True)
     extra = {"clipbeam_version": __version__, "inputs": list(job.inputs), "seconds_last_run": round(seconds, 3)}
     return out.commit(build_manifest(out.settings, listed, set(plan.numbered), extra))
 

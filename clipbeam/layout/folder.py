@@ -18,18 +18,9 @@ from typing import Callable
 
 from clipbeam.errors import UsageError
 from clipbeam.layout.lease import DEFAULT_TIMEOUT, LEASE_FILE, Lease
-from clipbeam.layout.ledger import UnitLedger, inside
-from clipbeam.storage import (
-    check_writable,
-    exists,
-    is_temporary,
-    join,
-    list_names,
-    read_json,
-    remove_if_present,
-    remove_temporaries,
-    write_json,
-)
+from clipbeam.layout.ledger import UnitLedger
+from clipbeam.layout.owned import inside, link_on_the_way, refuse_links, remove_owned, remove_owned_temporaries
+from clipbeam.storage import check_writable, exists, is_temporary, join, list_names, read_json, write_json
 
 LOG = logging.getLogger(__name__)
 
@@ -99,6 +90,7 @@ class OutputFolder:
     def claim(self, names: list[str]) -> None:
         """Record names this job is about to write, so that --overwrite may delete them later."""
         new = [n for n in names if n not in self.owned]
+        refuse_links(self.url, new)
         if new:
             self.owned.extend(new)
             self._write_record()
@@ -180,13 +172,16 @@ def clear_owned(out: OutputFolder, record: dict | None) -> None:
                     ", ".join(sorted(map(str, outside))[:3]))
     names -= outside
     for name in sorted(names):
-        remove_if_present(out.path(name), so)
+        remove_owned(out.url, name, so)
     for folder in (kind.markers, *kind.scratch, *kind.legacy_records):
-        remove_if_present(out.path(folder), so, recursive=True)
+        remove_owned(out.url, folder, so, recursive=True)
     for parent in sorted({posixpath.dirname(n) for n in names if posixpath.dirname(n)}, key=len, reverse=True):
-        remove_temporaries(out.path(parent), so)
+        if link_on_the_way(out.url, posixpath.join(parent, "x")) == parent:  # the job's folder is a link: the
+            remove_owned(out.url, parent, so)  # link goes, never what it points to, and a real folder follows
+            continue
+        remove_owned_temporaries(out.url, parent, so)
         if not list_names(out.path(parent), so):
-            remove_if_present(out.path(parent), so, recursive=True)
+            remove_owned(out.url, parent, so, recursive=True)
     LOG.info("--overwrite: removed %d names %s owned in %s", len(names), kind.name, out.url)
 
 
@@ -210,7 +205,7 @@ def open_output(url: str, kind: OutputKind, settings: dict, mode: Mode, storage_
     try:
         out = OutputFolder(url, kind, settings, storage_options, lease, previous_manifest=manifest,
                            owned=list(record.get("owned", [])) if record and mode is Mode.RESUME else [])
-        remove_if_present(out.path(kind.manifest), storage_options)  # the output stops being "complete" first
+        remove_owned(url, kind.manifest, storage_options)  # the output stops being "complete" first
         if ours and mode is Mode.CLEAR:
             clear_owned(out, record)
         out._write_record()

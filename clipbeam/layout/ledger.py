@@ -15,17 +15,8 @@ from dataclasses import dataclass
 from typing import Iterable, Sequence
 
 from clipbeam.layout.lease import check_lease
-from clipbeam.storage import join, list_names, read_json, remove_if_present, write_json
-
-
-def inside(name: object) -> bool:
-    """Whether a name read from a run record, manifest or marker stays inside the output folder:
-    relative, no '..' out of it, no URL. Only such names may be deleted as the job's own; the files
-    listing them can be edited by anyone who can write the folder."""
-    if not isinstance(name, str) or not name or "://" in name or name.startswith("/"):
-        return False
-    normal = posixpath.normpath(name)
-    return normal not in (".", "..") and not normal.startswith("../")
+from clipbeam.layout.owned import inside, remove_owned
+from clipbeam.storage import join, list_names, read_json, write_json
 
 
 @dataclass(frozen=True)
@@ -80,10 +71,10 @@ class UnitLedger:
         """Delete the files these units' markers list, then the markers (units to redo, or gone)."""
         for marker in markers.values():
             for name in marker.get("files", []):
-                remove_if_present(join(self.root, name), self.storage_options)
+                remove_owned(self.root, name, self.storage_options)
         self.forget(markers)
 
     def forget(self, units: Iterable[str]) -> None:
         """Drop the markers of units that will be redone."""
         for unit in units:
-            remove_if_present(self.marker_url(unit), self.storage_options)
+            remove_owned(self.root, f"{self.folder}/{unit}.json", self.storage_options)
