@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Iterable
 
 from clipbeam.layout.folder import OutputKind
+from clipbeam.layout.ledger import has_fields
 from clipbeam.storage import join
 
 FORMAT_VERSION = 3  # 3: part numbers kept per source, "in_input" per part, "files"
@@ -54,8 +55,18 @@ def manifest_files(manifest: dict) -> list[str]:
     return sorted(set(listed))
 
 
+MARKER_FIELDS = {"part": int, "source": str, "samples": int, "rows": int, "failures": int, "failed_by_stage": dict,
+                 "embeddings": (str, type(None)), "failures_file": (str, type(None)), "text_rows": (int, type(None))}
+
+
+def valid_marker(unit: str, marker: dict) -> bool:
+    """A part's marker names its own unit and has every field the manifest is built from."""
+    return (has_fields(marker, MARKER_FIELDS) and marker["part"] >= 0 and unit == part_name(marker["part"])
+            and all(isinstance(k, str) and isinstance(v, int) for k, v in marker["failed_by_stage"].items()))
+
+
 EMBEDDINGS = OutputKind("clipbeam.embeddings", markers=MARKERS, scratch=(FRAGMENTS,),
-                        manifest_files=manifest_files, legacy_records=("_run.json",))
+                        manifest_files=manifest_files, legacy_records=("_run.json",), valid_marker=valid_marker)
 
 
 def number_sources(sources: Iterable[str], known: dict[str, int]) -> dict[str, int]:
@@ -71,11 +82,10 @@ def number_sources(sources: Iterable[str], known: dict[str, int]) -> dict[str, i
 def known_numbers(previous_manifest: dict | None, markers: Iterable[dict]) -> dict[str, int]:
     """source -> part number, from the last manifest and the done-markers written since."""
     known = {}
-    for entry in (previous_manifest or {}).get("parts", []):
-        known[entry["source"]] = int(entry["part"])
-    for marker in markers:
-        if "source" in marker and "part" in marker:
-            known[marker["source"]] = int(marker["part"])
+    entries = (previous_manifest or {}).get("parts")
+    for entry in [*(entries if isinstance(entries, list) else []), *markers]:
+        if isinstance(entry, dict) and has_fields(entry, {"source": str, "part": int}):
+            known[entry["source"]] = entry["part"]
     return known
 
 
