@@ -60,7 +60,7 @@ from clipbeam.models.clip import (
     validate_spec,
     weights_label,
 )
-from clipbeam.models.images import DEFAULT_MAX_PIXELS
+from clipbeam.models.images import DEFAULT_MAX_CAPTION_CHARS, DEFAULT_MAX_PIXELS
 from clipbeam.storage import absolute_url
 from clipbeam.transforms.clip_handler import DECODE_DEVICES, EmbedTuning, inference_summary
 from clipbeam.transforms.corpus_plan import FORMATS, ManifestColumns, PartSpec, plan_parts
@@ -85,6 +85,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--max-member-bytes", type=int, default=DEFAULT_MAX_MEMBER_BYTES,
                        help="tar members and image files larger than this fail as read failures, "
                             "before they are read (default %(default)s, 256 MB)")
+    group.add_argument("--max-caption-chars", type=int, default=DEFAULT_MAX_CAPTION_CHARS, metavar="N",
+                       help="longer captions keep their first N characters, counted and noted in caption_note "
+                            "(default %(default)s)")
     group.add_argument("--allow-any-path", action="store_true",
                        help="let a manifest name images outside its own filesystem (absolute local paths "
                             "in a remote manifest, another URL scheme)")
@@ -142,6 +145,7 @@ class EmbedJob:
     spec: ClipSpec
     columns: ManifestColumns
     max_pixels: int
+    max_caption_chars: int
     rows_per_part: int
     dtype: str
     embed_text: bool
@@ -162,7 +166,8 @@ class EmbedJob:
             "seed": self.spec.seed, "precision": self.spec.precision, "dtype": self.dtype, "dim": dim,
             "embed_text": self.embed_text, "format": self.fmt, "image_column": self.columns.image,
             "caption_column": self.columns.caption, "id_column": self.columns.id,
-            "max_pixels": self.max_pixels, "rows_per_part": self.rows_per_part,
+            "max_pixels": self.max_pixels, "max_caption_chars": self.max_caption_chars,
+            "rows_per_part": self.rows_per_part,
             "max_member_bytes": self.limits.max_member_bytes, "allow_any_path": self.limits.allow_any_path,
             "fast_decode": self.tuning.fast_decode,
         }
@@ -170,7 +175,8 @@ class EmbedJob:
 
 def job_from_args(args: argparse.Namespace) -> EmbedJob:
     """Validate the arguments (UsageError: one line, exit 2) into one frozen EmbedJob."""
-    for flag in ("batch_size", "model_copies", "rows_per_part", "max_pixels", "max_member_bytes"):
+    for flag in ("batch_size", "model_copies", "rows_per_part", "max_pixels", "max_member_bytes",
+                 "max_caption_chars"):
         if getattr(args, flag) <= 0:
             raise UsageError(f"--{flag.replace('_', '-')} must be positive")
     check_accelerator(args.accelerator)
@@ -178,7 +184,8 @@ def job_from_args(args: argparse.Namespace) -> EmbedJob:
         inputs=tuple(args.input), fmt=args.format, output=args.output,
         storage_options=storage_options_from_args(args), spec=clip_spec_from_args(args),
         columns=ManifestColumns(args.image_column, args.caption_column, args.id_column),
-        max_pixels=args.max_pixels, rows_per_part=args.rows_per_part, dtype=args.dtype,
+        max_pixels=args.max_pixels, max_caption_chars=args.max_caption_chars, rows_per_part=args.rows_per_part,
+        dtype=args.dtype,
         embed_text=not args.no_text, batch_size=args.batch_size, model_copies=args.model_copies,
         accelerator=args.accelerator, overwrite=args.overwrite, prune=args.prune,
         progress=not args.no_progress,
@@ -228,7 +235,8 @@ def corpus_config(job: EmbedJob, out: OutputFolder, plan: PartPlan, weights: str
     return EmbedCorpusConfig(
         ledger=out.ledger, spec=job.spec, dim=dim, preprocess=preprocess_config(job.spec),
         parts={n: PartInfo(p.source, p.fingerprint) for n, p in plan.pending}, columns=job.columns,
-        limits=job.limits, max_pixels=job.max_pixels, embed_text=job.embed_text, batch_size=job.batch_size,
+        limits=job.limits, max_pixels=job.max_pixels, max_caption_chars=job.max_caption_chars,
+        embed_text=job.embed_text, batch_size=job.batch_size,
         model_copies=job.model_copies, dtype=job.dtype, schema_meta=schema_meta, accelerator=job.accelerator,
         tuning=job.tuning,
     )

@@ -36,6 +36,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="largest k a request may ask for (default %(default)s)")
     parser.add_argument("--max-body-bytes", type=int, default=Limits.max_body_bytes,
                         help="largest request body, uploads included (default %(default)s)")
+    parser.add_argument("--max-response-bytes", type=int, default=Limits.max_response_bytes,
+                        help="largest answer; a bigger one is refused with a 422 (default %(default)s)")
     parser.add_argument("--max-pixels", type=int, default=Limits.max_pixels,
                         help="larger uploaded images are refused as decompression bombs (default %(default)s)")
     parser.add_argument("--allow-origin", action="append", default=[], metavar="ORIGIN",
@@ -49,10 +51,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def _check(args: argparse.Namespace) -> Limits:
     if not 0 < args.port < 65536:
         raise UsageError(f"--port must be between 1 and 65535, not {args.port}")
-    for flag in ("max_k", "max_body_bytes", "max_pixels", "threads"):
+    for flag in ("max_k", "max_body_bytes", "max_response_bytes", "max_pixels", "threads"):
         if getattr(args, flag) < 1:
             raise UsageError(f"--{flag.replace('_', '-')} must be at least 1, not {getattr(args, flag)}")
-    return Limits(max_k=args.max_k, max_body_bytes=args.max_body_bytes, max_pixels=args.max_pixels)
+    return Limits(max_k=args.max_k, max_body_bytes=args.max_body_bytes, max_response_bytes=args.max_response_bytes,
+                  max_pixels=args.max_pixels)
 
 
 def build_engine(args: argparse.Namespace):

@@ -87,6 +87,29 @@ def jsonable(value: Any) -> Any:
     return value if value is None or isinstance(value, (str, int, float, bool)) else str(value)
 
 
+def capped_json(content: Any, limit: int) -> Response:
+    """A JSON answer of at most `limit` bytes, else a 422: the text it carries is measured before it is
+    rendered (long captions asked for many times would cost gigabytes), the rendered body after."""
+    if _text_size(content) > limit:
+        raise ApiError(422, f"the answer would be over the limit of {limit} bytes; ask for fewer ids or results")
+    response = JSONResponse(content)
+    if len(response.body) > limit:
+        raise ApiError(422, f"the answer is {len(response.body)} bytes, over the limit of {limit}; "
+                            "ask for fewer ids or results")
+    return response
+
+
+def _text_size(value: Any) -> int:
+    """About the size of `value` as JSON, from its strings' lengths (never below the characters)."""
+    if isinstance(value, str):
+        return len(value) + 2
+    if isinstance(value, dict):
+        return sum(_text_size(k) + _text_size(v) + 2 for k, v in value.items()) + 2
+    if isinstance(value, (list, tuple)):
+        return sum(_text_size(v) + 1 for v in value) + 2
+    return 4
+
+
 def hit_json(hit: Hit) -> dict[str, Any]:
     return {"faiss_id": hit.faiss_id, "id": jsonable(hit.row.get("id")), "score": round(hit.score, 6),
             "caption": jsonable(hit.row.get("caption")), "source": jsonable(hit.row.get("source")),
@@ -101,7 +124,8 @@ async def search(request: Request) -> Response:
     hits = await state.answer(query)
     took = time.perf_counter() - started
     state.stats.record(query.kind, took)
-    return JSONResponse({"results": [hit_json(h) for h in hits], "took_ms": round(took * 1000, 3)})
+    return capped_json({"results": [hit_json(h) for h in hits], "took_ms": round(took * 1000, 3)},
+                       state.engine.limits.max_response_bytes)
 
 
 async def knn_service(request: Request) -> Response:
@@ -113,7 +137,7 @@ async def knn_service(request: Request) -> Response:
     query, num_images = knn.parse_knn(body, engine.limits, engine.index.dim, engine.name, modality)
     hits = await state.answer(query)
     state.stats.record(query.kind, time.perf_counter() - started)
-    return JSONResponse(knn.knn_results(hits, num_images, str(request.base_url)))
+    return capped_json(knn.knn_results(hits, num_images, str(request.base_url)), engine.limits.max_response_bytes)
 
 
 async def metadata(request: Request) -> Response:
@@ -122,8 +146,8 @@ async def metadata(request: Request) -> Response:
     ids = knn.parse_metadata_ids(body, state.engine.limits, state.engine.name)
     rows = await run_in_threadpool(state.engine.items, ids)
     base = str(request.base_url)
-    return JSONResponse([{"id": i, "metadata": jsonable(knn.metadata(row, i, base))}
-                         for i, row in zip(ids, rows, strict=True)])
+    return capped_json([{"id": i, "metadata": jsonable(knn.metadata(row, i, base))}
+                        for i, row in zip(ids, rows, strict=True)], state.engine.limits.max_response_bytes)
 
 
 async def indices_list(request: Request) -> Response:
@@ -148,7 +172,8 @@ async def item(request: Request) -> Response:
     engine = _state(request).engine
     faiss_id = request.path_params["faiss_id"]
     row = await run_in_threadpool(engine.item, faiss_id)
-    return JSONResponse({**jsonable(row), "faiss_id": faiss_id, "image_url": f"/image/{faiss_id}"})
+    return capped_json({**jsonable(row), "faiss_id": faiss_id, "image_url": f"/image/{faiss_id}"},
+                       engine.limits.max_response_bytes)
 
 
 async def healthz(request: Request) -> Response:

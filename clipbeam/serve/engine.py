@@ -155,7 +155,7 @@ class SearchEngine:
     def items(self, faiss_ids: list[int]) -> list[dict[str, Any]]:
         """The id-table rows of indexed samples, in one lookup; ApiError 404 for the first id the index
         does not hold."""
-        in_range = [i for i in faiss_ids if 0 <= i < 2**63]
+        in_range = list(dict.fromkeys(i for i in faiss_ids if 0 <= i < 2**63))  # each id looked up once
         found = dict(zip(in_range, self.index.lookup(in_range), strict=True)) if in_range else {}
         rows = [found.get(i) for i in faiss_ids]
         for faiss_id, row in zip(faiss_ids, rows, strict=True):

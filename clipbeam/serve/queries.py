@@ -40,6 +40,7 @@ class Limits:
 
     max_k: int = 1000
     max_body_bytes: int = 16 * 1024 * 1024
+    max_response_bytes: int = 64 * 1024 * 1024  # any one answer (long captions asked for many times)
     max_pixels: int = DEFAULT_MAX_PIXELS  # embed's cap
 
 

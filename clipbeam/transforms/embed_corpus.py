@@ -18,7 +18,7 @@ from apache_beam.ml.inference.base import RunInference
 
 from clipbeam.layout.ledger import UnitLedger
 from clipbeam.models.clip import ClipSpec
-from clipbeam.models.images import DEFAULT_MAX_PIXELS
+from clipbeam.models.images import DEFAULT_MAX_CAPTION_CHARS, DEFAULT_MAX_PIXELS
 from clipbeam.transforms.clip_handler import ClipModelHandler, EmbedTuning
 from clipbeam.transforms.corpus_plan import ManifestColumns
 from clipbeam.transforms.corpus_read import ReadLimits
@@ -46,6 +46,7 @@ class EmbedCorpusConfig:
     columns: ManifestColumns = ManifestColumns()
     limits: ReadLimits = ReadLimits()
     max_pixels: int = DEFAULT_MAX_PIXELS
+    max_caption_chars: int = DEFAULT_MAX_CAPTION_CHARS
     embed_text: bool = True
     batch_size: int = 64
     model_copies: int = 1
@@ -88,7 +89,7 @@ class EmbedCorpus(beam.PTransform):
         )
         decoded = read.samples | "Decode" >> beam.ParDo(
             DecodeDoFn(cfg.preprocess, cfg.max_pixels, cfg.embed_text, cfg.tuning, cfg.batch_size,
-                       spec=cfg.spec)).with_outputs(FAILURES, main="decoded")
+                       spec=cfg.spec, max_caption_chars=cfg.max_caption_chars)).with_outputs(FAILURES, main="decoded")
         samples = decoded.decoded
         if cfg.embed_text and cfg.tuning.trim_text:
             samples = samples | "ByCaptionLength" >> beam.ParDo(

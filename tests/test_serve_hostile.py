@@ -1,0 +1,88 @@
+"""Issue 22, serve: long captions, response and request caps, bad requests, the Host check.
+
+An index over synthetic embeddings (no model: vector queries only), one sample of which carries a
+long caption, served through the ASGI test client.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pyarrow as pa
+import pytest
+from starlette.testclient import TestClient
+from synthetic_embeddings import clustered, write_embed_output
+
+from clipbeam.cli import main
+from clipbeam.index import ShardedIndex
+from clipbeam.serve.app import create_app
+from clipbeam.serve.engine import SearchEngine
+from clipbeam.serve.queries import Limits
+
+DIM = 16
+LONG = 2_000_000  # characters of sample 0's caption
+
+
+@pytest.fixture(scope="module")
+def index(tmp_path_factory):
+    root = tmp_path_factory.mktemp("hostile-serve")
+    emb, idx = str(root / "emb"), str(root / "idx")
+    captions = ["x" * LONG] + [f"caption {i}" for i in range(1, 200)]
+    write_embed_output(emb, clustered(200, DIM, seed=5).astype(np.float32), parts=2, captions=captions)
+    assert main(["index", "--embeddings", emb, "--output", idx, "--index-factory", "Flat",
+                 "--runner", "DirectRunner"]) == 0
+    return ShardedIndex.open(idx)
+
+
+def _client(index, **limits) -> TestClient:
+    return TestClient(create_app(SearchEngine(index, None, Limits(**limits), "idx")))
+
+
+def test_the_id_table_takes_long_text_with_64_bit_offsets(index):
+    """A take() of one long caption repeated past 2 GB overflowed a `string` column's int32 offsets."""
+    table = index._ids_table(0)
+    assert table.schema.field("caption").type == pa.large_string()
+    assert index.lookup([0, 0, 1])[1]["caption"] == "x" * LONG
+
+
+def test_an_answer_over_the_response_cap_is_a_one_line_422_counted(index):
+    with _client(index, max_response_bytes=8 * LONG) as client:
+        refused = client.post("/metadata", json={"ids": [0] * 40})
+        assert refused.status_code == 422 and "limit" in refused.json()["error"]
+        assert "\n" not in refused.json()["error"]
+        assert client.post("/metadata", json={"ids": [0] * 3}).status_code == 200
+        assert client.get("/item/0").status_code == 200
+        assert client.get("/stats").json()["rejected"]["422"] == 1
+
+
+def test_embed_caps_long_captions_counted_not_failed(tmp_path, capsys):
+    import imagefactory as imgs
+    import pyarrow.parquet as pq
+    import webdataset as wds
+    from embedhelpers import embed, manifest
+
+    shard = str(tmp_path / "00000.tar")
+    with wds.TarWriter(shard) as sink:
+        sink.write({"__key__": "long", "jpg": imgs.jpeg(1), "txt": "word " * 6000})
+        sink.write({"__key__": "short", "jpg": imgs.jpeg(2), "txt": "a short one"})
+    out = str(tmp_path / "out")
+    assert embed("--input", shard, "--output", out, "--max-caption-chars", "1000") == 0
+    assert manifest(out)["failures"] == 0 and manifest(out)["max_caption_chars"] == 1000
+    rows = {r["id"]: r for r in pq.read_table(f"{out}/embeddings").to_pylist()}
+    long_row = next(r for i, r in rows.items() if i.endswith("long"))
+    assert len(long_row["caption"]) <= 1000 and long_row["caption"].startswith("word word")
+    assert "truncated from 29999 to 1000" in long_row["caption_note"]
+    assert next(r for i, r in rows.items() if i.endswith("short"))["caption"] == "a short one"
+    assert "captions truncated  1" in capsys.readouterr().err
+    assert main(["embed", "--input", shard, "--output", out, "--max-caption-chars", "0"]) == 2
+
+
+def _post(client, path, raw: bytes):
+    return client.post(path, content=raw, headers={"content-type": "application/json"})
+
+
+def test_vectors_of_huge_numbers_are_refused(index):
+    with _client(index) as client:
+        answer = _post(client, "/search", json.dumps({"vector": [1e308] * DIM}).encode())
+        assert answer.status_code == 400 and "finite" in answer.json()["error"], answer.json()
