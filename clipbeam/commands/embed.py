@@ -41,10 +41,12 @@ from clipbeam.layout import Mode, OutputFolder, open_output
 from clipbeam.layout.embeddings import (
     EMBEDDINGS,
     FRAGMENTS,
+    NUMBERS_NOTE,
     PartPlan,
     build_manifest,
     embeddings_file,
     failures_file,
+    known_numbers,
     part_name,
     plan_numbers,
 )
@@ -210,7 +212,9 @@ def start_parts(out: OutputFolder, parts: list[PartSpec], overwrite: bool) -> Pa
     markers = out.ledger.markers()
     complete = out.ledger.complete(markers)
     previous = None if overwrite else out.previous_manifest
-    plan = plan_numbers(parts, previous, {n: m for n, m in markers.items() if n in complete})
+    known = known_numbers(out.notes.get(NUMBERS_NOTE), previous, markers.values())  # lost parts keep theirs
+    plan = plan_numbers(parts, known, {n: m for n, m in markers.items() if n in complete})
+    out.note(NUMBERS_NOTE, {**known, **{spec.source: n for n, spec in plan.numbered.items()}})
     keep = {part_name(n) for n in (*plan.done, *plan.gone)}
     out.ledger.forget([name for name in markers if name not in keep])  # stale or partial
     pending = [number for number, _ in plan.pending]
@@ -247,6 +251,8 @@ def _drop_gone(out: OutputFolder, plan: PartPlan) -> None:
     for number, marker in sorted(plan.gone.items()):
         out.ledger.discard({part_name(number): marker})
         LOG.info("pruned part %d (%s)", number, marker["source"])
+    kept = {s: n for s, n in out.notes.get(NUMBERS_NOTE, {}).items() if n not in plan.gone}
+    out.note(NUMBERS_NOTE, kept)  # a pruned source that comes back is a new part
 
 
 def commit(out: OutputFolder, job: EmbedJob, plan: PartPlan, seconds: float) -> dict | None:

@@ -9,8 +9,9 @@ OUT/_fragments/part-NNNNN/          rows waiting for their part's writer
 OUT/_job.json, OUT/_lease.json      the lifecycle's run record and lease
 ```
 
-A part's number belongs to its source: the manifest and the done-markers keep
-source -> number, sources seen before keep their numbers (and so their files
+A part's number belongs to its source: the run record (`part_numbers`, kept
+without the manifest, through lost files and redone parts), the manifest and
+the done-markers keep source -> number, sources seen before keep their numbers (and so their files
 and ids), and new sources get the next free numbers in sorted order. A corpus
 that grows by a shard which sorts first therefore costs one new part, not a
 renumbering of all of them. Pure functions here; the pipeline writes the parts.
@@ -27,6 +28,7 @@ from clipbeam.storage import join
 
 FORMAT_VERSION = 3  # 3: part numbers kept per source, "in_input" per part, "files"
 MARKERS = "_parts"
+NUMBERS_NOTE = "part_numbers"  # the run record's note: source -> part number
 FRAGMENTS = "_fragments"
 
 
@@ -79,13 +81,22 @@ def number_sources(sources: Iterable[str], known: dict[str, int]) -> dict[str, i
     return numbers
 
 
-def known_numbers(previous_manifest: dict | None, markers: Iterable[dict]) -> dict[str, int]:
-    """source -> part number, from the last manifest and the done-markers written since."""
-    known = {}
+def known_numbers(recorded: object, previous_manifest: dict | None, markers: Iterable[dict]) -> dict[str, int]:
+    """source -> part number, from the run record's map (`recorded`, kept while parts are redone), the
+    last manifest and the done-markers, in that order. Entries of the wrong type are ignored, and a
+    number already given to another source is not given twice (records can be edited by hand)."""
+    pairs = list(recorded.items()) if isinstance(recorded, dict) else []
     entries = (previous_manifest or {}).get("parts")
     for entry in [*(entries if isinstance(entries, list) else []), *markers]:
-        if isinstance(entry, dict) and has_fields(entry, {"source": str, "part": int}):
-            known[entry["source"]] = entry["part"]
+        if isinstance(entry, dict):
+            pairs.append((entry.get("source"), entry.get("part")))
+    known: dict[str, int] = {}
+    taken: set[int] = set()
+    for source, number in pairs:
+        if (isinstance(source, str) and isinstance(number, int) and not isinstance(number, bool) and number >= 0
+                and source not in known and number not in taken):
+            known[source] = number
+            taken.add(number)
     return known
 
 
@@ -102,7 +113,7 @@ class PartPlan:
         return [(n, spec) for n, spec in sorted(self.numbered.items()) if n not in self.done]
 
 
-def plan_numbers(parts: list, previous_manifest: dict | None, done_markers: dict[str, dict]) -> PartPlan:
+def plan_numbers(parts: list, known: dict[str, int], done_markers: dict[str, dict]) -> PartPlan:
     """Number the input parts (by source) and sort the complete parts' markers into done and gone.
 
     A marker counts as done for its part when it names the same source and the
@@ -110,7 +121,7 @@ def plan_numbers(parts: list, previous_manifest: dict | None, done_markers: dict
     source is not in the input is gone (kept in the manifest unless pruned).
     """
     markers = list(done_markers.values())
-    numbers = number_sources([p.source for p in parts], known_numbers(previous_manifest, markers))
+    numbers = number_sources([p.source for p in parts], known)
     numbered = {numbers[p.source]: p for p in parts}
     done, gone = {}, {}
     for marker in markers:

@@ -73,6 +73,7 @@ class OutputFolder:
     lease: Lease
     previous_manifest: dict | None = None
     owned: list[str] = field(default_factory=list)
+    notes: dict = field(default_factory=dict)  # what a job keeps in its run record between runs
 
     def path(self, *names: str) -> str:
         return join(self.url, *names)
@@ -96,9 +97,15 @@ class OutputFolder:
             self.owned.extend(new)
             self._write_record()
 
+    def note(self, key: str, value: object) -> None:
+        """Keep `value` in the run record (read back as `notes[key]` by a resumed run; --overwrite drops it)."""
+        if self.notes.get(key) != value:
+            self.notes[key] = value
+            self._write_record()
+
     def _write_record(self) -> None:
         record = {"kind": self.kind.name, "settings": self.settings,
-                  "fingerprint": settings_fingerprint(self.settings), "owned": self.owned}
+                  "fingerprint": settings_fingerprint(self.settings), "owned": self.owned, "notes": self.notes}
         write_json(self.path(RUN_RECORD), record, self.storage_options)
 
     def commit(self, manifest: dict) -> dict:
@@ -130,7 +137,7 @@ def _read_if_present(url: str, storage_options: dict | None) -> dict | None:
 
 
 RECORD_FIELDS = {"kind": str}
-RECORD_OPTIONAL = {"settings": dict, "fingerprint": str, "owned": list}
+RECORD_OPTIONAL = {"settings": dict, "fingerprint": str, "owned": list, "notes": dict}
 
 
 def _read_record(url: str, mode: Mode, storage_options: dict | None) -> tuple[dict | None, bool]:
@@ -238,7 +245,8 @@ def open_output(url: str, kind: OutputKind, settings: dict, mode: Mode, storage_
     lease = Lease(url, storage_options, timeout=lease_timeout).acquire(replace_invalid=mode is Mode.CLEAR)
     try:
         out = OutputFolder(url, kind, settings, storage_options, lease, previous_manifest=manifest,
-                           owned=list(record.get("owned") or []) if record and mode is Mode.RESUME else [])
+                           owned=list(record.get("owned") or []) if record and mode is Mode.RESUME else [],
+                           notes=dict(record.get("notes") or {}) if record and mode is Mode.RESUME else {})
         remove_owned(url, kind.manifest, storage_options)  # the output stops being "complete" first
         if ours and mode is Mode.CLEAR:
             if recorded and record is None:
