@@ -138,6 +138,12 @@ BAD_SEARCHES = [
     ("params unknown", {"text": "a", "params": {"ht": 3}}, 400, "unknown search parameter"),
     ("params out of bounds", {"text": "a", "params": "nprobe=0"}, 400, "between 1 and"),
     ("params not for Flat", {"text": "a", "params": "nprobe=4"}, 400, "do not apply"),
+    # issue 22 item 4: these answered 500
+    ("deeply nested", b"[" * 100_000 + b"]" * 100_000, 400, "nested too deeply"),
+    ("k of 5000 digits", b'{"text": "a", "k": ' + b"9" * 5000 + b"}", 400, "not valid JSON"),
+    ("vector with a 400-digit integer", b'{"vector": [' + b"9" * 400 + b", 0" * 63 + b"]}", 400, "too large"),
+    ("nprobe Infinity", b'{"text": "a", "params": {"nprobe": Infinity}}', 400, "nprobe must be"),
+    ("vector of 1e308", {"vector": [1e308] * 64}, 400, "norm must be finite"),
 ]
 
 
@@ -160,6 +166,8 @@ BAD_GETS = [
     ("/image/1?size=0", 400, "size must be"),
     ("/image/1?size=big", 400, "size must be"),
     ("/image/1?size=5000", 400, "size must be"),
+    ("/image/1?size=²²", 400, "size must be"),
+    ("/image/1?size=①", 400, "size must be"),
     ("/item/999999", 404, "unknown id"),
     ("/static/../serve.py", 404, ""),
     ("/static/engine.py", 404, "no static file"),

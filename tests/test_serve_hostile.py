@@ -82,7 +82,21 @@ def _post(client, path, raw: bytes):
     return client.post(path, content=raw, headers={"content-type": "application/json"})
 
 
-def test_vectors_of_huge_numbers_are_refused(index):
+BAD_BODIES = [
+    b"[" * 100_000 + b"]" * 100_000,
+    b'{"vector": [1], "k": ' + b"9" * 5000 + b"}",
+    b'{"vector": [' + b"9" * 400 + b", 0" * (DIM - 1) + b"]}",
+    b'{"vector": [' + b", ".join([b"1e308"] * DIM) + b"]}",
+    b'{"vector": [' + b", ".join([b"0.5"] * DIM) + b'], "params": {"nprobe": Infinity}}',
+]
+
+
+def test_bad_requests_are_one_line_4xx_counted_in_stats(index):
     with _client(index) as client:
-        answer = _post(client, "/search", json.dumps({"vector": [1e308] * DIM}).encode())
-        assert answer.status_code == 400 and "finite" in answer.json()["error"], answer.json()
+        for body in BAD_BODIES:
+            answer = _post(client, "/search", body)
+            assert answer.status_code == 400 and "\n" not in answer.json()["error"], answer.text[:200]
+        for size in ("²²", "①", "9" * 5000):
+            assert client.get(f"/image/1?size={size}").status_code == 400
+        assert client.get("/stats").json()["rejected"]["400"] == len(BAD_BODIES) + 3
+        assert _post(client, "/search", json.dumps({"vector": [0.5] * DIM}).encode()).status_code == 200

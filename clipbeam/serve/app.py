@@ -63,7 +63,7 @@ def _state(request: Request) -> ServeState:
 async def read_body(request: Request, limit: int) -> bytes:
     """The request body, refused with a 413 as soon as it passes `limit` bytes."""
     declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > limit:
+    if declared.isascii() and declared.isdigit() and (len(declared) > 18 or int(declared) > limit):
         raise ApiError(413, f"the body is {declared} bytes; the limit is {limit}")
     chunks, size = [], 0
     async for chunk in request.stream():
@@ -162,7 +162,7 @@ async def image(request: Request) -> Response:
         data = await run_in_threadpool(engine.image_bytes, faiss_id)
         return Response(data, media_type=image_type(data), headers=IMAGE_HEADERS)
     lo, hi = THUMBNAIL_SIZES
-    if not size.isdigit() or not lo <= int(size) <= hi:
+    if not (size.isascii() and size.isdigit() and len(size) <= 5) or not lo <= int(size) <= hi:  # not '²²
         raise ApiError(400, f"size must be an integer between {lo} and {hi}")
     data = await run_in_threadpool(engine.thumbnail, faiss_id, int(size))
     return Response(data, media_type="image/jpeg", headers=IMAGE_HEADERS)

@@ -12,7 +12,6 @@ from __future__ import annotations
 import base64
 import binascii
 import json
-import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,6 +31,9 @@ class ApiError(Exception):
         super().__init__(message)
         self.status = status
         self.message = " ".join(message.split())
+
+
+MAX_VECTOR_NORM = 1e15  # float32 scores and squared distances of larger vectors overflow
 
 
 @dataclass(frozen=True)
@@ -67,8 +69,10 @@ def parse_json(body: bytes) -> dict[str, Any]:
     """The body as a JSON object (any content type: clip-retrieval's front sends text/plain)."""
     try:
         value = json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ApiError(400, f"the body is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise ApiError(400, "the body is not valid JSON: nested too deeply") from None
+    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError, an integer of more than 4,300 digits
+        raise ApiError(400, f"the body is not valid JSON: {exc}"[:300]) from None
     if not isinstance(value, dict):
         raise ApiError(400, "the body must be a JSON object")
     return value
@@ -97,7 +101,7 @@ def parse_params(value: Any) -> str | None:
             raise ApiError(400, f"unknown search parameter {key!r} (known: {', '.join(PARAM_LIMITS)})"[:300])
         try:
             number = int(raw) if not isinstance(raw, bool) else None
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):  # OverflowError: Infinity
             number = None
         if number is None or not 1 <= number <= PARAM_LIMITS[key]:
             raise ApiError(400, f"{key} must be an integer between 1 and {PARAM_LIMITS[key]}"[:300])
@@ -111,9 +115,17 @@ def parse_vector(value: Any, dim: int, name: str = "vector") -> np.ndarray:
         raise ApiError(400, f"{name} must be a list of numbers")
     if len(value) != dim:
         raise ApiError(400, f"{name} has {len(value)} values; this index needs {dim}")
-    if not all(math.isfinite(v) for v in value):
+    try:
+        numbers = np.asarray([float(v) for v in value], dtype=np.float64)
+    except OverflowError:  # an integer of hundreds of digits
+        raise ApiError(400, f"{name} holds a number too large for a float") from None
+    if not np.isfinite(numbers).all():
         raise ApiError(400, f"{name} holds a NaN or infinite value")
-    return np.asarray(value, dtype=np.float32)[None, :]
+    with np.errstate(over="ignore"):
+        norm = np.linalg.norm(numbers)
+    if not norm <= MAX_VECTOR_NORM:  # 1e308 is finite, but its scores overflow to inf
+        raise ApiError(400, f"{name} is too large to search: its norm must be finite and at most {MAX_VECTOR_NORM:g}")
+    return numbers.astype(np.float32)[None, :]
 
 
 def parse_image(value: Any, name: str = "image") -> bytes:
