@@ -16,8 +16,10 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import posixpath
 import re
+import stat
 import tarfile
 from dataclasses import dataclass
 from typing import Any, Iterator
@@ -273,6 +275,14 @@ def _read_manifest(index: int, spec: PartSpec, storage_options: dict | None, col
                "meta": meta}
 
 
+def _regular(fs, path: str) -> str:
+    """`path`, if it is a regular file. On local disks a FIFO, socket or device in a folder input would
+    block the read forever or never end: ValueError (a read failure) instead."""
+    if getattr(fs, "local_file", False) and not stat.S_ISREG(os.stat(path).st_mode):
+        raise ValueError(f"{path} is not a regular file (a FIFO, socket or device)")
+    return path
+
+
 def _read_folder(index: int, spec: PartSpec, storage_options: dict | None, limits: ReadLimits) -> Iterator[dict]:
     try:
         fs, root = get_fs(spec.url, storage_options)
@@ -284,10 +294,10 @@ def _read_folder(index: int, spec: PartSpec, storage_options: dict | None, limit
         sample_id = f"{spec.label}/{image}"
         source = join(spec.url, image)
         try:
-            data = read_capped(fs, posixpath.join(root, image), limits.max_member_bytes)
+            data = read_capped(fs, _regular(fs, posixpath.join(root, image)), limits.max_member_bytes)
             caption = None
             if caption_path is not None:
-                caption = read_capped(fs, posixpath.join(root, caption_path), limits.max_member_bytes)
+                caption = read_capped(fs, _regular(fs, posixpath.join(root, caption_path)), limits.max_member_bytes)
         except Exception as exc:
             yield failure(index, sample_id, source, "read", _error(exc))
             continue
