@@ -69,6 +69,7 @@ from clipbeam.transforms.corpus_plan import FORMATS, ManifestColumns, PartSpec, 
 from clipbeam.transforms.corpus_read import DEFAULT_MAX_MEMBER_BYTES, ReadLimits
 from clipbeam.transforms.embed_corpus import EmbedCorpus, EmbedCorpusConfig
 from clipbeam.transforms.embed_write import PartInfo
+from clipbeam.transforms.parquet_sink import DEFAULT_MAX_METADATA_COLUMNS
 
 LOG = logging.getLogger(__name__)
 
@@ -90,6 +91,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--max-caption-chars", type=int, default=DEFAULT_MAX_CAPTION_CHARS, metavar="N",
                        help="longer captions keep their first N characters, counted and noted in caption_note "
                             "(default %(default)s)")
+    group.add_argument("--max-metadata-columns", type=int, default=DEFAULT_MAX_METADATA_COLUMNS, metavar="N",
+                       help="sidecar/manifest fields kept as columns per part; the rest go into json_raw, "
+                            "counted (default %(default)s)")
     group.add_argument("--allow-any-path", action="store_true",
                        help="let a manifest name images outside its own filesystem (absolute local paths "
                             "in a remote manifest, another URL scheme)")
@@ -148,6 +152,7 @@ class EmbedJob:
     columns: ManifestColumns
     max_pixels: int
     max_caption_chars: int
+    max_metadata_columns: int
     rows_per_part: int
     dtype: str
     embed_text: bool
@@ -169,6 +174,7 @@ class EmbedJob:
             "embed_text": self.embed_text, "format": self.fmt, "image_column": self.columns.image,
             "caption_column": self.columns.caption, "id_column": self.columns.id,
             "max_pixels": self.max_pixels, "max_caption_chars": self.max_caption_chars,
+            "max_metadata_columns": self.max_metadata_columns,
             "rows_per_part": self.rows_per_part,
             "max_member_bytes": self.limits.max_member_bytes, "allow_any_path": self.limits.allow_any_path,
             "fast_decode": self.tuning.fast_decode,
@@ -178,7 +184,7 @@ class EmbedJob:
 def job_from_args(args: argparse.Namespace) -> EmbedJob:
     """Validate the arguments (UsageError: one line, exit 2) into one frozen EmbedJob."""
     for flag in ("batch_size", "model_copies", "rows_per_part", "max_pixels", "max_member_bytes",
-                 "max_caption_chars"):
+                 "max_caption_chars", "max_metadata_columns"):
         if getattr(args, flag) <= 0:
             raise UsageError(f"--{flag.replace('_', '-')} must be positive")
     check_accelerator(args.accelerator)
@@ -186,7 +192,8 @@ def job_from_args(args: argparse.Namespace) -> EmbedJob:
         inputs=tuple(args.input), fmt=args.format, output=args.output,
         storage_options=storage_options_from_args(args), spec=clip_spec_from_args(args),
         columns=ManifestColumns(args.image_column, args.caption_column, args.id_column),
-        max_pixels=args.max_pixels, max_caption_chars=args.max_caption_chars, rows_per_part=args.rows_per_part,
+        max_pixels=args.max_pixels, max_caption_chars=args.max_caption_chars,
+        max_metadata_columns=args.max_metadata_columns, rows_per_part=args.rows_per_part,
         dtype=args.dtype,
         embed_text=not args.no_text, batch_size=args.batch_size, model_copies=args.model_copies,
         accelerator=args.accelerator, overwrite=args.overwrite, prune=args.prune,
@@ -240,6 +247,7 @@ def corpus_config(job: EmbedJob, out: OutputFolder, plan: PartPlan, weights: str
         ledger=out.ledger, spec=job.spec, dim=dim, preprocess=preprocess_config(job.spec),
         parts={n: PartInfo(p.source, p.fingerprint) for n, p in plan.pending}, columns=job.columns,
         limits=job.limits, max_pixels=job.max_pixels, max_caption_chars=job.max_caption_chars,
+        max_metadata_columns=job.max_metadata_columns,
         embed_text=job.embed_text, batch_size=job.batch_size,
         model_copies=job.model_copies, dtype=job.dtype, schema_meta=schema_meta, accelerator=job.accelerator,
         tuning=job.tuning,
@@ -285,6 +293,8 @@ def print_embed_summary(job: EmbedJob, plan: PartPlan, manifest: dict, seconds: 
         rows.append(("not in input", f"{len(plan.gone)} parts {what}"))
     rows += [("samples in", manifest["samples"]), ("embedded", manifest["rows"]), ("failed", manifest["failures"])]
     rows += [(f"  failed at {stage}", count) for stage, count in sorted(manifest["failed_by_stage"].items())]
+    if manifest.get("metadata_folded"):
+        rows.append(("metadata columns", f"{manifest['metadata_folded']} over --max-metadata-columns, in json_raw"))
     rows += [("seconds", f"{seconds:.1f}"), ("samples/s", f"{ran / seconds:.1f}" if seconds > 0 else "-")]
     print_summary("clipbeam embed: done", rows + list(inference))
 

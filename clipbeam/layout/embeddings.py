@@ -58,7 +58,8 @@ def manifest_files(manifest: dict) -> list[str]:
 
 
 MARKER_FIELDS = {"part": int, "source": str, "samples": int, "rows": int, "failures": int, "failed_by_stage": dict,
-                 "embeddings": (str, type(None)), "failures_file": (str, type(None)), "text_rows": (int, type(None))}
+                 "embeddings": (str, type(None)), "failures_file": (str, type(None)), "text_rows": (int, type(None)),
+                 "metadata_folded": (int, type(None))}
 
 
 def valid_marker(unit: str, marker: dict) -> bool:
@@ -144,6 +145,7 @@ def manifest_entry(marker: dict, in_input: bool) -> dict:
         "samples": marker["samples"],
         "rows": marker["rows"],
         "text_rows": marker.get("text_rows", 0),
+        "metadata_folded": marker.get("metadata_folded") or 0,
         "failures": marker["failures"],
         "failed_by_stage": marker["failed_by_stage"],
         "path": marker["embeddings"],
@@ -166,6 +168,7 @@ def build_manifest(settings: dict, markers: dict[int, dict], in_input: set[int],
         "samples": sum(e["samples"] for e in entries),
         "rows": sum(e["rows"] for e in entries),
         "failures": sum(e["failures"] for e in entries),
+        "metadata_folded": sum(e["metadata_folded"] for e in entries),
         "failed_by_stage": failed_by_stage,
         "parts": entries,
         "files": files,

@@ -30,6 +30,7 @@ from clipbeam.transforms.embed_write import (
     SplitResultsDoFn,
     WritePartDoFn,
 )
+from clipbeam.transforms.parquet_sink import DEFAULT_MAX_METADATA_COLUMNS
 
 ORDER_WINDOW_BATCHES = 4  # captions are sorted by length across this many batches (see OrderByCaptionLength)
 
@@ -47,6 +48,7 @@ class EmbedCorpusConfig:
     limits: ReadLimits = ReadLimits()
     max_pixels: int = DEFAULT_MAX_PIXELS
     max_caption_chars: int = DEFAULT_MAX_CAPTION_CHARS
+    max_metadata_columns: int = DEFAULT_MAX_METADATA_COLUMNS
     embed_text: bool = True
     batch_size: int = 64
     model_copies: int = 1
@@ -101,7 +103,8 @@ class EmbedCorpus(beam.PTransform):
             inference = inference.with_resource_hints(accelerator=cfg.accelerator)
         split = (samples
                  | "Embed" >> inference
-                 | "Split" >> beam.ParDo(SplitResultsDoFn(cfg.output, cfg.dim, cfg.dtype, cfg.storage_options))
+                 | "Split" >> beam.ParDo(SplitResultsDoFn(cfg.output, cfg.dim, cfg.dtype, cfg.storage_options,
+                                                          max_metadata_columns=cfg.max_metadata_columns))
                  .with_outputs(FAILURES, main="rows"))
         return (
             (
@@ -113,5 +116,6 @@ class EmbedCorpus(beam.PTransform):
             )
             | "All" >> beam.Flatten()
             | "ByPart" >> beam.GroupByKey()
-            | "WritePart" >> beam.ParDo(WritePartDoFn(cfg.ledger, cfg.parts, cfg.schema_meta))
+            | "WritePart" >> beam.ParDo(WritePartDoFn(cfg.ledger, cfg.parts, cfg.schema_meta,
+                                                      cfg.max_metadata_columns))
         )

@@ -24,6 +24,9 @@ from clipbeam.storage import atomic_open, join, open_input
 
 RESERVED = ("id", "source", "caption", "image_embedding", "text_embedding", "width", "height", "sha256",
             "source_offset", "source_size")
+JSON_RAW = "json_raw"  # metadata kept as JSON text: unparseable sidecars, and the columns over the cap
+DEFAULT_MAX_METADATA_COLUMNS = 256
+FOLDED_KEY = "clipbeam.metadata_folded"  # schema metadata of fragments: values folded into json_raw
 FAILURE_SCHEMA = pa.schema([("id", pa.string()), ("source", pa.string()), ("stage", pa.string()),
                             ("error", pa.string())])
 
@@ -34,8 +37,10 @@ def _meta_value(value: Any) -> Any:
     return value
 
 
-def embedding_table(rows: list[dict], dim: int, dtype: str, schema_meta: dict[str, str]) -> pa.Table:
-    """Rows (sorted by id) -> the contract's table; metadata columns pass through."""
+def embedding_table(rows: list[dict], dim: int, dtype: str, schema_meta: dict[str, str],
+                    max_metadata_columns: int = DEFAULT_MAX_METADATA_COLUMNS) -> pa.Table:
+    """Rows (sorted by id) -> the contract's table; metadata columns pass through, at most
+    `max_metadata_columns` of them (the rest folded into json_raw)."""
     np_dtype = np.float16 if dtype == "float16" else np.float32
     value_type = pa.float16() if dtype == "float16" else pa.float32()
     list_type = pa.list_(value_type)
@@ -67,20 +72,69 @@ def embedding_table(rows: list[dict], dim: int, dtype: str, schema_meta: dict[st
         "source_offset": pa.array([r.get("source_offset") for r in rows], pa.int64()),
         "source_size": pa.array([r.get("source_size") for r in rows], pa.int64()),
     }
-    meta_keys: list[str] = []
-    for row in rows:
-        for key in row.get("meta") or {}:
-            if key not in meta_keys:
-                meta_keys.append(key)
-    for key in meta_keys:
-        name = key if key not in RESERVED else f"meta_{key}"
-        values = [_meta_value((r.get("meta") or {}).get(key)) for r in rows]
+    metas = [_renamed(r.get("meta") or {}) for r in rows]
+    keys = list(dict.fromkeys(key for meta in metas for key in meta))  # linear in the keys, in first-seen order
+    kept, folded = split_metadata(keys, max_metadata_columns)
+    for key in kept:
+        values = [_meta_value(meta.get(key)) for meta in metas]
         try:
-            columns[name] = pa.array(values)
+            columns[key] = pa.array(values)
         except (pa.ArrowInvalid, pa.ArrowTypeError):  # mixed types across samples
-            columns[name] = pa.array([None if v is None else str(v) for v in values], pa.string())
+            columns[key] = pa.array([None if v is None else str(v) for v in values], pa.string())
+    if folded:
+        extras = [{k: meta[k] for k in folded if k in meta} for meta in metas]
+        columns[JSON_RAW] = pa.array([_fold(meta.get(JSON_RAW), extra) for meta, extra in zip(metas, extras,
+                                                                                            strict=True)], pa.string())
+        schema_meta = {**schema_meta, FOLDED_KEY: str(sum(map(len, extras)))}
     table = pa.table(columns)
     return table.replace_schema_metadata({k.encode(): v.encode() for k, v in schema_meta.items()})
+
+
+def folded_count(table: pa.Table) -> int:
+    """The metadata values a fragment (or merged part) folded into json_raw, from its schema metadata."""
+    return int((table.schema.metadata or {}).get(FOLDED_KEY.encode(), b"0"))
+
+
+def _renamed(meta: dict) -> dict:
+    """Sidecar keys that would shadow a contract column get a `meta_` prefix."""
+    return {(f"meta_{k}" if k in RESERVED else k): v for k, v in meta.items()}
+
+
+def split_metadata(keys: list[str], max_columns: int) -> tuple[list[str], list[str]]:
+    """(metadata keys kept as columns, keys folded into json_raw): at most `max_columns` columns, the
+    first names in sorted order, so that every fragment of a part keeps the same ones."""
+    names = [k for k in keys if k != JSON_RAW]
+    if len(names) <= max_columns:
+        return keys, []
+    ordered = sorted(names)
+    return ordered[:max_columns] + ([JSON_RAW] if JSON_RAW in keys else []), ordered[max_columns:]
+
+
+def _fold(raw: Any, extra: dict) -> str | None:
+    """A row's json_raw with `extra` fields folded in: a JSON object (a raw sidecar text kept under "json_raw")."""
+    if not extra:
+        return None if raw is None else str(raw)
+    if raw is not None:
+        try:
+            previous = json.loads(raw)
+        except (TypeError, ValueError, RecursionError):
+            previous = None
+        extra = {**(previous if isinstance(previous, dict) else {JSON_RAW: raw}), **extra}
+    return json.dumps(extra, ensure_ascii=False, default=str)
+
+
+def cap_metadata_columns(table: pa.Table, max_columns: int) -> tuple[pa.Table, int]:
+    """A merged part's table with at most `max_columns` metadata columns, the rest folded into json_raw;
+    (table, values folded here). Fragments are capped one by one, so their union may be over the cap."""
+    meta = [name for name in table.column_names if name not in RESERVED]
+    kept, folded = split_metadata(meta, max_columns)
+    if not folded:
+        return table, 0
+    extras = [{k: v for k, v in row.items() if v is not None} for row in table.select(folded).to_pylist()]
+    raws = table.column(JSON_RAW).to_pylist() if JSON_RAW in table.column_names else [None] * table.num_rows
+    values = [_fold(raw, extra) for raw, extra in zip(raws, extras, strict=True)]
+    table = table.drop_columns([*folded, *([JSON_RAW] if JSON_RAW in meta else [])])
+    return table.append_column(JSON_RAW, pa.array(values, pa.string())), sum(map(len, extras))
 
 
 # Row groups small enough that a sampler (`clipbeam index`) or a single-row reader (`clipbeam serve`)
@@ -97,10 +151,10 @@ def write_table(table: pa.Table, url: str, storage_options: dict | None) -> None
 
 
 def write_fragment(out: str, number: int, rows: list[dict], dim: int, dtype: str,
-                   storage_options: dict | None) -> str:
+                   storage_options: dict | None, max_metadata_columns: int = DEFAULT_MAX_METADATA_COLUMNS) -> str:
     """A bundle's rows of one part, written so that they need not wait in memory for the rest."""
     url = join(fragments_dir(out, number), f"{uuid.uuid4().hex}.parquet")
-    write_table(embedding_table(rows, dim, dtype, {}), url, storage_options)
+    write_table(embedding_table(rows, dim, dtype, {}, max_metadata_columns), url, storage_options)
     return url
 
 
@@ -112,6 +166,7 @@ def merge_fragments(urls: list[str], storage_options: dict | None) -> pa.Table |
             tables.append(pq.read_table(handle))
     if not tables:
         return None
+    folded = sum(folded_count(t) for t in tables)
     try:
         table = pa.concat_tables(tables, promote_options="permissive")
     except (pa.ArrowInvalid, pa.ArrowTypeError):  # a metadata field typed differently across fragments
@@ -121,7 +176,8 @@ def merge_fragments(urls: list[str], storage_options: dict | None) -> pa.Table |
     table = table.sort_by("id")
     ids = table.column("id").to_pylist()
     keep = [i == 0 or ids[i] != ids[i - 1] for i in range(len(ids))]
-    return table if all(keep) else table.filter(pa.array(keep))
+    table = table if all(keep) else table.filter(pa.array(keep))
+    return table.replace_schema_metadata({FOLDED_KEY.encode(): str(folded).encode()}) if folded else table
 
 
 @dataclass(frozen=True)
@@ -134,6 +190,7 @@ class PartFiles:
     failed_by_stage: dict
     embeddings: str | None  # relative to the output folder; None when no row was embedded
     failures_file: str | None
+    metadata_folded: int = 0  # metadata values of columns over the cap, folded into json_raw
 
     @property
     def failures(self) -> int:
@@ -145,9 +202,15 @@ class PartFiles:
 
 
 def write_part(out: str, number: int, table: pa.Table | None, failures: list[dict], samples_in: int,
-               schema_meta: dict[str, str], storage_options: dict | None) -> PartFiles:
+               schema_meta: dict[str, str], storage_options: dict | None,
+               max_metadata_columns: int = DEFAULT_MAX_METADATA_COLUMNS) -> PartFiles:
     """Write a part's embeddings and failures files; refuse a part whose counts do not add up."""
     rows = 0 if table is None else table.num_rows
+    folded = 0
+    if table is not None:
+        folded = folded_count(table)
+        table, more = cap_metadata_columns(table, max_metadata_columns)
+        folded += more
     failures = sorted(failures, key=lambda r: (r["id"], r["stage"]))
     if rows + len(failures) != samples_in:
         raise RuntimeError(f"part {number}: {samples_in} samples in but {rows} embedded + "
@@ -168,4 +231,5 @@ def write_part(out: str, number: int, table: pa.Table | None, failures: list[dic
         failed_by_stage=by_stage,
         embeddings=embeddings_file(number) if rows else None,
         failures_file=failures_file(number) if failures else None,
+        metadata_folded=folded,
     )
