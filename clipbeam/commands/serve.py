@@ -15,7 +15,7 @@ import logging
 import posixpath
 
 from clipbeam import storage
-from clipbeam.commands.common import add_storage_arguments, storage_options_from_args
+from clipbeam.commands.common import add_storage_arguments, storage_options_from_args, unrecognized
 from clipbeam.commands.query_model import add_query_model_arguments, load_query_model, query_spec
 from clipbeam.errors import UsageError
 from clipbeam.index import ShardedIndex
@@ -86,7 +86,7 @@ def _is_loopback(host: str) -> bool:
 
 def run(args: argparse.Namespace, beam_args: list[str]) -> int:
     if beam_args:
-        raise UsageError(f"unrecognized arguments: {' '.join(beam_args)}")
+        raise unrecognized(beam_args)
     try:
         import uvicorn
 

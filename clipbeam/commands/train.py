@@ -25,6 +25,7 @@ from clipbeam.commands.common import (
     print_summary,
     report_unfinished,
     storage_options_from_args,
+    unrecognized,
 )
 from clipbeam.errors import UsageError
 from clipbeam.layout import Mode, open_output
@@ -197,7 +198,7 @@ def run(args: argparse.Namespace, beam_args: list[str]) -> int:
     from clipbeam.transforms.train_data import CorpusSamples
 
     if beam_args:
-        raise UsageError(f"unrecognized arguments: {' '.join(beam_args)}")
+        raise unrecognized(beam_args)
     _check_common(args)
     storage_options = storage_options_from_args(args)
     device = resolve_device(args.device)
