@@ -80,3 +80,19 @@ def test_parts_merged_from_fragments_keep_the_cap():
     assert folded == 2 and [c for c in capped.column_names if c in "abcde"] == ["a", "b"]
     assert [json.loads(v) for v in capped.column("json_raw").to_pylist()] == [
         {"c": 1}, {"json_raw": "not json {", "d": 1, "e": 1}]
+
+
+def test_folder_inputs_read_no_symbolic_link_out_of_the_folder(tmp_path):
+    """Item 3: a caption sidecar linked to a file outside the input became a caption."""
+    folder = _folder(tmp_path)
+    secret = tmp_path / "secret.txt"
+    secret.write_text("root:x:0:0")
+    os.remove(os.path.join(folder, "a1.txt"))
+    os.symlink(secret, os.path.join(folder, "a1.txt"))
+    os.symlink(os.path.join(folder, "a0.jpg"), os.path.join(folder, "same.jpg"))  # a link inside stays readable
+    out = str(tmp_path / "out")
+    assert embed("--input", folder, "--output", out) == 3
+    failures = read_failures(out)
+    assert [row["id"].rsplit("/", 1)[-1] for row in failures] == ["a1.jpg"]
+    assert "symbolic link out of the input folder" in failures[0]["error"]
+    assert all("root:x" not in (row["caption"] or "") for row in read_rows(out)) and len(read_rows(out)) == 2

@@ -100,3 +100,49 @@ def test_bad_requests_are_one_line_4xx_counted_in_stats(index):
             assert client.get(f"/image/1?size={size}").status_code == 400
         assert client.get("/stats").json()["rejected"]["400"] == len(BAD_BODIES) + 3
         assert _post(client, "/search", json.dumps({"vector": [0.5] * DIM}).encode()).status_code == 200
+
+
+@pytest.fixture
+def folder_engine(tmp_path):
+    """A folder corpus embedded and indexed, served without a model; (engine, faiss id -> file)."""
+    import imagefactory as imgs
+    from embedhelpers import embed
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for i in range(4):
+        (folder / f"p{i}.png").write_bytes(imgs.png(i))
+    emb, idx = str(tmp_path / "emb"), str(tmp_path / "idx")
+    assert embed("--input", str(folder), "--output", emb) == 0
+    assert main(["index", "--embeddings", emb, "--output", idx, "--index-factory", "Flat",
+                 "--runner", "DirectRunner"]) == 0
+    engine = SearchEngine(ShardedIndex.open(idx), None, Limits(max_response_bytes=1 << 20), "idx")
+    return engine, {i: engine.item(i)["source"] for i in range(4)}
+
+
+@pytest.mark.timeout(300)
+def test_image_bytes_are_checked_against_what_was_embedded(folder_engine, tmp_path):
+    """Item 3: /image/ID served what the stored path pointed to now (a link to /etc/passwd, a 1 GB file)."""
+    import os
+
+    engine, files = folder_engine
+    elsewhere = tmp_path / "elsewhere.txt"
+    elsewhere.write_text("root:x:0:0")
+    with TestClient(create_app(engine)) as client:
+        original = open(files[0], "rb").read()
+        assert client.get("/image/0").content == original
+        os.remove(files[1])
+        os.symlink(elsewhere, files[1])
+        changed = client.get("/image/1")
+        assert changed.status_code == 409 and "corpus changed" in changed.json()["error"]
+        os.remove(files[2])
+        with open(files[2], "wb") as handle:  # sparse: 8 MB that cost nothing to make
+            handle.truncate(8 << 20)
+        large = client.get("/image/2")
+        assert large.status_code == 413 and "over the limit" in large.json()["error"]
+        os.remove(files[3])
+        os.mkfifo(files[3])
+        fifo = client.get("/image/3")
+        assert fifo.status_code == 404 and "not a regular file" in fifo.json()["error"]
+        assert client.get("/image/3?size=64").status_code == 404
+        assert client.get("/stats").json()["rejected"] == {"409": 1, "413": 1, "404": 2}

@@ -250,6 +250,23 @@ def iter_batches(file: InputFile, column: str, id_column: str | None, metadata_c
                 return
 
 
+def read_value(url: str, column: str, row: int, storage_options: dict | None = None) -> Any:
+    """One cell (`column` at local row `row`) of an embeddings file, decoding only its row group;
+    None when the file has no such column. IndexInputError when the file or row is missing."""
+    meta = _footer(url, storage_options)
+    if column not in meta.schema.names:
+        return None
+    start = 0
+    for group in range(meta.num_row_groups):
+        rows = meta.row_group(group).num_rows
+        if start <= row < start + rows:
+            with storage.open_input(url, storage_options) as handle:
+                table = pq.ParquetFile(handle).read_row_group(group, columns=[column])
+            return table.column(column)[row - start].as_py()
+        start += rows
+    raise IndexInputError(f"{url} has {start} rows, not row {row}")
+
+
 def read_rows(file: InputFile, column: str, dim: int, rows: np.ndarray, batch_rows: int = 65_536,
               storage_options: dict | None = None) -> tuple[np.ndarray, np.ndarray]:
     """The vectors at local row numbers `rows` (sorted) of one file, and their global ids (null rows dropped).

@@ -21,8 +21,8 @@ from typing import Any
 import numpy as np
 
 from clipbeam.index import IndexInputError, ShardedIndex
-from clipbeam.index.fetch import ImageUnavailable, fetch_image
-from clipbeam.index.inputs import InputFile, read_rows
+from clipbeam.index.fetch import ImageChanged, ImageTooLarge, ImageUnavailable, fetch_image
+from clipbeam.index.inputs import InputFile, read_rows, read_value
 from clipbeam.index.manifest import corpus_decoding
 from clipbeam.serve.queries import ApiError, Limits, Query
 
@@ -56,6 +56,7 @@ class SearchEngine:
             self._images = QueryImages(clip, limits.max_pixels, fast_decode)
         self.thumbnail = functools.lru_cache(maxsize=thumbnail_cache)(self._thumbnail)
         self.stored_vector = functools.lru_cache(maxsize=1024)(self._stored_vector)
+        self.stored_sha256 = functools.lru_cache(maxsize=4096)(self._stored_sha256)
 
     def prepare_thread(self) -> None:
         """Set torch's and faiss's thread counts in the calling thread (OpenMP's setting is per thread:
@@ -164,10 +165,30 @@ class SearchEngine:
         return rows
 
     def image_bytes(self, faiss_id: int) -> bytes:
+        """The sample's image bytes, checked: at most the response cap, and the bytes that were embedded."""
+        row = self.item(faiss_id)
         try:
-            return fetch_image(self.item(faiss_id), self.storage_options)
+            return fetch_image(row, self.storage_options, self.limits.max_response_bytes,
+                               row.get("sha256") or self.stored_sha256(faiss_id))
+        except ImageTooLarge as exc:
+            raise ApiError(413, f"image of id {faiss_id} is too large to send: {exc}") from None
+        except ImageChanged as exc:
+            raise ApiError(409, f"image of id {faiss_id}: the corpus changed since it was embedded ({exc})") from None
         except ImageUnavailable as exc:
             raise ApiError(404, f"image of id {faiss_id} is unavailable: {exc}") from None
+
+    def _stored_sha256(self, faiss_id: int) -> str | None:
+        """The sha256 the embeddings row recorded for a sample (None where the embeddings have none)."""
+        for source in self.index.manifest.get("embeddings", []):
+            for entry in source.get("files", []):
+                start, rows = int(entry["id_start"]), int(entry["rows"])
+                if start <= faiss_id < start + rows:
+                    try:
+                        return read_value(entry["url"], "sha256", faiss_id - start, self.storage_options)
+                    except (OSError, ValueError, IndexInputError) as exc:
+                        raise ApiError(404, f"image of id {faiss_id} cannot be checked against its "
+                                            f"embeddings row: {exc}") from None
+        return None
 
     def _thumbnail(self, faiss_id: int, size: int) -> bytes:
         """A JPEG whose longest side is `size` (cached: thumbnails are asked for again and again)."""
