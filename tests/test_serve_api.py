@@ -21,6 +21,8 @@ from clipbeam.serve.app import create_app
 from clipbeam.serve.engine import SearchEngine
 from clipbeam.serve.queries import Limits
 
+JSON = {"content-type": "application/json"}
+
 
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
@@ -150,7 +152,7 @@ BAD_SEARCHES = [
 @pytest.mark.parametrize("body, status, words", [case[1:] for case in BAD_SEARCHES],
                          ids=[case[0] for case in BAD_SEARCHES])
 def test_bad_searches_get_a_one_line_4xx(client, body, status, words):
-    response = client.post("/search", content=body if isinstance(body, bytes) else json.dumps(body))
+    response = client.post("/search", content=body if isinstance(body, bytes) else json.dumps(body), headers=JSON)
     assert response.status_code == status
     error = response.json()["error"]
     assert words in error and "\n" not in error and list(response.json()) == ["error"]
@@ -225,7 +227,7 @@ def test_limits_body_k_and_pixels(small_client):
 
 def test_the_server_survives_every_bad_request(client):
     for _, body, _, _ in BAD_SEARCHES:
-        client.post("/search", content=body if isinstance(body, bytes) else json.dumps(body))
+        client.post("/search", content=body if isinstance(body, bytes) else json.dumps(body), headers=JSON)
     assert client.get("/healthz").status_code == 200
     assert len(client.post("/search", json={"text": "a red circle", "k": 4}).json()["results"]) == 4
     assert client.get("/stats").json()["rejected"]["400"] >= 10

@@ -146,3 +146,30 @@ def test_image_bytes_are_checked_against_what_was_embedded(folder_engine, tmp_pa
         assert fifo.status_code == 404 and "not a regular file" in fifo.json()["error"]
         assert client.get("/image/3?size=64").status_code == 404
         assert client.get("/stats").json()["rejected"] == {"409": 1, "413": 1, "404": 2}
+
+
+def test_host_header_and_json_content_type(index):
+    """Item 10: DNS rebinding (a foreign Host) and cross-site text/plain POSTs against a local server."""
+    from clipbeam.serve.guard import HostCheck
+
+    origin = "https://front.example"
+    app = create_app(SearchEngine(index, None, Limits(), "idx"), (origin,), HostCheck.for_bind("127.0.0.1", (origin,)))
+    body = json.dumps({"vector": [0.5] * DIM})
+    with TestClient(app, base_url="http://127.0.0.1:8765") as client:
+        assert client.get("/healthz").status_code == 200
+        assert client.get("/healthz", headers={"host": "localhost:8765"}).status_code == 200
+        assert client.get("/healthz", headers={"host": "[::1]:8765"}).status_code == 200
+        assert client.get("/healthz", headers={"host": "front.example"}).status_code == 200
+        rebound = client.get("/healthz", headers={"host": "evil.example:8765"})
+        assert rebound.status_code == 400 and "does not answer to host" in rebound.json()["error"]
+        assert client.get("/healthz", headers={"host": "10.1.2.3:8765"}).status_code == 400
+        assert client.post("/search", content=body, headers={"content-type": "application/json"}).status_code == 200
+        plain = client.post("/search", content=body, headers={"content-type": "text/plain"})
+        assert plain.status_code == 415 and "application/json" in plain.json()["error"]
+        knn = json.dumps({"embedding_input": [0.5] * DIM, "modality": "image", "num_images": 3})
+        for origin_header, status in ((origin, 200), (None, 200), ("https://evil.example", 415)):
+            headers = {"content-type": "text/plain", **({"origin": origin_header} if origin_header else {})}
+            assert client.post("/knn-service", content=knn, headers=headers).status_code == status
+        assert client.get("/stats").json()["rejected"] == {"400": 2, "415": 2}
+    anywhere = HostCheck.for_bind("0.0.0.0")
+    assert anywhere.allows("10.1.2.3:8765") and not anywhere.allows("evil.example")

@@ -42,6 +42,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="larger uploaded images are refused as decompression bombs (default %(default)s)")
     parser.add_argument("--allow-origin", action="append", default=[], metavar="ORIGIN",
                         help="let pages on ORIGIN call the API (CORS), e.g. a clip-retrieval front; repeatable")
+    parser.add_argument("--allow-host", action="append", default=[], metavar="NAME",
+                        help="a host name clients reach the server by (e.g. behind a proxy): requests whose "
+                             "Host header is not the bound address, a loopback name, an --allow-origin's host "
+                             "or one of these are refused (DNS rebinding); repeatable")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch and faiss threads for the query worker (default %(default)s)")
     add_storage_arguments(parser)
@@ -91,6 +95,7 @@ def run(args: argparse.Namespace, beam_args: list[str]) -> int:
         import uvicorn
 
         from clipbeam.serve.app import create_app
+        from clipbeam.serve.guard import HostCheck
     except ImportError as exc:
         raise UsageError(f"clipbeam serve needs the serve extra ({exc.name} is missing): "
                          "pip install 'clipbeam[serve]'") from None
@@ -99,7 +104,8 @@ def run(args: argparse.Namespace, beam_args: list[str]) -> int:
     if not _is_loopback(args.host):
         LOG.warning("listening on %s: anyone who can reach it can search this index and read its images "
                     "(there is no authentication)", args.host)
-    app = create_app(engine, tuple(args.allow_origin))
+    origins = tuple(args.allow_origin)
+    app = create_app(engine, origins, HostCheck.for_bind(args.host, origins, tuple(args.allow_host)))
     LOG.info("serving %s (%d vectors) on http://%s:%d/", engine.name, engine.index.ntotal, args.host, args.port)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning", access_log=False)
     return 0

@@ -27,6 +27,7 @@ from starlette.routing import Route
 from clipbeam.serve import knn
 from clipbeam.serve.batcher import Batcher
 from clipbeam.serve.engine import Hit, SearchEngine, image_type
+from clipbeam.serve.guard import HostCheck, RequestGuard
 from clipbeam.serve.queries import ApiError, Query, parse_json, parse_search
 from clipbeam.serve.stats import QueryStats
 
@@ -217,8 +218,9 @@ async def http_error(request: Request, exc: Exception) -> Response:
                         headers=exc.headers)
 
 
-def create_app(engine: SearchEngine, allow_origins: tuple[str, ...] = ()) -> Starlette:
-    """The app for one engine; `allow_origins` lets pages on those origins (clip-retrieval's front) call it."""
+def create_app(engine: SearchEngine, allow_origins: tuple[str, ...] = (), hosts: HostCheck | None = None) -> Starlette:
+    """The app for one engine; `allow_origins` lets pages on those origins (clip-retrieval's front) call it;
+    `hosts` are the Host names it answers to (None: any, for callers that bind nothing themselves)."""
     files = resources.files("clipbeam.serve") / "static"
     state = ServeState(engine, Batcher(engine.run, initializer=engine.prepare_thread), QueryStats(),
                        {name: (files / name).read_bytes() for name in STATIC})
@@ -236,6 +238,7 @@ def create_app(engine: SearchEngine, allow_origins: tuple[str, ...] = ()) -> Sta
     ]
     middleware = [Middleware(CORSMiddleware, allow_origins=list(allow_origins), allow_methods=["GET", "POST"],
                              allow_headers=["*"])] if allow_origins else []
+    middleware.append(Middleware(RequestGuard, hosts=hosts, origins=tuple(allow_origins), reject=state.stats.reject))
     app = Starlette(routes=routes, middleware=middleware, lifespan=lifespan,
                     exception_handlers={ApiError: api_error, HTTPException: http_error})
     app.state.serve = state
