@@ -146,7 +146,7 @@ def unrecognized(arguments: list[str]) -> UsageError:
     """The one-line error for arguments no option takes, with a hint where they look like glob matches."""
     shown = " ".join(arguments[:5]) + (" ..." if len(arguments) > 5 else "")
     hint = ("; if your shell expanded a glob into these, quote it (--input 'corpus/*.tar')"
-            if any(not a.startswith("-") for a in arguments) else "")
+            if any(not a.startswith("-") and ("/" in a or "." in a) for a in arguments) else "")
     return UsageError(f"unrecognized arguments: {shown}{hint}")
 
 

@@ -46,6 +46,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="a host name clients reach the server by (e.g. behind a proxy): requests whose "
                              "Host header is not the bound address, a loopback name, an --allow-origin's host "
                              "or one of these are refused (DNS rebinding); repeatable")
+    parser.add_argument("--request-timeout", type=float, default=15.0, metavar="SECONDS",
+                        help="a request's headers and body must arrive within this (default %(default)s)")
+    parser.add_argument("--max-connections", type=int, default=256,
+                        help="connections served at once; more are answered 503 (default %(default)s)")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch and faiss threads for the query worker (default %(default)s)")
     add_storage_arguments(parser)
@@ -55,7 +59,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def _check(args: argparse.Namespace) -> Limits:
     if not 0 < args.port < 65536:
         raise UsageError(f"--port must be between 1 and 65535, not {args.port}")
-    for flag in ("max_k", "max_body_bytes", "max_response_bytes", "max_pixels", "threads"):
+    if not args.request_timeout > 0:
+        raise UsageError(f"--request-timeout must be positive, not {args.request_timeout}")
+    for flag in ("max_k", "max_body_bytes", "max_response_bytes", "max_pixels", "threads", "max_connections"):
         if getattr(args, flag) < 1:
             raise UsageError(f"--{flag.replace('_', '-')} must be at least 1, not {getattr(args, flag)}")
     return Limits(max_k=args.max_k, max_body_bytes=args.max_body_bytes, max_response_bytes=args.max_response_bytes,
@@ -96,6 +102,7 @@ def run(args: argparse.Namespace, beam_args: list[str]) -> int:
 
         from clipbeam.serve.app import create_app
         from clipbeam.serve.guard import HostCheck
+        from clipbeam.serve.timeouts import uvicorn_limits
     except ImportError as exc:
         raise UsageError(f"clipbeam serve needs the serve extra ({exc.name} is missing): "
                          "pip install 'clipbeam[serve]'") from None
@@ -107,5 +114,6 @@ def run(args: argparse.Namespace, beam_args: list[str]) -> int:
     origins = tuple(args.allow_origin)
     app = create_app(engine, origins, HostCheck.for_bind(args.host, origins, tuple(args.allow_host)))
     LOG.info("serving %s (%d vectors) on http://%s:%d/", engine.name, engine.index.ntotal, args.host, args.port)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning", access_log=False)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning", access_log=False,
+                **uvicorn_limits(args.request_timeout, args.max_connections))
     return 0
