@@ -263,3 +263,55 @@ def test_bad_arguments_exit_2_with_one_line(built, args, words, capsys):
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert words in err and "\n" not in err
+
+
+def _png(mode: str, size: int) -> bytes:
+    out = io.BytesIO()
+    Image.new(mode, (size, size)).save(out, format="PNG")
+    return out.getvalue()
+
+
+def test_uploads_are_bounded_by_their_decoded_bytes(engine):
+    """Issue 22 item 5: a 172 KB PNG of 9400x9400 16-bit grey (under --max-pixels) took +1.6 GB."""
+    tight = SearchEngine(engine.index, engine.clip, Limits(max_decoded_bytes=1_000_000), engine.name)
+    with TestClient(create_app(tight)) as client:
+        grey16 = _png("I;16", 1000)  # 2 MB decoded (and 6 MB as RGB) from a few KB of PNG
+        refused = client.post("/search", json={"image": _b64(grey16)})
+        assert refused.status_code == 413 and "decoded" in refused.json()["error"]
+        assert client.post("/search", json={"image": _b64(_png("RGB", 200))}).status_code == 200
+
+
+@pytest.mark.timeout(300)
+def test_image_decodes_never_hold_up_vector_queries_and_queued_bytes_are_capped(engine):
+    """Issue 22 item 5: with 6 uploads in flight a vector query waited 24 s; queued uploads were capped by
+    count, not bytes. An upload whose decode is held keeps its lane busy; a vector query still answers."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    import numpy as np
+
+    noise = np.random.default_rng(0).integers(0, 255, (300, 300, 3), dtype=np.uint8)
+    picture = io.BytesIO()
+    Image.fromarray(noise).save(picture, format="PNG")  # about 270 KB: far more than a vector query's body
+    upload = _b64(picture.getvalue())
+    lane = SearchEngine(engine.index, engine.clip, Limits(max_queued_bytes=len(upload) * 3 // 2), engine.name)
+    release, entered = threading.Event(), threading.Event()
+    decode = lane.decode_upload
+
+    def held_decode(data: bytes):
+        entered.set()
+        release.wait(60)
+        return decode(data)
+
+    lane.decode_upload = held_decode
+    with TestClient(create_app(lane)) as client, ThreadPoolExecutor(1) as pool:
+        slow = pool.submit(client.post, "/search", json={"image": upload})
+        assert entered.wait(60)
+        vector = client.post("/search", json={"vector": [0.1] * 64, "k": 3})
+        assert vector.status_code == 200 and not slow.done()  # answered while the upload is still decoding
+        second = client.post("/search", json={"image": upload})
+        assert second.status_code == 429 and "bytes" in second.json()["error"]
+        release.set()
+        assert slow.result(60).status_code == 200
+        again = client.post("/search", json={"image": upload})
+        assert again.status_code == 200, again.text  # its bytes were given back

@@ -38,6 +38,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="largest request body, uploads included (default %(default)s)")
     parser.add_argument("--max-response-bytes", type=int, default=Limits.max_response_bytes,
                         help="largest answer; a bigger one is refused with a 422 (default %(default)s)")
+    parser.add_argument("--max-decoded-bytes", type=int, default=Limits.max_decoded_bytes,
+                        help="largest upload once decoded, from its header: 413 beyond (default %(default)s)")
+    parser.add_argument("--max-queued-bytes", type=int, default=Limits.max_queued_bytes,
+                        help="request bodies held at once, queued or decoding: 429 beyond (default %(default)s)")
     parser.add_argument("--max-pixels", type=int, default=Limits.max_pixels,
                         help="larger uploaded images are refused as decompression bombs (default %(default)s)")
     parser.add_argument("--allow-origin", action="append", default=[], metavar="ORIGIN",
@@ -61,10 +65,12 @@ def _check(args: argparse.Namespace) -> Limits:
         raise UsageError(f"--port must be between 1 and 65535, not {args.port}")
     if not args.request_timeout > 0:
         raise UsageError(f"--request-timeout must be positive, not {args.request_timeout}")
-    for flag in ("max_k", "max_body_bytes", "max_response_bytes", "max_pixels", "threads", "max_connections"):
+    for flag in ("max_k", "max_body_bytes", "max_response_bytes", "max_decoded_bytes", "max_queued_bytes",
+                 "max_pixels", "threads", "max_connections"):
         if getattr(args, flag) < 1:
             raise UsageError(f"--{flag.replace('_', '-')} must be at least 1, not {getattr(args, flag)}")
     return Limits(max_k=args.max_k, max_body_bytes=args.max_body_bytes, max_response_bytes=args.max_response_bytes,
+                  max_decoded_bytes=args.max_decoded_bytes, max_queued_bytes=args.max_queued_bytes,
                   max_pixels=args.max_pixels)
 
 

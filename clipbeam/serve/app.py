@@ -8,12 +8,15 @@ server. Images are served by faiss id only: a client can never name a path.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import dataclasses
 import math
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from importlib import resources
-from typing import Any
+from typing import Any, Callable
 
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
@@ -41,16 +44,48 @@ THUMBNAIL_SIZES = (16, 1024)
 MAX_WAITING = 1024  # queries queued for the worker beyond this are refused (429), so a flood cannot grow memory
 
 
+class ByteBudget:
+    """Bytes of request bodies held at once, queued or being decoded: past `limit` a request is refused
+    (429) as its body arrives, so a flood of uploads cannot grow memory (the query cap counts queries)."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.held = 0
+
+    @contextlib.asynccontextmanager
+    async def body(self, request: Request, max_body: int):
+        """The request body (413 past `max_body`), its bytes counted against the budget until the block ends."""
+        taken = 0
+
+        def take(size: int) -> None:
+            nonlocal taken
+            if self.held + size > self.limit:
+                raise ApiError(429, f"{self.held} bytes of requests are already waiting; retry later")
+            self.held += size
+            taken += size
+
+        try:
+            yield await read_body(request, max_body, take)
+        finally:
+            self.held -= taken
+
+
 @dataclass
 class ServeState:
     engine: SearchEngine
     batcher: Batcher[Query]
     stats: QueryStats
     static: dict[str, bytes]
+    budget: ByteBudget
+    decoder: ThreadPoolExecutor  # uploads decode here, so that vector and text queries never wait on them
 
     async def answer(self, query: Query) -> list[Hit]:
         if self.batcher.waiting >= MAX_WAITING:
             raise ApiError(429, f"{MAX_WAITING} queries are already waiting; retry later")
+        if query.image is not None and query.decoded is None:
+            decoded = await asyncio.get_running_loop().run_in_executor(self.decoder, self.engine.decode_upload,
+                                                                       query.image)
+            query = dataclasses.replace(query, image=b"", decoded=decoded)
         found = await self.batcher.submit(query)
         if isinstance(found, ApiError):
             raise found
@@ -61,8 +96,8 @@ def _state(request: Request) -> ServeState:
     return request.app.state.serve
 
 
-async def read_body(request: Request, limit: int) -> bytes:
-    """The request body, refused with a 413 as soon as it passes `limit` bytes."""
+async def read_body(request: Request, limit: int, take: Callable[[int], None] = lambda size: None) -> bytes:
+    """The request body, refused with a 413 as soon as it passes `limit` bytes; `take` hears of each chunk."""
     declared = request.headers.get("content-length", "")
     if declared.isascii() and declared.isdigit() and (len(declared) > 18 or int(declared) > limit):
         raise ApiError(413, f"the body is {declared} bytes; the limit is {limit}")
@@ -71,6 +106,7 @@ async def read_body(request: Request, limit: int) -> bytes:
         size += len(chunk)
         if size > limit:
             raise ApiError(413, f"the body is over the limit of {limit} bytes")
+        take(len(chunk))
         chunks.append(chunk)
     return b"".join(chunks)
 
@@ -120,9 +156,9 @@ def hit_json(hit: Hit) -> dict[str, Any]:
 async def search(request: Request) -> Response:
     state = _state(request)
     started = time.perf_counter()
-    body = parse_json(await read_body(request, state.engine.limits.max_body_bytes))
-    query = parse_search(body, state.engine.limits, state.engine.index.dim)
-    hits = await state.answer(query)
+    async with state.budget.body(request, state.engine.limits.max_body_bytes) as raw:
+        query = parse_search(parse_json(raw), state.engine.limits, state.engine.index.dim)
+        hits = await state.answer(query)
     took = time.perf_counter() - started
     state.stats.record(query.kind, took)
     return capped_json({"results": [hit_json(h) for h in hits], "took_ms": round(took * 1000, 3)},
@@ -133,18 +169,18 @@ async def knn_service(request: Request) -> Response:
     state = _state(request)
     started = time.perf_counter()
     engine = state.engine
-    body = parse_json(await read_body(request, engine.limits.max_body_bytes))
     modality = "text" if engine.column == "text_embedding" else "image"
-    query, num_images = knn.parse_knn(body, engine.limits, engine.index.dim, engine.name, modality)
-    hits = await state.answer(query)
+    async with state.budget.body(request, engine.limits.max_body_bytes) as raw:
+        query, num_images = knn.parse_knn(parse_json(raw), engine.limits, engine.index.dim, engine.name, modality)
+        hits = await state.answer(query)
     state.stats.record(query.kind, time.perf_counter() - started)
     return capped_json(knn.knn_results(hits, num_images, str(request.base_url)), engine.limits.max_response_bytes)
 
 
 async def metadata(request: Request) -> Response:
     state = _state(request)
-    body = parse_json(await read_body(request, state.engine.limits.max_body_bytes))
-    ids = knn.parse_metadata_ids(body, state.engine.limits, state.engine.name)
+    async with state.budget.body(request, state.engine.limits.max_body_bytes) as raw:
+        ids = knn.parse_metadata_ids(parse_json(raw), state.engine.limits, state.engine.name)
     rows = await run_in_threadpool(state.engine.items, ids)
     base = str(request.base_url)
     return capped_json([{"id": i, "metadata": jsonable(knn.metadata(row, i, base))}
@@ -223,12 +259,15 @@ def create_app(engine: SearchEngine, allow_origins: tuple[str, ...] = (), hosts:
     `hosts` are the Host names it answers to (None: any, for callers that bind nothing themselves)."""
     files = resources.files("clipbeam.serve") / "static"
     state = ServeState(engine, Batcher(engine.run, initializer=engine.prepare_thread), QueryStats(),
-                       {name: (files / name).read_bytes() for name in STATIC})
+                       {name: (files / name).read_bytes() for name in STATIC},
+                       ByteBudget(engine.limits.max_queued_bytes),
+                       ThreadPoolExecutor(max_workers=1, thread_name_prefix="clipbeam-decode"))
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette):
         yield
         state.batcher.close()
+        state.decoder.shutdown(wait=False, cancel_futures=True)
 
     routes = [
         Route("/", page), Route("/static/{name}", static), Route("/healthz", healthz), Route("/stats", stats),

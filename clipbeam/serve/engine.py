@@ -101,7 +101,7 @@ class SearchEngine:
                         raise ApiError(400, "this server has no model (the index records none): send a vector")
                     out.append(next(encoded)[None, :])
                 elif query.image is not None:
-                    out.append(self._encode_image(query.image))
+                    out.append(self._encode_image(query))
                 elif query.vector is not None:
                     out.append(query.vector)
                 else:
@@ -115,17 +115,26 @@ class SearchEngine:
 
         return encode_texts(self.clip, texts)
 
-    def _encode_image(self, data: bytes) -> np.ndarray:
-        """Uploaded bytes -> vector, decoded and preprocessed as embed does corpus images (same pixel cap)."""
+    def decode_upload(self, data: bytes) -> Any:
+        """Uploaded bytes -> image, decoded as embed decodes corpus images (same pixel cap), and refused
+        (413) when it would take more than `max_decoded_bytes` decoded. Runs off the query worker."""
         from clipbeam.models.images import DecodeError
 
         if self._images is None:
             raise ApiError(400, "this server has no model (the index records none): send a vector")
+        size = decoded_size(data)
+        if size > self.limits.max_decoded_bytes:
+            raise ApiError(413, f"image: it would take {size} bytes decoded; "
+                                f"the limit is {self.limits.max_decoded_bytes}")
         try:
-            image = self._images.decode(data)
+            return self._images.decode(data)
         except DecodeError as exc:
             status = 413 if "decompression bomb" in str(exc) else 400
             raise ApiError(status, f"image: {exc}") from None
+
+    def _encode_image(self, query: Query) -> np.ndarray:
+        """An image query -> vector, preprocessed as embed does corpus images."""
+        image = query.decoded if query.decoded is not None else self.decode_upload(query.image)
         return self._images.encode([image])
 
     def _search(self, vectors: np.ndarray, k: int, params: str | None) -> list[list[Hit]]:
@@ -237,3 +246,18 @@ def image_type(data: bytes) -> str:
             return Image.MIME.get(image.format or "", "application/octet-stream")
     except Exception:  # not an image PIL knows: let the browser decide nothing
         return "application/octet-stream"
+
+
+def decoded_size(data: bytes) -> int:
+    """The bytes an upload takes decoded to RGB (or wider, for 16-bit and float modes), from its header
+    alone; 0 for bytes PIL cannot open (the decode then says why)."""
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            width, height = image.size
+            depth = 4 if image.mode in ("I", "F") else 2 if "16" in image.mode else 1
+            bands = len(image.getbands())
+    except Exception:
+        return 0
+    return width * height * max(3, bands * depth)

@@ -43,6 +43,8 @@ class Limits:
     max_k: int = 1000
     max_body_bytes: int = 16 * 1024 * 1024
     max_response_bytes: int = 64 * 1024 * 1024  # any one answer (long captions asked for many times)
+    max_decoded_bytes: int = 64 * 1024 * 1024  # one upload once decoded (a small PNG of 16-bit grey is huge)
+    max_queued_bytes: int = 256 * 1024 * 1024  # request bodies held at once, queued or being decoded
     max_pixels: int = DEFAULT_MAX_PIXELS  # embed's cap
 
 
@@ -56,6 +58,7 @@ class Query:
     vector: np.ndarray | None = None
     like: int | None = None
     params: str | None = None
+    decoded: Any = None  # the image, decoded off the worker (SearchEngine.decode_upload); `image` is then b""
 
     @property
     def kind(self) -> str:
