@@ -54,18 +54,22 @@ def fetch_image(row: Mapping[str, Any], storage_options: dict | None = None, max
         offset, size = None, _file_size(source, storage_options)
     elif offset < 0 or size < 0:
         raise ImageUnavailable(f"invalid byte range {offset}+{size} in {source}")
-    if max_bytes is not None and size > max_bytes:
+    if max_bytes is not None and size is not None and size > max_bytes:
         raise ImageTooLarge(f"{source}: the image is {size} bytes, over the limit of {max_bytes}")
-    data = _read(source, storage_options, None if offset is None else int(offset), int(size))
-    if len(data) != size:
+    data = _read(source, storage_options, None if offset is None else int(offset),
+                 size if size is not None else max_bytes)
+    if size is None and max_bytes is not None and len(data) > max_bytes:  # a store that told no size
+        raise ImageTooLarge(f"{source}: the image is over the limit of {max_bytes} bytes")
+    if size is not None and len(data) != size:
         raise ImageChanged(f"{source} ends before byte {(offset or 0) + size}: it changed since it was embedded")
     if sha256 and hashlib.sha256(data).hexdigest() != sha256:
         raise ImageChanged(f"{source} holds other bytes than were embedded: the corpus changed since")
     return data
 
 
-def _file_size(url: str, storage_options: dict | None) -> int:
-    """The size of the file at `url`; ImageUnavailable unless it is a regular file (never a FIFO or device)."""
+def _file_size(url: str, storage_options: dict | None) -> int | None:
+    """The size of the file at `url` (None where the store tells none); ImageUnavailable unless it is a
+    regular file (never a FIFO or device)."""
     try:
         fs, path = storage.get_fs(url, storage_options)
         info = fs.info(path)
@@ -75,17 +79,17 @@ def _file_size(url: str, storage_options: dict | None) -> int:
         raise ImageUnavailable(f"cannot read {url}: {exc.__class__.__name__}: {exc}") from None
     if info.get("type") != "file" or (getattr(fs, "local_file", False) and not stat.S_ISREG(os.stat(path).st_mode)):
         raise ImageUnavailable(f"{url} is not a regular file")
-    return int(info.get("size") or 0)
+    return None if info.get("size") is None else int(info["size"])
 
 
-def _read(url: str, storage_options: dict | None, start: int | None, size: int) -> bytes:
-    """`size` bytes from `start` (a range read), or the first `size` bytes of the file (at most that
-    many are read: a file that grew since it was measured costs no more)."""
+def _read(url: str, storage_options: dict | None, start: int | None, size: int | None) -> bytes:
+    """`size` bytes from `start` (a range read), or the file's first `size` + 1 bytes (a file that grew
+    since it was measured costs no more; `size` None: all of it)."""
     try:
         if start is not None:
             return storage.read_bytes(url, storage_options, start, size)
         with storage.open_input(url, storage_options) as handle:
-            return handle.read(size + 1)
+            return handle.read(-1 if size is None else size + 1)
     except FileNotFoundError:
         raise ImageUnavailable(f"{url} no longer exists") from None
     except OSError as exc:

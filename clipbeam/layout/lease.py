@@ -67,12 +67,12 @@ def inspect_lease(folder: str, storage_options: dict | None) -> tuple[LeaseInfo 
     fs, path = get_fs(join(folder, LEASE_FILE), storage_options)
     try:
         fs.invalidate_cache(path)
-        if fs.isdir(path):
-            return None, "a folder"
         with fs.open(path, "rb") as handle:
             data = handle.read()
     except FileNotFoundError:
         return None, None
+    except IsADirectoryError:
+        return None, "a folder"
     except OSError as exc:
         return None, f"unreadable: {exc.__class__.__name__}"
     try:
