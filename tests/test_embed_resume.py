@@ -68,7 +68,7 @@ def test_rerun_with_other_settings_is_refused(shards, tmp_path, capsys):
     assert len(err) == 1 and "other settings" in err[0]
 
 
-@pytest.mark.parametrize("case", ["missing", "model", "checkpoint", "output", "json", "beam", "batch"])
+@pytest.mark.parametrize("case", ["missing", "model", "checkpoint", "output", "json", "beam", "batch", "glob"])
 def test_bad_arguments_exit_2_with_one_line_and_write_nothing(case, shards, tmp_path, capsys):
     out = tmp_path / "out"
     args = ["embed", "--input", shards, "--output", str(out), "--model", "clipbeam-tiny", "--pretrained", "none"]
@@ -91,11 +91,16 @@ def test_bad_arguments_exit_2_with_one_line_and_write_nothing(case, shards, tmp_
         args += ["--direct_num_wrkers", "2"]
     elif case == "batch":
         args += ["--batch-size", "0"]
+    elif case == "glob":  # `--input corpus/*.tar` unquoted: the shell leaves the other shards as extra words
+        first, *rest = sorted(str(p) for p in tmp_path.glob("*.tar"))
+        args[2:3] = [first, *rest]
     capsys.readouterr()
     assert main(args) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1, err
     assert err[0].startswith("clipbeam embed: error:")
+    if case == "glob":
+        assert "00001.tar" in err[0] and "quote it" in err[0]
     assert not out.exists()
 
 

@@ -21,6 +21,8 @@ from clipbeam.serve.app import create_app
 from clipbeam.serve.engine import SearchEngine
 from clipbeam.serve.queries import Limits
 
+JSON = {"content-type": "application/json"}
+
 
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
@@ -138,13 +140,19 @@ BAD_SEARCHES = [
     ("params unknown", {"text": "a", "params": {"ht": 3}}, 400, "unknown search parameter"),
     ("params out of bounds", {"text": "a", "params": "nprobe=0"}, 400, "between 1 and"),
     ("params not for Flat", {"text": "a", "params": "nprobe=4"}, 400, "do not apply"),
+    # issue 22 item 4: these answered 500
+    ("deeply nested", b"[" * 100_000 + b"]" * 100_000, 400, "nested too deeply"),
+    ("k of 5000 digits", b'{"text": "a", "k": ' + b"9" * 5000 + b"}", 400, "not valid JSON"),
+    ("vector with a 400-digit integer", b'{"vector": [' + b"9" * 400 + b", 0" * 63 + b"]}", 400, "too large"),
+    ("nprobe Infinity", b'{"text": "a", "params": {"nprobe": Infinity}}', 400, "nprobe must be"),
+    ("vector of 1e308", {"vector": [1e308] * 64}, 400, "norm must be finite"),
 ]
 
 
 @pytest.mark.parametrize("body, status, words", [case[1:] for case in BAD_SEARCHES],
                          ids=[case[0] for case in BAD_SEARCHES])
 def test_bad_searches_get_a_one_line_4xx(client, body, status, words):
-    response = client.post("/search", content=body if isinstance(body, bytes) else json.dumps(body))
+    response = client.post("/search", content=body if isinstance(body, bytes) else json.dumps(body), headers=JSON)
     assert response.status_code == status
     error = response.json()["error"]
     assert words in error and "\n" not in error and list(response.json()) == ["error"]
@@ -160,6 +168,8 @@ BAD_GETS = [
     ("/image/1?size=0", 400, "size must be"),
     ("/image/1?size=big", 400, "size must be"),
     ("/image/1?size=5000", 400, "size must be"),
+    ("/image/1?size=²²", 400, "size must be"),
+    ("/image/1?size=①", 400, "size must be"),
     ("/item/999999", 404, "unknown id"),
     ("/static/../serve.py", 404, ""),
     ("/static/engine.py", 404, "no static file"),
@@ -217,7 +227,7 @@ def test_limits_body_k_and_pixels(small_client):
 
 def test_the_server_survives_every_bad_request(client):
     for _, body, _, _ in BAD_SEARCHES:
-        client.post("/search", content=body if isinstance(body, bytes) else json.dumps(body))
+        client.post("/search", content=body if isinstance(body, bytes) else json.dumps(body), headers=JSON)
     assert client.get("/healthz").status_code == 200
     assert len(client.post("/search", json={"text": "a red circle", "k": 4}).json()["results"]) == 4
     assert client.get("/stats").json()["rejected"]["400"] >= 10
@@ -253,3 +263,55 @@ def test_bad_arguments_exit_2_with_one_line(built, args, words, capsys):
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert words in err and "\n" not in err
+
+
+def _png(mode: str, size: int) -> bytes:
+    out = io.BytesIO()
+    Image.new(mode, (size, size)).save(out, format="PNG")
+    return out.getvalue()
+
+
+def test_uploads_are_bounded_by_their_decoded_bytes(engine):
+    """Issue 22 item 5: a 172 KB PNG of 9400x9400 16-bit grey (under --max-pixels) took +1.6 GB."""
+    tight = SearchEngine(engine.index, engine.clip, Limits(max_decoded_bytes=1_000_000), engine.name)
+    with TestClient(create_app(tight)) as client:
+        grey16 = _png("I;16", 1000)  # 2 MB decoded (and 6 MB as RGB) from a few KB of PNG
+        refused = client.post("/search", json={"image": _b64(grey16)})
+        assert refused.status_code == 413 and "decoded" in refused.json()["error"]
+        assert client.post("/search", json={"image": _b64(_png("RGB", 200))}).status_code == 200
+
+
+@pytest.mark.timeout(300)
+def test_image_decodes_never_hold_up_vector_queries_and_queued_bytes_are_capped(engine):
+    """Issue 22 item 5: with 6 uploads in flight a vector query waited 24 s; queued uploads were capped by
+    count, not bytes. An upload whose decode is held keeps its lane busy; a vector query still answers."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    import numpy as np
+
+    noise = np.random.default_rng(0).integers(0, 255, (300, 300, 3), dtype=np.uint8)
+    picture = io.BytesIO()
+    Image.fromarray(noise).save(picture, format="PNG")  # about 270 KB: far more than a vector query's body
+    upload = _b64(picture.getvalue())
+    lane = SearchEngine(engine.index, engine.clip, Limits(max_queued_bytes=len(upload) * 3 // 2), engine.name)
+    release, entered = threading.Event(), threading.Event()
+    decode = lane.decode_upload
+
+    def held_decode(data: bytes):
+        entered.set()
+        release.wait(60)
+        return decode(data)
+
+    lane.decode_upload = held_decode
+    with TestClient(create_app(lane)) as client, ThreadPoolExecutor(1) as pool:
+        slow = pool.submit(client.post, "/search", json={"image": upload})
+        assert entered.wait(60)
+        vector = client.post("/search", json={"vector": [0.1] * 64, "k": 3})
+        assert vector.status_code == 200 and not slow.done()  # answered while the upload is still decoding
+        second = client.post("/search", json={"image": upload})
+        assert second.status_code == 429 and "bytes" in second.json()["error"]
+        release.set()
+        assert slow.result(60).status_code == 200
+        again = client.post("/search", json={"image": upload})
+        assert again.status_code == 200, again.text  # its bytes were given back

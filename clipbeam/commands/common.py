@@ -135,16 +135,26 @@ def beam_option_parser() -> argparse.ArgumentParser:
 
 
 def unknown_beam_args(beam_args: list[str]) -> list[str]:
-    """The pass-through flags that no Beam options class knows (typos, ours misspelt)."""
+    """The pass-through arguments that no Beam options class takes: flags (typos, ours misspelt) and
+    stray words, such as the file names a shell expands an unquoted glob into (Beam would only log
+    "Discarding unparseable args" and run on the first file)."""
     _, unknown = beam_option_parser().parse_known_args(beam_args)
-    return [a for a in unknown if a.startswith("-")]
+    return list(unknown)
+
+
+def unrecognized(arguments: list[str]) -> UsageError:
+    """The one-line error for arguments no option takes, with a hint where they look like glob matches."""
+    shown = " ".join(arguments[:5]) + (" ..." if len(arguments) > 5 else "")
+    hint = ("; if your shell expanded a glob into these, quote it (--input 'corpus/*.tar')"
+            if any(not a.startswith("-") and ("/" in a or "." in a) for a in arguments) else "")
+    return UsageError(f"unrecognized arguments: {shown}{hint}")
 
 
 def beam_options(beam_args: list[str], **overrides) -> PipelineOptions:
     """PipelineOptions from the pass-through arguments, DirectRunner by default."""
     unknown = unknown_beam_args(beam_args)
     if unknown:
-        raise UsageError(f"unrecognized arguments: {' '.join(unknown)}")
+        raise unrecognized(unknown)
     args = list(beam_args)
     if not any(a == "--runner" or a.startswith("--runner=") for a in args):
         args = ["--runner", "DirectRunner"] + args

@@ -12,7 +12,13 @@ from __future__ import annotations
 
 import argparse
 
-from clipbeam.commands.common import Stopwatch, add_storage_arguments, print_summary, storage_options_from_args
+from clipbeam.commands.common import (
+    Stopwatch,
+    add_storage_arguments,
+    print_summary,
+    storage_options_from_args,
+    unrecognized,
+)
 from clipbeam.errors import UsageError
 
 
@@ -62,7 +68,7 @@ def run(args: argparse.Namespace, beam_args: list[str]) -> int:
     from clipbeam.storage import get_fs
 
     if beam_args:
-        raise UsageError(f"unrecognized arguments: {' '.join(beam_args)}")
+        raise unrecognized(beam_args)
     clock = Stopwatch()
     storage_options = storage_options_from_args(args)
     if not is_safetensors(args.out):

@@ -44,15 +44,18 @@ from clipbeam.layout import Mode, OutputFolder, open_output
 from clipbeam.layout.embeddings import (
     EMBEDDINGS,
     FRAGMENTS,
+    NUMBERS_NOTE,
     PartPlan,
     build_manifest,
     embeddings_file,
     failures_file,
-    fragments_dir,
+    known_numbers,
     part_name,
     plan_numbers,
 )
+from clipbeam.layout.embeddings.metadata import DEFAULT_MAX_METADATA_COLUMNS
 from clipbeam.layout.embeddings.schema import DIM_KEY
+from clipbeam.layout.owned import remove_owned, remove_owned_temporaries
 from clipbeam.models.clip import (
     SHIPPED_CHECKPOINTS,
     ClipSpec,
@@ -64,8 +67,8 @@ from clipbeam.models.clip import (
     validate_spec,
     weights_label,
 )
-from clipbeam.models.images import DEFAULT_MAX_PIXELS
-from clipbeam.storage import absolute_url, join, remove_if_present, remove_temporaries
+from clipbeam.models.images import DEFAULT_MAX_CAPTION_CHARS, DEFAULT_MAX_PIXELS
+from clipbeam.storage import absolute_url
 from clipbeam.transforms.clip_handler import DECODE_DEVICES, EmbedTuning, inference_summary
 from clipbeam.transforms.embed_corpus import EmbedCorpus, EmbedCorpusConfig
 from clipbeam.transforms.embed_write import PartInfo
@@ -88,6 +91,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--max-member-bytes", type=positive_int, default=DEFAULT_MAX_MEMBER_BYTES,
                        help="tar members and image files larger than this fail as read failures, "
                             "before they are read (default %(default)s, 256 MB)")
+    group.add_argument("--max-caption-chars", type=positive_int, default=DEFAULT_MAX_CAPTION_CHARS, metavar="N",
+                       help="longer captions keep their first N characters, counted and noted in caption_note "
+                            "(default %(default)s)")
+    group.add_argument("--max-metadata-columns", type=positive_int, default=DEFAULT_MAX_METADATA_COLUMNS, metavar="N",
+                       help="sidecar/manifest fields kept as columns per part; the rest go into json_raw, "
+                            "counted (default %(default)s)")
     group.add_argument("--allow-any-path", action="store_true",
                        help="let a manifest name images outside its own filesystem (absolute local paths "
                             "in a remote manifest, another URL scheme)")
@@ -143,6 +152,8 @@ class EmbedJob:
     spec: ClipSpec
     columns: ManifestColumns
     max_pixels: int
+    max_caption_chars: int
+    max_metadata_columns: int
     rows_per_part: int
     dtype: str
     embed_text: bool
@@ -157,8 +168,10 @@ class EmbedJob:
 
     def settings(self, weights: str, dim: int) -> dict:
         """The resume fingerprint: every setting that changes what a part holds (not the input list,
-        which may grow, nor batch sizes or workers, which change only speed)."""
-        return {
+        which may grow, nor batch sizes or workers, which change only speed). The caption and
+        metadata caps count only when they differ from their defaults, so outputs written before
+        the caps existed still resume."""
+        settings = {
             "model": self.spec.model, "pretrained": self.spec.pretrained, "weights": weights,
             "seed": self.spec.seed, "precision": self.spec.precision, "dtype": self.dtype, "dim": dim,
             "embed_text": self.embed_text, "format": self.fmt, "image_column": self.columns.image,
@@ -167,6 +180,12 @@ class EmbedJob:
             "max_member_bytes": self.limits.max_member_bytes, "allow_any_path": self.limits.allow_any_path,
             "fast_decode": self.tuning.fast_decode,
         }
+        for key, value, default in (("max_caption_chars", self.max_caption_chars, DEFAULT_MAX_CAPTION_CHARS),
+                                    ("max_metadata_columns", self.max_metadata_columns,
+                                     DEFAULT_MAX_METADATA_COLUMNS)):
+            if value != default:
+                settings[key] = value
+        return settings
 
 
 def job_from_args(args: argparse.Namespace) -> EmbedJob:
@@ -176,7 +195,9 @@ def job_from_args(args: argparse.Namespace) -> EmbedJob:
         inputs=tuple(args.input), fmt=args.format, output=args.output,
         storage_options=storage_options_from_args(args), spec=clip_spec_from_args(args),
         columns=ManifestColumns(args.image_column, args.caption_column, args.id_column),
-        max_pixels=args.max_pixels, rows_per_part=args.rows_per_part, dtype=args.dtype,
+        max_pixels=args.max_pixels, max_caption_chars=args.max_caption_chars,
+        max_metadata_columns=args.max_metadata_columns, rows_per_part=args.rows_per_part,
+        dtype=args.dtype,
         embed_text=not args.no_text, batch_size=args.batch_size, model_copies=args.model_copies,
         accelerator=args.accelerator, overwrite=args.overwrite, prune=args.prune,
         progress=not args.no_progress,
@@ -201,15 +222,17 @@ def start_parts(out: OutputFolder, parts: list[PartSpec], overwrite: bool) -> Pa
     markers = out.ledger.markers()
     complete = out.ledger.complete(markers)
     previous = None if overwrite else out.previous_manifest
-    plan = plan_numbers(parts, previous, {n: m for n, m in markers.items() if n in complete})
+    known = known_numbers(out.notes.get(NUMBERS_NOTE), previous, markers.values())  # lost parts keep theirs
+    plan = plan_numbers(parts, known, {n: m for n, m in markers.items() if n in complete})
+    out.note(NUMBERS_NOTE, {**known, **{spec.source: n for n, spec in plan.numbered.items()}})
     keep = {part_name(n) for n in (*plan.done, *plan.gone)}
     out.ledger.forget([name for name in markers if name not in keep])  # stale or partial
     pending = [number for number, _ in plan.pending]
     out.claim([name for n in pending for name in (embeddings_file(n), failures_file(n))])
     for number in pending:  # files a killed run of these parts may have left
         for name in (embeddings_file(number), failures_file(number)):
-            remove_if_present(out.path(name), out.storage_options)
-        remove_if_present(fragments_dir(out.url, number), out.storage_options, recursive=True)
+            remove_owned(out.url, name, out.storage_options)
+        remove_owned(out.url, f"{FRAGMENTS}/{part_name(number)}", out.storage_options, recursive=True)
     sys.stderr.write(f"clipbeam embed: {len(plan.done)} parts done already, {len(pending)} to run\n")
     return plan
 
@@ -226,7 +249,9 @@ def corpus_config(job: EmbedJob, out: OutputFolder, plan: PartPlan, weights: str
     return EmbedCorpusConfig(
         ledger=out.ledger, spec=job.spec, dim=dim, preprocess=preprocess_config(job.spec),
         parts={n: PartInfo(p.source, p.fingerprint) for n, p in plan.pending}, columns=job.columns,
-        limits=job.limits, max_pixels=job.max_pixels, embed_text=job.embed_text, batch_size=job.batch_size,
+        limits=job.limits, max_pixels=job.max_pixels, max_caption_chars=job.max_caption_chars,
+        max_metadata_columns=job.max_metadata_columns,
+        embed_text=job.embed_text, batch_size=job.batch_size,
         model_copies=job.model_copies, dtype=job.dtype, schema_meta=schema_meta, accelerator=job.accelerator,
         tuning=job.tuning,
     )
@@ -237,6 +262,8 @@ def _drop_gone(out: OutputFolder, plan: PartPlan) -> None:
     for number, marker in sorted(plan.gone.items()):
         out.ledger.discard({part_name(number): marker})
         LOG.info("pruned part %d (%s)", number, marker["source"])
+    kept = {s: n for s, n in out.notes.get(NUMBERS_NOTE, {}).items() if n not in plan.gone}
+    out.note(NUMBERS_NOTE, kept)  # a pruned source that comes back is a new part
 
 
 def commit(out: OutputFolder, job: EmbedJob, plan: PartPlan, seconds: float) -> dict | None:
@@ -251,8 +278,8 @@ def commit(out: OutputFolder, job: EmbedJob, plan: PartPlan, seconds: float) -> 
         _drop_gone(out, plan)
     listed = {n: m for n, m in done.items() if n in plan.numbered or (n in plan.gone and not job.prune)}
     for folder in ("embeddings", "failures"):  # files left half-written by a killed run
-        remove_temporaries(join(out.url, folder), out.storage_options)
-    remove_if_present(out.path(FRAGMENTS), out.storage_options, recursive=True)
+        remove_owned_temporaries(out.url, folder, out.storage_options)
+    remove_owned(out.url, FRAGMENTS, out.storage_options, recursive=True)
     extra = {"clipbeam_version": __version__, "inputs": list(job.inputs), "seconds_last_run": round(seconds, 3)}
     return out.commit(build_manifest(out.settings, listed, set(plan.numbered), extra))
 
@@ -269,6 +296,8 @@ def print_embed_summary(job: EmbedJob, plan: PartPlan, manifest: dict, seconds: 
         rows.append(("not in input", f"{len(plan.gone)} parts {what}"))
     rows += [("samples in", manifest["samples"]), ("embedded", manifest["rows"]), ("failed", manifest["failures"])]
     rows += [(f"  failed at {stage}", count) for stage, count in sorted(manifest["failed_by_stage"].items())]
+    if manifest.get("metadata_folded"):
+        rows.append(("metadata columns", f"{manifest['metadata_folded']} over --max-metadata-columns, in json_raw"))
     rows += [("seconds", f"{seconds:.1f}"), ("samples/s", f"{ran / seconds:.1f}" if seconds > 0 else "-")]
     print_summary("clipbeam embed: done", rows + list(inference))
 

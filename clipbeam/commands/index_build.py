@@ -42,7 +42,7 @@ from clipbeam.index.faiss_io import METRICS, make_index
 from clipbeam.index.plan import plan_sample, plan_shards, query_count, sample_reads, shard_count
 from clipbeam.layout import RUN_RECORD, Mode, OutputFolder, open_output, settings_fingerprint
 from clipbeam.layout.dedup import ExcludedSamples, removed_samples
-from clipbeam.layout.embeddings.read import EmbeddingsInput, describe, resolve_embeddings
+from clipbeam.layout.embeddings.read import EmbeddingsInput, check_indexed_parts, describe, resolve_embeddings
 from clipbeam.layout.index import INDEX, WORK
 from clipbeam.transforms.index_shards import (
     RECALL_K,
@@ -153,6 +153,7 @@ def _append_inputs(args: argparse.Namespace, previous: dict, keep: list[str] | N
     inputs = resolve_embeddings(args.embeddings, args.column, args.id_column, keep, storage_options, first_id)
     if inputs.dim != previous["dim"]:
         raise UsageError(f"--append: new vectors have dimension {inputs.dim}, the index {previous['dim']}")
+    _check_unchanged(previous, inputs)
     indexed = {f["url"] for source in previous.get("embeddings", []) for f in source.get("files", [])}
     new_files, next_id = [], first_id
     for f in inputs.files:
@@ -164,6 +165,20 @@ def _append_inputs(args: argparse.Namespace, previous: dict, keep: list[str] | N
         return None
     inputs.files = new_files
     return inputs
+
+
+def _check_unchanged(previous: dict, inputs: EmbeddingsInput) -> None:
+    """--append: the parts of this input that the index holds must still be there with the same rows
+    (a lost part embedded again under another name would otherwise be indexed twice)."""
+    now = {f.url: f.rows for f in inputs.files}
+    for source in previous.get("embeddings", []):
+        if source.get("url") != inputs.url:
+            continue
+        for listed in source.get("files", []):
+            if now.get(listed["url"]) != listed["rows"]:
+                state = "is gone" if listed["url"] not in now else f"has {now[listed['url']]} rows"
+                raise UsageError(f"--append: {listed['url']} was indexed with {listed['rows']} rows and now {state}; "
+                                 "the embeddings changed under the index: rebuild it with --overwrite")
 
 
 def _choose_factory(args: argparse.Namespace, previous: dict | None, inputs: EmbeddingsInput,
@@ -325,8 +340,11 @@ def verify(args: argparse.Namespace) -> int:
     if args.embeddings is not None:
         raise UsageError("--verify checks the index in --output and builds nothing; drop --embeddings")
     storage_options = storage_options_from_args(args)
-    checked = verify_index(args.output, index_layout.read_manifest(args.output, storage_options), storage_options)
-    print(f"clipbeam index --verify: {args.output}: all {checked} files match the checksums in index.json")
+    manifest = index_layout.read_manifest(args.output, storage_options)
+    checked = verify_index(args.output, manifest, storage_options)
+    parts = check_indexed_parts(manifest, storage_options)
+    print(f"clipbeam index --verify: {args.output}: all {checked} files match the checksums in index.json; "
+          f"the {parts} embeddings parts it lists have their recorded rows")
     return 0
 
 

@@ -17,7 +17,7 @@ import numpy as np
 
 from clipbeam import storage
 from clipbeam.commands.argtypes import positive_int
-from clipbeam.commands.common import add_storage_arguments, storage_options_from_args
+from clipbeam.commands.common import add_storage_arguments, storage_options_from_args, unrecognized
 from clipbeam.commands.query_model import add_query_model_arguments, load_query_model, query_spec
 from clipbeam.errors import UsageError
 from clipbeam.index import ShardedIndex
@@ -85,7 +85,7 @@ def queries_from_args(args: argparse.Namespace, index: ShardedIndex,
 
 def run(args: argparse.Namespace, beam_args: list[str]) -> int:
     if beam_args:
-        raise UsageError(f"unrecognized arguments: {' '.join(beam_args)}")
+        raise unrecognized(beam_args)
     storage_options = storage_options_from_args(args)
     index = ShardedIndex.open(args.index, storage_options)
     if args.params is not None:

@@ -26,6 +26,7 @@ from clipbeam.commands.common import (
     print_summary,
     report_unfinished,
     storage_options_from_args,
+    unrecognized,
 )
 from clipbeam.corpus.plan import FORMATS, ManifestColumns
 from clipbeam.errors import UsageError
@@ -183,7 +184,7 @@ def run(args: argparse.Namespace, beam_args: list[str]) -> int:
     from clipbeam.models.clip import resolve_device
 
     if beam_args:
-        raise UsageError(f"unrecognized arguments: {' '.join(beam_args)}")
+        raise unrecognized(beam_args)
     storage_options = storage_options_from_args(args)
     device = resolve_device(args.device)
     if args.threads:

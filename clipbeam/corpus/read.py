@@ -16,8 +16,10 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import posixpath
 import re
+import stat
 import tarfile
 from dataclasses import dataclass
 from typing import Any, Iterator
@@ -273,6 +275,19 @@ def _read_manifest(index: int, spec: PartSpec, storage_options: dict | None, col
                "meta": meta}
 
 
+def _regular(fs, root: str, path: str) -> str:
+    """`path`, if it is a regular file inside `root`. On local disks a FIFO, socket or device in a folder
+    input would block the read forever or never end, and a symbolic link may point anywhere (a caption
+    linked to /etc/passwd): both are ValueError (a read failure) instead. Links inside the folder are read."""
+    if getattr(fs, "local_file", False):
+        real_root = os.path.realpath(root)
+        if os.path.commonpath([real_root, os.path.realpath(path)]) != real_root:
+            raise ValueError(f"{path} is a symbolic link out of the input folder")
+        if not stat.S_ISREG(os.stat(path).st_mode):
+            raise ValueError(f"{path} is not a regular file (a FIFO, socket or device)")
+    return path
+
+
 def _read_folder(index: int, spec: PartSpec, storage_options: dict | None, limits: ReadLimits) -> Iterator[dict]:
     try:
         fs, root = get_fs(spec.url, storage_options)
@@ -284,10 +299,11 @@ def _read_folder(index: int, spec: PartSpec, storage_options: dict | None, limit
         sample_id = f"{spec.label}/{image}"
         source = join(spec.url, image)
         try:
-            data = read_capped(fs, posixpath.join(root, image), limits.max_member_bytes)
+            data = read_capped(fs, _regular(fs, root, posixpath.join(root, image)), limits.max_member_bytes)
             caption = None
             if caption_path is not None:
-                caption = read_capped(fs, posixpath.join(root, caption_path), limits.max_member_bytes)
+                caption = read_capped(fs, _regular(fs, root, posixpath.join(root, caption_path)),
+                                      limits.max_member_bytes)
         except Exception as exc:
             yield failure(index, sample_id, source, "read", _error(exc))
             continue

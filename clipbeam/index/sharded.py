@@ -15,6 +15,7 @@ from typing import Any
 
 import faiss
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from clipbeam import storage
@@ -123,7 +124,7 @@ class ShardedIndex:
             url = storage.join(self.url, entry["ids"])
             try:
                 with storage.open_input(url, self.storage_options) as handle:
-                    table = pq.read_table(handle)
+                    table = large_strings(pq.read_table(handle))
             except FileNotFoundError:
                 raise IndexInputError(f"id table {url} is missing") from None
             self._ids_tables[shard] = table
@@ -150,3 +151,14 @@ class ShardedIndex:
             for (position, _), row in zip(pairs, rows, strict=True):
                 out[position] = row
         return out
+
+
+def large_strings(table: pa.Table) -> pa.Table:
+    """String and binary columns as their large (64-bit offset) types: a take() of rows whose text adds
+    up past 2 GB (one long caption asked for many times) overflows 32-bit offsets."""
+    def widen(kind: pa.DataType) -> pa.DataType:
+        if pa.types.is_string(kind):
+            return pa.large_string()
+        return pa.large_binary() if pa.types.is_binary(kind) else kind
+
+    return table.cast(pa.schema([f.with_type(widen(f.type)) for f in table.schema], metadata=table.schema.metadata))

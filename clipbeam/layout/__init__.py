@@ -26,7 +26,8 @@ Usage (a job whose units are parts)::
 
 Beam workers mark units themselves through `out.ledger` (a picklable
 `UnitLedger`), which checks the lease before each marker. Modules:
-`folder` (modes, run record, manifest), `ledger` (done-markers), `lease`.
+`folder` (modes, run record, manifest), `ledger` (done-markers), `lease`, `owned`
+(deleting owned names, never through a link).
 """
 
 from clipbeam.layout.folder import (

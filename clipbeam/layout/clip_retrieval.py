@@ -19,7 +19,9 @@ import io
 
 import numpy as np
 
+from clipbeam.layout.embeddings import part_name
 from clipbeam.layout.folder import OutputKind
+from clipbeam.layout.ledger import has_fields
 
 EXPORT_JSON = "export.json"
 FORMAT_VERSION = 2  # 2: "format" names the output kind, "layout" the folder layout; has_text in the metadata
@@ -51,5 +53,12 @@ def manifest_files(manifest: dict) -> list[str]:
 
 # Exports of version 1 have no run record; their export.json (which only this job writes) marks the folder as
 # an export, so `--overwrite` can replace one (deleting the files its partitions list, and its old _work/).
+MARKER_FIELDS = {"number": int, "rows": int, "text": bool, "source": str, "rows_in": int}
+
+
+def valid_marker(unit: str, marker: dict) -> bool:
+    return has_fields(marker, MARKER_FIELDS) and marker["number"] >= 0 and unit == part_name(marker["number"])
+
+
 EXPORT = OutputKind("clipbeam.export", manifest=EXPORT_JSON, markers="_done", scratch=("_work/*.json",),
-                    manifest_files=manifest_files, legacy_records=(EXPORT_JSON,))
+                    manifest_files=manifest_files, legacy_records=(EXPORT_JSON,), valid_marker=valid_marker)

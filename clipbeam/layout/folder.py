@@ -18,19 +18,9 @@ from typing import Callable
 
 from clipbeam.errors import FieldError
 from clipbeam.layout.lease import DEFAULT_TIMEOUT, LEASE_FILE, Lease
-from clipbeam.layout.ledger import UnitLedger, inside
-from clipbeam.storage import (
-    check_writable,
-    exists,
-    get_fs,
-    is_temporary,
-    join,
-    list_names,
-    read_json,
-    remove_if_present,
-    remove_temporaries,
-    write_json,
-)
+from clipbeam.layout.ledger import UnitLedger, has_fields
+from clipbeam.layout.owned import inside, link_on_the_way, refuse_links, remove_owned, remove_owned_temporaries
+from clipbeam.storage import check_writable, exists, get_fs, is_temporary, join, list_names, read_json, write_json
 
 LOG = logging.getLogger(__name__)
 
@@ -61,6 +51,7 @@ class OutputKind:
     scratch: tuple[str, ...] = ()  # globs of the files the job writes in its scratch folders (fragments, temp work)
     manifest_files: Callable[[dict], list[str]] = _files_listed  # the files a manifest lists
     legacy_records: tuple[str, ...] = ()  # run records of older versions: they mark the folder as ours
+    valid_marker: Callable[[str, dict], bool] | None = None  # the job's test of a done-marker's fields
 
 
 def settings_fingerprint(settings: dict) -> str:
@@ -82,6 +73,7 @@ class OutputFolder:
     lease: Lease
     previous_manifest: dict | None = None
     owned: list[str] = field(default_factory=list)
+    notes: dict = field(default_factory=dict)  # what a job keeps in its run record between runs
 
     def path(self, *names: str) -> str:
         return join(self.url, *names)
@@ -89,7 +81,7 @@ class OutputFolder:
     @property
     def ledger(self) -> UnitLedger:
         """The done-markers, as a value that Beam workers can carry."""
-        return UnitLedger(self.url, self.kind.markers, self.storage_options, self.lease.owner)
+        return UnitLedger(self.url, self.kind.markers, self.storage_options, self.lease.owner, self.kind.valid_marker)
 
     def done_units(self) -> dict[str, dict]:
         return self.ledger.done()
@@ -100,13 +92,20 @@ class OutputFolder:
     def claim(self, names: list[str]) -> None:
         """Record names this job is about to write, so that --overwrite may delete them later."""
         new = [n for n in names if n not in self.owned]
+        refuse_links(self.url, new)
         if new:
             self.owned.extend(new)
             self._write_record()
 
+    def note(self, key: str, value: object) -> None:
+        """Keep `value` in the run record (read back as `notes[key]` by a resumed run; --overwrite drops it)."""
+        if self.notes.get(key) != value:
+            self.notes[key] = value
+            self._write_record()
+
     def _write_record(self) -> None:
         record = {"kind": self.kind.name, "settings": self.settings,
-                  "fingerprint": settings_fingerprint(self.settings), "owned": self.owned}
+                  "fingerprint": settings_fingerprint(self.settings), "owned": self.owned, "notes": self.notes}
         write_json(self.path(RUN_RECORD), record, self.storage_options)
 
     def commit(self, manifest: dict) -> dict:
@@ -137,6 +136,37 @@ def _read_if_present(url: str, storage_options: dict | None) -> dict | None:
     return value if isinstance(value, dict) else None
 
 
+RECORD_FIELDS = {"kind": str}
+RECORD_OPTIONAL = {"settings": dict, "fingerprint": str, "owned": list, "notes": dict}
+
+
+def _read_record(url: str, mode: Mode, storage_options: dict | None) -> tuple[dict | None, bool]:
+    """(the run record or None, whether the name holds anything). One that is not valid is exit 2
+    naming it, except under --overwrite, which starts over without it."""
+    path = join(url, RUN_RECORD)
+    if not exists(path, storage_options):
+        return None, False
+    record = _read_if_present(path, storage_options)
+    if (record is not None and has_fields(record, RECORD_FIELDS)
+            and all(isinstance(record.get(k), (t, type(None))) for k, t in RECORD_OPTIONAL.items())
+            and all(isinstance(name, str) for name in record.get("owned") or [])):
+        return record, True
+    if mode is not Mode.CLEAR:
+        raise FieldError("overwrite", f"{path} is not a valid run record; remove it and rerun, or rerun with "
+                                      "{field} to start over")
+    LOG.warning("--overwrite: %s is not a valid run record; starting over without it", path)
+    return None, True
+
+
+def _manifest_names(kind: OutputKind, manifest: dict) -> list[str]:
+    """The names a previous manifest lists; none from one too malformed to read (it is replaced)."""
+    try:
+        return [name for name in kind.manifest_files(manifest) if isinstance(name, str)]
+    except (AttributeError, KeyError, TypeError, ValueError):
+        LOG.warning("the previous %s is malformed: deleting none of the names it lists", kind.manifest)
+        return []
+
+
 def _check_ownership(url: str, kind: OutputKind, record: dict | None, manifest: dict | None,
                      storage_options: dict | None) -> bool:
     """True when the folder holds this kind's output; UsageError when it holds anything else."""
@@ -162,7 +192,7 @@ def _check_settings(url: str, record: dict | None, settings: dict) -> None:
                          "use {field} to start over or another {output}", ("output",))
     if record.get("fingerprint") == settings_fingerprint(settings):
         return
-    before = record.get("settings", {})
+    before = record.get("settings") or {}
     details = ", ".join(f"{k}: {before.get(k)!r} -> {settings.get(k)!r}" for k in changed_keys(before, settings))
     raise FieldError("overwrite", f"{url} was written with other settings ({details}); "
                      "use {field} to start over or another {output}", ("output",))
@@ -171,10 +201,10 @@ def _check_settings(url: str, record: dict | None, settings: dict) -> None:
 def clear_owned(out: OutputFolder, record: dict | None) -> None:
     """--overwrite: delete the manifest, the names the job listed, its markers and scratch; nothing else."""
     kind, so = out.kind, out.storage_options
-    names = set(record.get("owned", []) if record else [])
+    names = set(record.get("owned") or [] if record else [])
     if out.previous_manifest:
-        names.update(kind.manifest_files(out.previous_manifest))
-    for marker in UnitLedger(out.url, kind.markers, so).markers().values():
+        names.update(_manifest_names(kind, out.previous_manifest))
+    for marker in UnitLedger(out.url, kind.markers, so, check=kind.valid_marker).markers().values():
         names.update(marker.get("files", []))
     outside = {name for name in names if not inside(name)}
     if outside:
@@ -183,13 +213,16 @@ def clear_owned(out: OutputFolder, record: dict | None) -> None:
     names -= outside
     names.update(_scratch_names(out))
     for name in sorted(names):
-        remove_if_present(out.path(name), so)
+        remove_owned(out.url, name, so)
     parents = {posixpath.dirname(n) for n in names}
     parents |= {posixpath.dirname(p) for p in parents}  # _fragments/part-00001/x -> _fragments too
     for parent in sorted((p for p in parents if p), key=len, reverse=True):
-        remove_temporaries(out.path(parent), so)
+        if link_on_the_way(out.url, posixpath.join(parent, "x")) == parent:  # the job's folder is a link: the
+            remove_owned(out.url, parent, so)  # link goes, never what it points to, and a real folder follows
+            continue
+        remove_owned_temporaries(out.url, parent, so)
         if not list_names(out.path(parent), so):
-            remove_if_present(out.path(parent), so, recursive=True)
+            remove_owned(out.url, parent, so, recursive=True)
     LOG.info("--overwrite: removed %d names %s owned in %s", len(names), kind.name, out.url)
 
 
@@ -219,22 +252,29 @@ def open_output(url: str, kind: OutputKind, settings: dict, mode: Mode, storage_
     an existing output under Mode.REFUSE, other settings under Mode.RESUME, or a
     live lease of another run.
     """
-    record = _read_if_present(join(url, RUN_RECORD), storage_options)
+    record, recorded = _read_record(url, mode, storage_options)
     manifest = _read_if_present(join(url, kind.manifest), storage_options)
-    ours = _check_ownership(url, kind, record, manifest, storage_options)
+    if recorded and record is None and (manifest or {}).get("format") != kind.name:
+        manifest = None  # the run record was not valid: a manifest of another format is no guide to names
+    ours = (recorded and record is None) or _check_ownership(url, kind, record, manifest, storage_options)
     if ours and mode is Mode.REFUSE:
         raise FieldError("overwrite", f"{url} already holds a {kind.name} output; pass {{field}} to replace it")
     if ours and mode is Mode.RESUME:
         _check_settings(url, record, settings)
     check_writable(url, storage_options)
-    lease = Lease(url, storage_options, timeout=lease_timeout).acquire()
+    lease = Lease(url, storage_options, timeout=lease_timeout).acquire(replace_invalid=mode is Mode.CLEAR)
     try:
         out = OutputFolder(url, kind, settings, storage_options, lease, previous_manifest=manifest,
-                           owned=list(record.get("owned", [])) if record and mode is Mode.RESUME else [])
+                           owned=list(record.get("owned") or []) if record and mode is Mode.RESUME else [],
+                           notes=dict(record.get("notes") or {}) if record and mode is Mode.RESUME else {})
         if not keep_manifest or mode is Mode.CLEAR:
-            remove_if_present(out.path(kind.manifest), storage_options)  # the output stops being "complete" first
+            remove_owned(url, kind.manifest, storage_options)  # the output stops being "complete" first
         if ours and mode is Mode.CLEAR:
+            if recorded and record is None:
+                remove_owned(url, RUN_RECORD, storage_options, recursive=True)
             clear_owned(out, record)
+        else:
+            out.ledger.drop_invalid()
         out._write_record()
     except BaseException:
         lease.release()

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from clipbeam.index.manifest import FORMAT, INDEX_JSON, TRAINED_INDEX
 from clipbeam.layout.folder import OutputKind
+from clipbeam.layout.ledger import has_fields
 
 WORK = "_work"
 
@@ -22,5 +23,15 @@ def manifest_files(manifest: dict) -> list[str]:
     return [TRAINED_INDEX, *(s["index"] for s in shards), *(s["ids"] for s in shards)]
 
 
+MARKER_FIELDS = {"number": int, "index": str, "ids": str, "ntotal": int, "id_start": int, "id_end": int,
+                 "bytes": int, "skipped_null": int, "seconds": (int, float), "sha256": (str, type(None)),
+                 "ids_sha256": (str, type(None))}
+
+
+def valid_marker(unit: str, marker: dict) -> bool:
+    """A shard's marker names its own unit and has every field index.json is built from."""
+    return has_fields(marker, MARKER_FIELDS) and marker["number"] >= 0 and unit == f"shard-{marker['number']:05d}"
+
+
 INDEX = OutputKind(FORMAT, manifest=INDEX_JSON, markers="_done", scratch=(f"{WORK}/*.npz", f"{WORK}/*.json"),
-                   manifest_files=manifest_files)
+                   manifest_files=manifest_files, valid_marker=valid_marker)

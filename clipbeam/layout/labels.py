@@ -16,6 +16,7 @@ import pyarrow as pa
 
 from clipbeam.layout.embeddings import part_name
 from clipbeam.layout.folder import OutputKind
+from clipbeam.layout.ledger import has_fields
 
 FORMAT_VERSION = 2  # 2: "format", the run record and done-markers; parts named by embeddings part number
 SCHEMA = pa.schema([("id", pa.string()), ("label", pa.string()), ("score", pa.float32()),
@@ -31,4 +32,11 @@ def manifest_files(manifest: dict) -> list[str]:
     return [part["path"] for part in manifest.get("parts", [])]
 
 
-LABELS = OutputKind("clipbeam.labels", markers="_done", manifest_files=manifest_files)
+MARKER_FIELDS = {"number": int, "path": str, "rows": int, "skipped": int, "source": str, "rows_in": int}
+
+
+def valid_marker(unit: str, marker: dict) -> bool:
+    return has_fields(marker, MARKER_FIELDS) and marker["number"] >= 0 and unit == part_name(marker["number"])
+
+
+LABELS = OutputKind("clipbeam.labels", markers="_done", manifest_files=manifest_files, valid_marker=valid_marker)

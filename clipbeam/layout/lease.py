@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import socket
 import threading
@@ -41,6 +42,10 @@ class LeaseHeld(UsageError):
     """Another live run holds the output folder (exit 2: nothing was touched)."""
 
 
+class LeaseInvalid(UsageError):
+    """The lease's name holds something no clipbeam run wrote (exit 2: the line says what to remove)."""
+
+
 @dataclass(frozen=True)
 class LeaseInfo:
     owner: str
@@ -51,14 +56,36 @@ class LeaseInfo:
 
 
 def read_lease(folder: str, storage_options: dict | None) -> LeaseInfo | None:
-    """The lease now in `folder`, or None (none there, or unreadable: a half-gone file)."""
+    """The lease now in `folder`, or None (none there, or not a valid lease)."""
+    return inspect_lease(folder, storage_options)[0]
+
+
+def inspect_lease(folder: str, storage_options: dict | None) -> tuple[LeaseInfo | None, str | None]:
+    """(the lease, None), (None, None) when there is none or it is torn (an unparseable file: a run
+    killed between creating and writing it), or (None, what is wrong) when the name holds something
+    that no run of clipbeam wrote: a folder, or fields of the wrong type."""
     fs, path = get_fs(join(folder, LEASE_FILE), storage_options)
     try:
         fs.invalidate_cache(path)
         with fs.open(path, "rb") as handle:
-            return LeaseInfo(**json.loads(handle.read()))
-    except (FileNotFoundError, ValueError, TypeError):
-        return None
+            data = handle.read()
+    except FileNotFoundError:
+        return None, None
+    except IsADirectoryError:
+        return None, "a folder"
+    except OSError as exc:
+        return None, f"unreadable: {exc.__class__.__name__}"
+    try:
+        value = json.loads(data)
+    except ValueError:
+        return None, None
+    types = {"owner": str, "host": str, "pid": int, "started": (int, float), "heartbeat": (int, float)}
+    if not isinstance(value, dict) or set(value) != set(types) or any(
+            not isinstance(value[k], t) or isinstance(value[k], bool) for k, t in types.items()):
+        return None, "fields missing or of the wrong type"
+    if not all(math.isfinite(value[k]) for k in ("started", "heartbeat")):
+        return None, "a time that is not a number"
+    return LeaseInfo(**value), None
 
 
 def check_lease(folder: str, owner: str, storage_options: dict | None) -> None:
@@ -104,19 +131,29 @@ class Lease:
     def _info(self) -> LeaseInfo:
         return LeaseInfo(self.owner, socket.gethostname(), os.getpid(), self._started, self._clock())
 
-    def acquire(self) -> "Lease":
-        """Take the lease, taking over a stale one; LeaseHeld while another run's is live."""
+    def acquire(self, replace_invalid: bool = False) -> "Lease":
+        """Take the lease, taking over a stale one; LeaseHeld while another run's is live.
+
+        A lease that is not valid (a folder, wrong fields, a heartbeat further in the future than
+        the timeout) is LeaseInvalid, naming the file to remove; `replace_invalid` (--overwrite)
+        removes it instead."""
         for _ in range(3):
             if create_exclusive(self.url, json.dumps(asdict(self._info())).encode(), self.storage_options):
                 break
-            current = read_lease(self.folder, self.storage_options)
+            current, problem = inspect_lease(self.folder, self.storage_options)
+            age = self._clock() - current.heartbeat if current is not None else 0.0
+            if current is not None and age < -self.timeout and not _process_gone(current):
+                problem = f"its heartbeat is {-age:.0f}s in the future"
+            if problem is not None:
+                self._invalid(problem, replace_invalid)
+                continue
             if current is None:
                 remove_if_present(self.url, self.storage_options)  # unreadable: a torn write of a dead run
                 continue
-            age = self._clock() - current.heartbeat
             if age <= self.timeout and not _process_gone(current):
                 raise LeaseHeld(f"{self.folder} is being written by another run ({current.owner}, heartbeat "
-                                f"{age:.0f}s ago); wait for it, or rerun {self.timeout - age:.0f}s after it died")
+                                f"{max(age, 0):.0f}s ago); wait for it, or rerun "
+                                f"{self.timeout - max(age, 0):.0f}s after it died")
             LOG.warning("taking over the stale lease of %s on %s (no heartbeat for %.0fs)",
                         current.owner, self.folder, age)
             remove_if_present(self.url, self.storage_options)
@@ -126,6 +163,13 @@ class Lease:
         self._thread = threading.Thread(target=self._beat, name="clipbeam-lease", daemon=True)
         self._thread.start()
         return self
+
+    def _invalid(self, problem: str, replace: bool) -> None:
+        if not replace:
+            raise LeaseInvalid(f"{self.url} is not a valid lease ({problem}); if no clipbeam run is writing "
+                               f"{self.folder}, remove it and rerun (or rerun with --overwrite)")
+        LOG.warning("--overwrite: removing %s, which is not a valid lease (%s)", self.url, problem)
+        remove_if_present(self.url, self.storage_options, recursive=True)
 
     def check(self) -> None:
         check_lease(self.folder, self.owner, self.storage_options)

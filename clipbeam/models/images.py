@@ -160,22 +160,31 @@ def sha256_hex(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def decode_caption(value) -> tuple[str | None, str | None]:
-    """Caption bytes or text -> (caption or None, a note when bytes were not UTF-8).
+DEFAULT_MAX_CAPTION_CHARS = 10_000
+TRUNCATED = "caption truncated"  # how a truncation note starts (counted by the embed pipeline)
+
+
+def decode_caption(value, max_chars: int | None = None) -> tuple[str | None, str | None]:
+    """Caption bytes or text -> (caption or None, a note when bytes were not UTF-8 or it was cut).
 
     Empty and whitespace-only captions count as missing. Bytes that are not
-    UTF-8 are decoded with replacement characters and the note says so.
+    UTF-8 are decoded with replacement characters and the note says so. A
+    caption longer than `max_chars` keeps its first `max_chars` characters: a
+    10 MB caption would otherwise travel whole into every table and answer.
     """
     if value is None:
         return None, None
-    note = None
+    notes = []
     if isinstance(value, (bytes, bytearray)):
         try:
             text = bytes(value).decode("utf-8")
         except UnicodeDecodeError:
             text = bytes(value).decode("utf-8", errors="replace")
-            note = "caption is not valid UTF-8; undecodable bytes replaced with U+FFFD"
+            notes.append("caption is not valid UTF-8; undecodable bytes replaced with U+FFFD")
     else:
         text = str(value)
     text = text.strip()
-    return (text or None), note
+    if max_chars is not None and len(text) > max_chars:
+        notes.insert(0, f"{TRUNCATED} from {len(text)} to {max_chars} characters")
+        text = text[:max_chars].rstrip()
+    return (text or None), "; ".join(notes) or None

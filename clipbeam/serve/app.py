@@ -8,12 +8,15 @@ server. Images are served by faiss id only: a client can never name a path.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import dataclasses
 import math
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from importlib import resources
-from typing import Any
+from typing import Any, Callable
 
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
@@ -27,6 +30,7 @@ from starlette.routing import Route
 from clipbeam.serve import knn
 from clipbeam.serve.batcher import Batcher
 from clipbeam.serve.engine import Hit, SearchEngine, image_type
+from clipbeam.serve.guard import HostCheck, RequestGuard
 from clipbeam.serve.queries import ApiError, Query, parse_json, parse_search
 from clipbeam.serve.stats import QueryStats
 
@@ -40,16 +44,48 @@ THUMBNAIL_SIZES = (16, 1024)
 MAX_WAITING = 1024  # queries queued for the worker beyond this are refused (429), so a flood cannot grow memory
 
 
+class ByteBudget:
+    """Bytes of request bodies held at once, queued or being decoded: past `limit` a request is refused
+    (429) as its body arrives, so a flood of uploads cannot grow memory (the query cap counts queries)."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.held = 0
+
+    @contextlib.asynccontextmanager
+    async def body(self, request: Request, max_body: int):
+        """The request body (413 past `max_body`), its bytes counted against the budget until the block ends."""
+        taken = 0
+
+        def take(size: int) -> None:
+            nonlocal taken
+            if self.held + size > self.limit:
+                raise ApiError(429, f"{self.held} bytes of requests are already waiting; retry later")
+            self.held += size
+            taken += size
+
+        try:
+            yield await read_body(request, max_body, take)
+        finally:
+            self.held -= taken
+
+
 @dataclass
 class ServeState:
     engine: SearchEngine
     batcher: Batcher[Query]
     stats: QueryStats
     static: dict[str, bytes]
+    budget: ByteBudget
+    decoder: ThreadPoolExecutor  # uploads decode here, so that vector and text queries never wait on them
 
     async def answer(self, query: Query) -> list[Hit]:
         if self.batcher.waiting >= MAX_WAITING:
             raise ApiError(429, f"{MAX_WAITING} queries are already waiting; retry later")
+        if query.image is not None and query.decoded is None:
+            decoded = await asyncio.get_running_loop().run_in_executor(self.decoder, self.engine.decode_upload,
+                                                                       query.image)
+            query = dataclasses.replace(query, image=b"", decoded=decoded)
         found = await self.batcher.submit(query)
         if isinstance(found, ApiError):
             raise found
@@ -60,16 +96,17 @@ def _state(request: Request) -> ServeState:
     return request.app.state.serve
 
 
-async def read_body(request: Request, limit: int) -> bytes:
-    """The request body, refused with a 413 as soon as it passes `limit` bytes."""
+async def read_body(request: Request, limit: int, take: Callable[[int], None] = lambda size: None) -> bytes:
+    """The request body, refused with a 413 as soon as it passes `limit` bytes; `take` hears of each chunk."""
     declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > limit:
+    if declared.isascii() and declared.isdigit() and (len(declared) > 18 or int(declared) > limit):
         raise ApiError(413, f"the body is {declared} bytes; the limit is {limit}")
     chunks, size = [], 0
     async for chunk in request.stream():
         size += len(chunk)
         if size > limit:
             raise ApiError(413, f"the body is over the limit of {limit} bytes")
+        take(len(chunk))
         chunks.append(chunk)
     return b"".join(chunks)
 
@@ -87,6 +124,29 @@ def jsonable(value: Any) -> Any:
     return value if value is None or isinstance(value, (str, int, float, bool)) else str(value)
 
 
+def capped_json(content: Any, limit: int) -> Response:
+    """A JSON answer of at most `limit` bytes, else a 422: the text it carries is measured before it is
+    rendered (long captions asked for many times would cost gigabytes), the rendered body after."""
+    if _text_size(content) > limit:
+        raise ApiError(422, f"the answer would be over the limit of {limit} bytes; ask for fewer ids or results")
+    response = JSONResponse(content)
+    if len(response.body) > limit:
+        raise ApiError(422, f"the answer is {len(response.body)} bytes, over the limit of {limit}; "
+                            "ask for fewer ids or results")
+    return response
+
+
+def _text_size(value: Any) -> int:
+    """About the size of `value` as JSON, from its strings' lengths (never below the characters)."""
+    if isinstance(value, str):
+        return len(value) + 2
+    if isinstance(value, dict):
+        return sum(_text_size(k) + _text_size(v) + 2 for k, v in value.items()) + 2
+    if isinstance(value, (list, tuple)):
+        return sum(_text_size(v) + 1 for v in value) + 2
+    return 4
+
+
 def hit_json(hit: Hit) -> dict[str, Any]:
     return {"faiss_id": hit.faiss_id, "id": jsonable(hit.row.get("id")), "score": round(hit.score, 6),
             "caption": jsonable(hit.row.get("caption")), "source": jsonable(hit.row.get("source")),
@@ -96,34 +156,35 @@ def hit_json(hit: Hit) -> dict[str, Any]:
 async def search(request: Request) -> Response:
     state = _state(request)
     started = time.perf_counter()
-    body = parse_json(await read_body(request, state.engine.limits.max_body_bytes))
-    query = parse_search(body, state.engine.limits, state.engine.index.dim)
-    hits = await state.answer(query)
+    async with state.budget.body(request, state.engine.limits.max_body_bytes) as raw:
+        query = parse_search(parse_json(raw), state.engine.limits, state.engine.index.dim)
+        hits = await state.answer(query)
     took = time.perf_counter() - started
     state.stats.record(query.kind, took)
-    return JSONResponse({"results": [hit_json(h) for h in hits], "took_ms": round(took * 1000, 3)})
+    return capped_json({"results": [hit_json(h) for h in hits], "took_ms": round(took * 1000, 3)},
+                       state.engine.limits.max_response_bytes)
 
 
 async def knn_service(request: Request) -> Response:
     state = _state(request)
     started = time.perf_counter()
     engine = state.engine
-    body = parse_json(await read_body(request, engine.limits.max_body_bytes))
     modality = "text" if engine.column == "text_embedding" else "image"
-    query, num_images = knn.parse_knn(body, engine.limits, engine.index.dim, engine.name, modality)
-    hits = await state.answer(query)
+    async with state.budget.body(request, engine.limits.max_body_bytes) as raw:
+        query, num_images = knn.parse_knn(parse_json(raw), engine.limits, engine.index.dim, engine.name, modality)
+        hits = await state.answer(query)
     state.stats.record(query.kind, time.perf_counter() - started)
-    return JSONResponse(knn.knn_results(hits, num_images, str(request.base_url)))
+    return capped_json(knn.knn_results(hits, num_images, str(request.base_url)), engine.limits.max_response_bytes)
 
 
 async def metadata(request: Request) -> Response:
     state = _state(request)
-    body = parse_json(await read_body(request, state.engine.limits.max_body_bytes))
-    ids = knn.parse_metadata_ids(body, state.engine.limits, state.engine.name)
+    async with state.budget.body(request, state.engine.limits.max_body_bytes) as raw:
+        ids = knn.parse_metadata_ids(parse_json(raw), state.engine.limits, state.engine.name)
     rows = await run_in_threadpool(state.engine.items, ids)
     base = str(request.base_url)
-    return JSONResponse([{"id": i, "metadata": jsonable(knn.metadata(row, i, base))}
-                         for i, row in zip(ids, rows, strict=True)])
+    return capped_json([{"id": i, "metadata": jsonable(knn.metadata(row, i, base))}
+                        for i, row in zip(ids, rows, strict=True)], state.engine.limits.max_response_bytes)
 
 
 async def indices_list(request: Request) -> Response:
@@ -138,7 +199,7 @@ async def image(request: Request) -> Response:
         data = await run_in_threadpool(engine.image_bytes, faiss_id)
         return Response(data, media_type=image_type(data), headers=IMAGE_HEADERS)
     lo, hi = THUMBNAIL_SIZES
-    if not size.isdigit() or not lo <= int(size) <= hi:
+    if not (size.isascii() and size.isdigit() and len(size) <= 5) or not lo <= int(size) <= hi:  # not '²²
         raise ApiError(400, f"size must be an integer between {lo} and {hi}")
     data = await run_in_threadpool(engine.thumbnail, faiss_id, int(size))
     return Response(data, media_type="image/jpeg", headers=IMAGE_HEADERS)
@@ -148,7 +209,8 @@ async def item(request: Request) -> Response:
     engine = _state(request).engine
     faiss_id = request.path_params["faiss_id"]
     row = await run_in_threadpool(engine.item, faiss_id)
-    return JSONResponse({**jsonable(row), "faiss_id": faiss_id, "image_url": f"/image/{faiss_id}"})
+    return capped_json({**jsonable(row), "faiss_id": faiss_id, "image_url": f"/image/{faiss_id}"},
+                       engine.limits.max_response_bytes)
 
 
 async def healthz(request: Request) -> Response:
@@ -192,16 +254,20 @@ async def http_error(request: Request, exc: Exception) -> Response:
                         headers=exc.headers)
 
 
-def create_app(engine: SearchEngine, allow_origins: tuple[str, ...] = ()) -> Starlette:
-    """The app for one engine; `allow_origins` lets pages on those origins (clip-retrieval's front) call it."""
+def create_app(engine: SearchEngine, allow_origins: tuple[str, ...] = (), hosts: HostCheck | None = None) -> Starlette:
+    """The app for one engine; `allow_origins` lets pages on those origins (clip-retrieval's front) call it;
+    `hosts` are the Host names it answers to (None: any, for callers that bind nothing themselves)."""
     files = resources.files("clipbeam.serve") / "static"
     state = ServeState(engine, Batcher(engine.run, initializer=engine.prepare_thread), QueryStats(),
-                       {name: (files / name).read_bytes() for name in STATIC})
+                       {name: (files / name).read_bytes() for name in STATIC},
+                       ByteBudget(engine.limits.max_queued_bytes),
+                       ThreadPoolExecutor(max_workers=1, thread_name_prefix="clipbeam-decode"))
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette):
         yield
         state.batcher.close()
+        state.decoder.shutdown(wait=False, cancel_futures=True)
 
     routes = [
         Route("/", page), Route("/static/{name}", static), Route("/healthz", healthz), Route("/stats", stats),
@@ -211,6 +277,7 @@ def create_app(engine: SearchEngine, allow_origins: tuple[str, ...] = ()) -> Sta
     ]
     middleware = [Middleware(CORSMiddleware, allow_origins=list(allow_origins), allow_methods=["GET", "POST"],
                              allow_headers=["*"])] if allow_origins else []
+    middleware.append(Middleware(RequestGuard, hosts=hosts, origins=tuple(allow_origins), reject=state.stats.reject))
     app = Starlette(routes=routes, middleware=middleware, lifespan=lifespan,
                     exception_handlers={ApiError: api_error, HTTPException: http_error})
     app.state.serve = state

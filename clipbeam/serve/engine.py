@@ -20,10 +20,10 @@ from typing import Any
 
 import numpy as np
 
-from clipbeam.corpus.fetch import ImageUnavailable, fetch_image
+from clipbeam.corpus.fetch import ImageChanged, ImageTooLarge, ImageUnavailable, fetch_image
 from clipbeam.index import IndexInputError, ShardedIndex
 from clipbeam.index.manifest import query_decoding
-from clipbeam.layout.embeddings.read import InputFile, read_rows
+from clipbeam.layout.embeddings.read import InputFile, read_rows, read_value
 from clipbeam.serve.queries import ApiError, Limits, Query
 
 
@@ -55,6 +55,7 @@ class SearchEngine:
             self._images = QueryImages(clip, *query_decoding(index.manifest, limits.max_pixels))
         self.thumbnail = functools.lru_cache(maxsize=thumbnail_cache)(self._thumbnail)
         self.stored_vector = functools.lru_cache(maxsize=1024)(self._stored_vector)
+        self.stored_sha256 = functools.lru_cache(maxsize=4096)(self._stored_sha256)
 
     def prepare_thread(self) -> None:
         """Set torch's and faiss's thread counts in the calling thread (OpenMP's setting is per thread:
@@ -99,7 +100,7 @@ class SearchEngine:
                         raise ApiError(400, "this server has no model (the index records none): send a vector")
                     out.append(next(encoded)[None, :])
                 elif query.image is not None:
-                    out.append(self._encode_image(query.image))
+                    out.append(self._encode_image(query))
                 elif query.vector is not None:
                     out.append(query.vector)
                 else:
@@ -113,17 +114,26 @@ class SearchEngine:
 
         return encode_texts(self.clip, texts)
 
-    def _encode_image(self, data: bytes) -> np.ndarray:
-        """Uploaded bytes -> vector, decoded and preprocessed as embed does corpus images (same pixel cap)."""
+    def decode_upload(self, data: bytes) -> Any:
+        """Uploaded bytes -> image, decoded as embed decodes corpus images (same pixel cap), and refused
+        (413) when it would take more than `max_decoded_bytes` decoded. Runs off the query worker."""
         from clipbeam.models.images import DecodeError
 
         if self._images is None:
             raise ApiError(400, "this server has no model (the index records none): send a vector")
+        size = decoded_size(data)
+        if size > self.limits.max_decoded_bytes:
+            raise ApiError(413, f"image: it would take {size} bytes decoded; "
+                                f"the limit is {self.limits.max_decoded_bytes}")
         try:
-            pixels = self._images.pixels(data)
+            return self._images.pixels(data)
         except DecodeError as exc:
             status = 413 if "decompression bomb" in str(exc) else 400
             raise ApiError(status, f"image: {exc}") from None
+
+    def _encode_image(self, query: Query) -> np.ndarray:
+        """An image query -> vector, through embed's own pixel path (models.embedder.QueryImages)."""
+        pixels = query.decoded if query.decoded is not None else self.decode_upload(query.image)
         return self._images.encode([pixels])
 
     def _search(self, vectors: np.ndarray, k: int, params: str | None) -> list[list[Hit]]:
@@ -154,7 +164,7 @@ class SearchEngine:
     def items(self, faiss_ids: list[int]) -> list[dict[str, Any]]:
         """The id-table rows of indexed samples, in one lookup; ApiError 404 for the first id the index
         does not hold."""
-        in_range = [i for i in faiss_ids if 0 <= i < 2**63]
+        in_range = list(dict.fromkeys(i for i in faiss_ids if 0 <= i < 2**63))  # each id looked up once
         found = dict(zip(in_range, self.index.lookup(in_range), strict=True)) if in_range else {}
         rows = [found.get(i) for i in faiss_ids]
         for faiss_id, row in zip(faiss_ids, rows, strict=True):
@@ -163,10 +173,30 @@ class SearchEngine:
         return rows
 
     def image_bytes(self, faiss_id: int) -> bytes:
+        """The sample's image bytes, checked: at most the response cap, and the bytes that were embedded."""
+        row = self.item(faiss_id)
         try:
-            return fetch_image(self.item(faiss_id), self.storage_options)
+            return fetch_image(row, self.storage_options, self.limits.max_response_bytes,
+                               row.get("sha256") or self.stored_sha256(faiss_id))
+        except ImageTooLarge as exc:
+            raise ApiError(413, f"image of id {faiss_id} is too large to send: {exc}") from None
+        except ImageChanged as exc:
+            raise ApiError(409, f"image of id {faiss_id}: the corpus changed since it was embedded ({exc})") from None
         except ImageUnavailable as exc:
             raise ApiError(404, f"image of id {faiss_id} is unavailable: {exc}") from None
+
+    def _stored_sha256(self, faiss_id: int) -> str | None:
+        """The sha256 the embeddings row recorded for a sample (None where the embeddings have none)."""
+        for source in self.index.manifest.get("embeddings", []):
+            for entry in source.get("files", []):
+                start, rows = int(entry["id_start"]), int(entry["rows"])
+                if start <= faiss_id < start + rows:
+                    try:
+                        return read_value(entry["url"], "sha256", faiss_id - start, self.storage_options)
+                    except (OSError, ValueError, IndexInputError) as exc:
+                        raise ApiError(404, f"image of id {faiss_id} cannot be checked against its "
+                                            f"embeddings row: {exc}") from None
+        return None
 
     def _thumbnail(self, faiss_id: int, size: int) -> bytes:
         """A JPEG whose longest side is `size` (cached: thumbnails are asked for again and again)."""
@@ -215,3 +245,18 @@ def image_type(data: bytes) -> str:
             return Image.MIME.get(image.format or "", "application/octet-stream")
     except Exception:  # not an image PIL knows: let the browser decide nothing
         return "application/octet-stream"
+
+
+def decoded_size(data: bytes) -> int:
+    """The bytes an upload takes decoded to RGB (or wider, for 16-bit and float modes), from its header
+    alone; 0 for bytes PIL cannot open (the decode then says why)."""
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            width, height = image.size
+            depth = 4 if image.mode in ("I", "F") else 2 if "16" in image.mode else 1
+            bands = len(image.getbands())
+    except Exception:
+        return 0
+    return width * height * max(3, bands * depth)

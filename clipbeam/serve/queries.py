@@ -12,7 +12,6 @@ from __future__ import annotations
 import base64
 import binascii
 import json
-import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,12 +33,18 @@ class ApiError(Exception):
         self.message = " ".join(message.split())
 
 
+MAX_VECTOR_NORM = 1e15  # float32 scores and squared distances of larger vectors overflow
+
+
 @dataclass(frozen=True)
 class Limits:
     """What one request may ask for."""
 
     max_k: int = 1000
     max_body_bytes: int = 16 * 1024 * 1024
+    max_response_bytes: int = 64 * 1024 * 1024  # any one answer (long captions asked for many times)
+    max_decoded_bytes: int = 64 * 1024 * 1024  # one upload once decoded (a small PNG of 16-bit grey is huge)
+    max_queued_bytes: int = 256 * 1024 * 1024  # request bodies held at once, queued or being decoded
     max_pixels: int = DEFAULT_MAX_PIXELS  # embed's cap
 
 
@@ -53,6 +58,7 @@ class Query:
     vector: np.ndarray | None = None
     like: int | None = None
     params: str | None = None
+    decoded: Any = None  # the image, decoded off the worker (SearchEngine.decode_upload); `image` is then b""
 
     @property
     def kind(self) -> str:
@@ -66,8 +72,10 @@ def parse_json(body: bytes) -> dict[str, Any]:
     """The body as a JSON object (any content type: clip-retrieval's front sends text/plain)."""
     try:
         value = json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ApiError(400, f"the body is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise ApiError(400, "the body is not valid JSON: nested too deeply") from None
+    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError, an integer of more than 4,300 digits
+        raise ApiError(400, f"the body is not valid JSON: {exc}"[:300]) from None
     if not isinstance(value, dict):
         raise ApiError(400, "the body must be a JSON object")
     return value
@@ -96,7 +104,7 @@ def parse_params(value: Any) -> str | None:
             raise ApiError(400, f"unknown search parameter {key!r} (known: {', '.join(PARAM_LIMITS)})"[:300])
         try:
             number = int(raw) if not isinstance(raw, bool) else None
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):  # OverflowError: Infinity
             number = None
         if number is None or not 1 <= number <= PARAM_LIMITS[key]:
             raise ApiError(400, f"{key} must be an integer between 1 and {PARAM_LIMITS[key]}"[:300])
@@ -110,9 +118,17 @@ def parse_vector(value: Any, dim: int, name: str = "vector") -> np.ndarray:
         raise ApiError(400, f"{name} must be a list of numbers")
     if len(value) != dim:
         raise ApiError(400, f"{name} has {len(value)} values; this index needs {dim}")
-    if not all(math.isfinite(v) for v in value):
+    try:
+        numbers = np.asarray([float(v) for v in value], dtype=np.float64)
+    except OverflowError:  # an integer of hundreds of digits
+        raise ApiError(400, f"{name} holds a number too large for a float") from None
+    if not np.isfinite(numbers).all():
         raise ApiError(400, f"{name} holds a NaN or infinite value")
-    return np.asarray(value, dtype=np.float32)[None, :]
+    with np.errstate(over="ignore"):
+        norm = np.linalg.norm(numbers)
+    if not norm <= MAX_VECTOR_NORM:  # 1e308 is finite, but its scores overflow to inf
+        raise ApiError(400, f"{name} is too large to search: its norm must be finite and at most {MAX_VECTOR_NORM:g}")
+    return numbers.astype(np.float32)[None, :]
 
 
 def parse_image(value: Any, name: str = "image") -> bytes:

@@ -177,6 +177,8 @@ def inference_summary(result) -> list[tuple[str, object]]:
     lookups = totals.get("caption_cache_hits", 0) + totals.get("caption_cache_misses", 0)
     if lookups:
         rows.append(("caption cache hits", f"{totals.get('caption_cache_hits', 0) / lookups:.1%} of {lookups}"))
+    if totals.get("captions_truncated"):
+        rows.append(("captions truncated", f"{totals['captions_truncated']} (caption_note says from what length)"))
     if totals.get("gpu_decode_fallbacks"):
         rows.append(("GPU decode fell back", f"{totals['gpu_decode_fallbacks']} JPEGs decoded on CPU"))
     return rows

@@ -18,9 +18,10 @@ from apache_beam.ml.inference.base import RunInference
 
 from clipbeam.corpus.plan import ManifestColumns
 from clipbeam.corpus.read import ReadLimits
+from clipbeam.layout.embeddings.metadata import DEFAULT_MAX_METADATA_COLUMNS
 from clipbeam.layout.ledger import UnitLedger
 from clipbeam.models.clip import ClipSpec
-from clipbeam.models.images import DEFAULT_MAX_PIXELS
+from clipbeam.models.images import DEFAULT_MAX_CAPTION_CHARS, DEFAULT_MAX_PIXELS
 from clipbeam.transforms.clip_handler import ClipModelHandler, EmbedTuning
 from clipbeam.transforms.embed_dofns import COUNTS, FAILURES, DecodeDoFn, OrderByCaptionLength, ReadPartDoFn
 from clipbeam.transforms.embed_write import (
@@ -46,6 +47,8 @@ class EmbedCorpusConfig:
     columns: ManifestColumns = ManifestColumns()
     limits: ReadLimits = ReadLimits()
     max_pixels: int = DEFAULT_MAX_PIXELS
+    max_caption_chars: int = DEFAULT_MAX_CAPTION_CHARS
+    max_metadata_columns: int = DEFAULT_MAX_METADATA_COLUMNS
     embed_text: bool = True
     batch_size: int = 64
     model_copies: int = 1
@@ -88,7 +91,7 @@ class EmbedCorpus(beam.PTransform):
         )
         decoded = read.samples | "Decode" >> beam.ParDo(
             DecodeDoFn(cfg.preprocess, cfg.max_pixels, cfg.embed_text, cfg.tuning, cfg.batch_size,
-                       spec=cfg.spec)).with_outputs(FAILURES, main="decoded")
+                       spec=cfg.spec, max_caption_chars=cfg.max_caption_chars)).with_outputs(FAILURES, main="decoded")
         samples = decoded.decoded
         if cfg.embed_text and cfg.tuning.trim_text:
             samples = samples | "ByCaptionLength" >> beam.ParDo(
@@ -100,7 +103,8 @@ class EmbedCorpus(beam.PTransform):
             inference = inference.with_resource_hints(accelerator=cfg.accelerator)
         split = (samples
                  | "Embed" >> inference
-                 | "Split" >> beam.ParDo(SplitResultsDoFn(cfg.output, cfg.dim, cfg.dtype, cfg.storage_options))
+                 | "Split" >> beam.ParDo(SplitResultsDoFn(cfg.output, cfg.dim, cfg.dtype, cfg.storage_options,
+                                                          max_metadata_columns=cfg.max_metadata_columns))
                  .with_outputs(FAILURES, main="rows"))
         return (
             (
@@ -112,5 +116,6 @@ class EmbedCorpus(beam.PTransform):
             )
             | "All" >> beam.Flatten()
             | "ByPart" >> beam.GroupByKey()
-            | "WritePart" >> beam.ParDo(WritePartDoFn(cfg.ledger, cfg.parts, cfg.schema_meta))
+            | "WritePart" >> beam.ParDo(WritePartDoFn(cfg.ledger, cfg.parts, cfg.schema_meta,
+                                                      cfg.max_metadata_columns))
         )

@@ -22,7 +22,7 @@ from apache_beam.utils.windowed_value import WindowedValue
 from clipbeam.corpus.plan import PartSpec
 from clipbeam.corpus.read import DEFAULT_LIMITS, ReadLimits, failure, read_part
 from clipbeam.models.clip import ClipSpec, load_tokenizer, tokenize_texts
-from clipbeam.models.images import decode_caption, failure_reason, sha256_hex
+from clipbeam.models.images import DEFAULT_MAX_CAPTION_CHARS, TRUNCATED, decode_caption, failure_reason, sha256_hex
 from clipbeam.models.ordered_pool import OrderedPool
 from clipbeam.models.pixels import Decoded, decode_or_defer, uint8_transform
 from clipbeam.transforms.clip_handler import DEFAULT_TUNING, NAMESPACE, EmbedTuning, pixel_recipe
@@ -89,12 +89,15 @@ class DecodeDoFn(beam.DoFn):
     """
 
     def __init__(self, preprocess_cfg: dict, max_pixels: int, embed_text: bool,
-                 tuning: EmbedTuning = DEFAULT_TUNING, batch_size: int = 64, spec: ClipSpec | None = None) -> None:
+                 tuning: EmbedTuning = DEFAULT_TUNING, batch_size: int = 64, spec: ClipSpec | None = None,
+                 max_caption_chars: int = DEFAULT_MAX_CAPTION_CHARS) -> None:
         self._recipe = pixel_recipe(preprocess_cfg, max_pixels, tuning)
         self._embed_text = embed_text
         self._tuning = tuning
         self._batch_size = batch_size
         self._failed = Metrics.counter(NAMESPACE, "failed_decode")
+        self._max_caption_chars = max_caption_chars
+        self._truncated = Metrics.counter(NAMESPACE, "captions_truncated")
         self._pool: OrderedPool | None = None
         self._transform = None
         self._spec = spec
@@ -150,8 +153,10 @@ class DecodeDoFn(beam.DoFn):
             record = failure(sample["part"], sample["id"], sample["source"], "decode", failure_reason(decoded))
             yield beam.pvalue.TaggedOutput(FAILURES, in_global_window(record))
             return
-        caption, note = decode_caption(sample.get("caption"))
+        caption, note = decode_caption(sample.get("caption"), self._max_caption_chars)
         sample["caption"] = caption
+        if note and note.startswith(TRUNCATED):
+            self._truncated.inc()
         if note:
             sample["meta"] = dict(sample.get("meta") or {}, caption_note=note)
         sample["embed_text"] = self._embed_text and caption is not None

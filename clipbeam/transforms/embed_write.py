@@ -15,6 +15,7 @@ from apache_beam.metrics import Metrics
 
 from clipbeam.corpus.read import failure
 from clipbeam.layout.embeddings import fragments_dir, part_name
+from clipbeam.layout.embeddings.metadata import DEFAULT_MAX_METADATA_COLUMNS
 from clipbeam.layout.embeddings.write import merge_fragments, write_fragment, write_part
 from clipbeam.layout.ledger import UnitLedger
 from clipbeam.storage import remove_if_present
@@ -61,7 +62,8 @@ class SplitResultsDoFn(beam.DoFn):
     """
 
     def __init__(self, output: str, dim: int, dtype: str, storage_options: dict | None,
-                 flush_rows: int = 1024) -> None:
+                 flush_rows: int = 1024, max_metadata_columns: int = DEFAULT_MAX_METADATA_COLUMNS) -> None:
+        self._max_metadata_columns = max_metadata_columns
         self._output = output
         self._dim = dim
         self._dtype = dtype
@@ -95,7 +97,8 @@ class SplitResultsDoFn(beam.DoFn):
 
     def _flush(self, part: int) -> tuple[int, FragmentFile]:
         rows = self._buffers.pop(part)
-        url = write_fragment(self._output, part, rows, self._dim, self._dtype, self._storage_options)
+        url = write_fragment(self._output, part, rows, self._dim, self._dtype, self._storage_options,
+                             self._max_metadata_columns)
         return part, FragmentFile(url)
 
 
@@ -119,7 +122,9 @@ def embedded_row(sample: dict, output: dict) -> dict:
 class WritePartDoFn(beam.DoFn):
     """(part, [PartItem, ...]) -> the part's files, then its done-marker (which checks the lease)."""
 
-    def __init__(self, ledger: UnitLedger, parts: dict[int, PartInfo], schema_meta: dict[str, str]) -> None:
+    def __init__(self, ledger: UnitLedger, parts: dict[int, PartInfo], schema_meta: dict[str, str],
+                 max_metadata_columns: int = DEFAULT_MAX_METADATA_COLUMNS) -> None:
+        self._max_metadata_columns = max_metadata_columns
         self._ledger = ledger
         self._parts = parts
         self._schema_meta = schema_meta
@@ -132,13 +137,15 @@ class WritePartDoFn(beam.DoFn):
         samples_in = sum(item.samples for item in items if isinstance(item, SampleCount))
         out, so = self._ledger.root, self._ledger.storage_options
         table = merge_fragments(fragments, so)
-        files = write_part(out, number, table, failures, samples_in, self._schema_meta, so)
+        files = write_part(out, number, table, failures, samples_in, self._schema_meta, so,
+                           self._max_metadata_columns)
         info = self._parts[number]
         marker = self._ledger.mark_done(part_name(number), {
             "part": number, "source": info.source, "fingerprint": info.fingerprint,
             "samples": files.samples, "rows": files.rows, "failures": files.failures,
             "failed_by_stage": files.failed_by_stage, "embeddings": files.embeddings,
             "failures_file": files.failures_file, "text_rows": files.text_rows,
+            "metadata_folded": files.metadata_folded,
         }, files.files)
         remove_if_present(fragments_dir(out, number), so, recursive=True)
         self._written.inc()

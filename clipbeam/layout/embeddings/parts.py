@@ -9,8 +9,9 @@ OUT/_fragments/part-NNNNN/          rows waiting for their part's writer
 OUT/_job.json, OUT/_lease.json      the lifecycle's run record and lease
 ```
 
-A part's number belongs to its source: the manifest and the done-markers keep
-source -> number, sources seen before keep their numbers (and so their files
+A part's number belongs to its source: the run record (`part_numbers`, kept
+without the manifest, through lost files and redone parts), the manifest and
+the done-markers keep source -> number, sources seen before keep their numbers (and so their files
 and ids), and new sources get the next free numbers in sorted order. A corpus
 that grows by a shard which sorts first therefore costs one new part, not a
 renumbering of all of them. Pure functions here; the pipeline writes the parts.
@@ -23,9 +24,11 @@ from typing import Iterable
 
 from clipbeam.layout.embeddings.schema import FORMAT_VERSION
 from clipbeam.layout.folder import OutputKind
+from clipbeam.layout.ledger import has_fields
 from clipbeam.storage import join
 
 MARKERS = "_parts"
+NUMBERS_NOTE = "part_numbers"  # the run record's note: source -> part number
 FRAGMENTS = "_fragments"
 
 
@@ -54,8 +57,19 @@ def manifest_files(manifest: dict) -> list[str]:
     return sorted(set(listed))
 
 
+MARKER_FIELDS = {"part": int, "source": str, "samples": int, "rows": int, "failures": int, "failed_by_stage": dict,
+                 "embeddings": (str, type(None)), "failures_file": (str, type(None)), "text_rows": (int, type(None)),
+                 "metadata_folded": (int, type(None))}
+
+
+def valid_marker(unit: str, marker: dict) -> bool:
+    """A part's marker names its own unit and has every field the manifest is built from."""
+    return (has_fields(marker, MARKER_FIELDS) and marker["part"] >= 0 and unit == part_name(marker["part"])
+            and all(isinstance(k, str) and isinstance(v, int) for k, v in marker["failed_by_stage"].items()))
+
+
 EMBEDDINGS = OutputKind("clipbeam.embeddings", markers=MARKERS, scratch=(f"{FRAGMENTS}/part-*/*.parquet",),
-                        manifest_files=manifest_files, legacy_records=("_run.json",))
+                        manifest_files=manifest_files, legacy_records=("_run.json",), valid_marker=valid_marker)
 
 
 def number_sources(sources: Iterable[str], known: dict[str, int]) -> dict[str, int]:
@@ -68,14 +82,22 @@ def number_sources(sources: Iterable[str], known: dict[str, int]) -> dict[str, i
     return numbers
 
 
-def known_numbers(previous_manifest: dict | None, markers: Iterable[dict]) -> dict[str, int]:
-    """source -> part number, from the last manifest and the done-markers written since."""
-    known = {}
-    for entry in (previous_manifest or {}).get("parts", []):
-        known[entry["source"]] = int(entry["part"])
-    for marker in markers:
-        if "source" in marker and "part" in marker:
-            known[marker["source"]] = int(marker["part"])
+def known_numbers(recorded: object, previous_manifest: dict | None, markers: Iterable[dict]) -> dict[str, int]:
+    """source -> part number, from the run record's map (`recorded`, kept while parts are redone), the
+    last manifest and the done-markers, in that order. Entries of the wrong type are ignored, and a
+    number already given to another source is not given twice (records can be edited by hand)."""
+    pairs = list(recorded.items()) if isinstance(recorded, dict) else []
+    entries = (previous_manifest or {}).get("parts")
+    for entry in [*(entries if isinstance(entries, list) else []), *markers]:
+        if isinstance(entry, dict):
+            pairs.append((entry.get("source"), entry.get("part")))
+    known: dict[str, int] = {}
+    taken: set[int] = set()
+    for source, number in pairs:
+        if (isinstance(source, str) and isinstance(number, int) and not isinstance(number, bool) and number >= 0
+                and source not in known and number not in taken):
+            known[source] = number
+            taken.add(number)
     return known
 
 
@@ -92,7 +114,7 @@ class PartPlan:
         return [(n, spec) for n, spec in sorted(self.numbered.items()) if n not in self.done]
 
 
-def plan_numbers(parts: list, previous_manifest: dict | None, done_markers: dict[str, dict]) -> PartPlan:
+def plan_numbers(parts: list, known: dict[str, int], done_markers: dict[str, dict]) -> PartPlan:
     """Number the input parts (by source) and sort the complete parts' markers into done and gone.
 
     A marker counts as done for its part when it names the same source and the
@@ -100,7 +122,7 @@ def plan_numbers(parts: list, previous_manifest: dict | None, done_markers: dict
     source is not in the input is gone (kept in the manifest unless pruned).
     """
     markers = list(done_markers.values())
-    numbers = number_sources([p.source for p in parts], known_numbers(previous_manifest, markers))
+    numbers = number_sources([p.source for p in parts], known)
     numbered = {numbers[p.source]: p for p in parts}
     done, gone = {}, {}
     for marker in markers:
@@ -123,6 +145,7 @@ def manifest_entry(marker: dict, in_input: bool) -> dict:
         "samples": marker["samples"],
         "rows": marker["rows"],
         "text_rows": marker.get("text_rows", 0),
+        "metadata_folded": marker.get("metadata_folded") or 0,
         "failures": marker["failures"],
         "failed_by_stage": marker["failed_by_stage"],
         "path": marker["embeddings"],
@@ -145,6 +168,7 @@ def build_manifest(settings: dict, markers: dict[int, dict], in_input: set[int],
         "samples": sum(e["samples"] for e in entries),
         "rows": sum(e["rows"] for e in entries),
         "failures": sum(e["failures"] for e in entries),
+        "metadata_folded": sum(e["metadata_folded"] for e in entries),
         "failed_by_stage": failed_by_stage,
         "parts": entries,
         "files": files,

@@ -89,6 +89,32 @@ def list_parquet(url: str, storage_options: dict | None = None) -> tuple[list[st
     return [storage.unstrip(fs, url, p) for p in files], None
 
 
+def _footer(file_url: str, storage_options: dict | None) -> pq.FileMetaData:
+    """A Parquet file's footer; InputError (one line) when it is missing or not Parquet."""
+    try:
+        with storage.open_input(file_url, storage_options) as handle:
+            return pq.ParquetFile(handle).metadata
+    except FileNotFoundError:
+        raise InputError(f"embeddings part {file_url} is missing") from None
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise InputError(f"{file_url} is not a readable Parquet file: {exc}") from None
+
+
+def check_indexed_parts(manifest: dict[str, Any], storage_options: dict | None = None) -> int:
+    """Every embeddings part an index.json lists still exists with the rows it had when it was indexed
+    (its faiss ids are those rows); the number checked, else InputError naming the first that
+    changed."""
+    checked = 0
+    for source in manifest.get("embeddings") or []:
+        for listed in source.get("files") or []:
+            rows = int(_footer(listed["url"], storage_options).num_rows)
+            if rows != int(listed["rows"]):
+                raise InputError(f"embeddings part {listed['url']} has {rows} rows; it had {listed['rows']} "
+                                      "when it was indexed: rebuild the index with --overwrite")
+            checked += 1
+    return checked
+
+
 def resolve_embeddings(url: str, column: str = "image_embedding", id_column: str = "id",
                        metadata_columns: list[str] | None = None, storage_options: dict | None = None,
                        first_id: int = 0) -> EmbeddingsInput:
@@ -104,14 +130,8 @@ def resolve_embeddings(url: str, column: str = "image_embedding", id_column: str
     dim = int(manifest["dim"]) if manifest and manifest.get("dim") else None
     next_id = first_id
     for file_url in urls:
-        try:
-            with storage.open_input(file_url, storage_options) as handle:
-                meta = pq.ParquetFile(handle).metadata
-                file_schema = meta.schema.to_arrow_schema()
-        except FileNotFoundError:
-            raise InputError(f"embeddings part {file_url} is missing") from None
-        except (pa.ArrowInvalid, OSError) as exc:
-            raise InputError(f"{file_url} is not a readable Parquet file: {exc}") from None
+        meta = _footer(file_url, storage_options)
+        file_schema = meta.schema.to_arrow_schema()
         if schema is None:
             schema = file_schema
             _check_columns(file_url, schema, column, id_column, metadata_columns)
@@ -231,6 +251,23 @@ def iter_batches(file: InputFile, column: str, id_column: str | None, metadata_c
             yield VectorBatch(ids, vectors, meta, skipped)
             if position >= row_end:
                 return
+
+
+def read_value(url: str, column: str, row: int, storage_options: dict | None = None) -> Any:
+    """One cell (`column` at local row `row`) of an embeddings file, decoding only its row group;
+    None when the file has no such column. InputError when the file or row is missing."""
+    meta = _footer(url, storage_options)
+    if column not in meta.schema.names:
+        return None
+    start = 0
+    for group in range(meta.num_row_groups):
+        rows = meta.row_group(group).num_rows
+        if start <= row < start + rows:
+            with storage.open_input(url, storage_options) as handle:
+                table = pq.ParquetFile(handle).read_row_group(group, columns=[column])
+            return table.column(column)[row - start].as_py()
+        start += rows
+    raise InputError(f"{url} has {start} rows, not row {row}")
 
 
 def read_rows(file: InputFile, column: str, dim: int, rows: np.ndarray, batch_rows: int = 65_536,

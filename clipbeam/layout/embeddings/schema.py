@@ -8,11 +8,10 @@ the folder's manifest (parts.py) take both from here. DESIGN.md's
 
 from __future__ import annotations
 
-import json
-from typing import Any
-
 import numpy as np
 import pyarrow as pa
+
+from clipbeam.layout.embeddings.metadata import DEFAULT_MAX_METADATA_COLUMNS, FOLDED_KEY, metadata_columns
 
 FORMAT_VERSION = 3  # 3: part numbers kept per source, "in_input" per part, "files"
 VECTOR_COLUMNS = ("image_embedding", "text_embedding")  # list<float16|float32> of length D, L2-normalised
@@ -20,20 +19,14 @@ DIM_KEY = "clipbeam.dim"  # Parquet schema metadata: D, also stored in the manif
 DIM_METADATA_KEY = DIM_KEY.encode()
 # Columns a search result shows, and where its image bytes lie (one range read, corpus.fetch).
 DEFAULT_KEEP_COLUMNS = ("caption", "source", "source_offset", "source_size")
-RESERVED = ("id", "source", "caption", "image_embedding", "text_embedding", "width", "height", "sha256",
-            "source_offset", "source_size")
 FAILURE_SCHEMA = pa.schema([("id", pa.string()), ("source", pa.string()), ("stage", pa.string()),
                             ("error", pa.string())])
 
 
-def _meta_value(value: Any) -> Any:
-    if isinstance(value, (dict, list, tuple)):
-        return json.dumps(value, ensure_ascii=False, default=str)
-    return value
-
-
-def embedding_table(rows: list[dict], dim: int, dtype: str, schema_meta: dict[str, str]) -> pa.Table:
-    """Rows (sorted by id) -> the contract's table; metadata columns pass through."""
+def embedding_table(rows: list[dict], dim: int, dtype: str, schema_meta: dict[str, str],
+                    max_metadata_columns: int | None = None) -> pa.Table:
+    """Rows (sorted by id) -> the contract's table; metadata columns pass through, at most
+    `max_metadata_columns` of them (metadata.py; the rest folded into json_raw)."""
     np_dtype = np.float16 if dtype == "float16" else np.float32
     value_type = pa.float16() if dtype == "float16" else pa.float32()
     list_type = pa.list_(value_type)
@@ -65,17 +58,10 @@ def embedding_table(rows: list[dict], dim: int, dtype: str, schema_meta: dict[st
         "source_offset": pa.array([r.get("source_offset") for r in rows], pa.int64()),
         "source_size": pa.array([r.get("source_size") for r in rows], pa.int64()),
     }
-    meta_keys: list[str] = []
-    for row in rows:
-        for key in row.get("meta") or {}:
-            if key not in meta_keys:
-                meta_keys.append(key)
-    for key in meta_keys:
-        name = key if key not in RESERVED else f"meta_{key}"
-        values = [_meta_value((r.get("meta") or {}).get(key)) for r in rows]
-        try:
-            columns[name] = pa.array(values)
-        except (pa.ArrowInvalid, pa.ArrowTypeError):  # mixed types across samples
-            columns[name] = pa.array([None if v is None else str(v) for v in values], pa.string())
+    limit = DEFAULT_MAX_METADATA_COLUMNS if max_metadata_columns is None else max_metadata_columns
+    extra, folded = metadata_columns(rows, limit)
+    columns.update(extra)
+    if folded:
+        schema_meta = {**schema_meta, FOLDED_KEY: str(folded)}
     table = pa.table(columns)
     return table.replace_schema_metadata({k.encode(): v.encode() for k, v in schema_meta.items()})

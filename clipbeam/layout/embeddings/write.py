@@ -16,8 +16,15 @@ from dataclasses import dataclass
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from clipbeam.layout.embeddings.metadata import (
+    DEFAULT_MAX_METADATA_COLUMNS,
+    FOLDED_KEY,
+    RESERVED,
+    cap_metadata_columns,
+    folded_count,
+)
 from clipbeam.layout.embeddings.parts import embeddings_file, failures_file, fragments_dir
-from clipbeam.layout.embeddings.schema import FAILURE_SCHEMA, RESERVED, VECTOR_COLUMNS, embedding_table
+from clipbeam.layout.embeddings.schema import FAILURE_SCHEMA, VECTOR_COLUMNS, embedding_table
 from clipbeam.storage import atomic_open, join, open_input
 
 # Row groups small enough that a sampler (`clipbeam index`) or a single-row reader (`clipbeam serve`)
@@ -33,10 +40,10 @@ def write_table(table: pa.Table, url: str, storage_options: dict | None) -> None
 
 
 def write_fragment(out: str, number: int, rows: list[dict], dim: int, dtype: str,
-                   storage_options: dict | None) -> str:
+                   storage_options: dict | None, max_metadata_columns: int = DEFAULT_MAX_METADATA_COLUMNS) -> str:
     """A bundle's rows of one part, written so that they need not wait in memory for the rest."""
     url = join(fragments_dir(out, number), f"{uuid.uuid4().hex}.parquet")
-    write_table(embedding_table(rows, dim, dtype, {}), url, storage_options)
+    write_table(embedding_table(rows, dim, dtype, {}, max_metadata_columns), url, storage_options)
     return url
 
 
@@ -48,6 +55,7 @@ def merge_fragments(urls: list[str], storage_options: dict | None) -> pa.Table |
             tables.append(pq.read_table(handle))
     if not tables:
         return None
+    folded = sum(folded_count(t) for t in tables)
     try:
         table = pa.concat_tables(tables, promote_options="permissive")
     except (pa.ArrowInvalid, pa.ArrowTypeError):  # a metadata field typed differently across fragments
@@ -57,7 +65,8 @@ def merge_fragments(urls: list[str], storage_options: dict | None) -> pa.Table |
     table = table.sort_by("id")
     ids = table.column("id").to_pylist()
     keep = [i == 0 or ids[i] != ids[i - 1] for i in range(len(ids))]
-    return table if all(keep) else table.filter(pa.array(keep))
+    table = table if all(keep) else table.filter(pa.array(keep))
+    return table.replace_schema_metadata({FOLDED_KEY.encode(): str(folded).encode()}) if folded else table
 
 
 @dataclass(frozen=True)
@@ -70,6 +79,7 @@ class PartFiles:
     failed_by_stage: dict
     embeddings: str | None  # relative to the output folder; None when no row was embedded
     failures_file: str | None
+    metadata_folded: int = 0  # metadata values of columns over the cap, folded into json_raw
 
     @property
     def failures(self) -> int:
@@ -81,9 +91,15 @@ class PartFiles:
 
 
 def write_part(out: str, number: int, table: pa.Table | None, failures: list[dict], samples_in: int,
-               schema_meta: dict[str, str], storage_options: dict | None) -> PartFiles:
+               schema_meta: dict[str, str], storage_options: dict | None,
+               max_metadata_columns: int = DEFAULT_MAX_METADATA_COLUMNS) -> PartFiles:
     """Write a part's embeddings and failures files; refuse a part whose counts do not add up."""
     rows = 0 if table is None else table.num_rows
+    folded = 0
+    if table is not None:
+        folded = folded_count(table)
+        table, more = cap_metadata_columns(table, max_metadata_columns)
+        folded += more
     failures = sorted(failures, key=lambda r: (r["id"], r["stage"]))
     if rows + len(failures) != samples_in:
         raise RuntimeError(f"part {number}: {samples_in} samples in but {rows} embedded + "
@@ -104,4 +120,5 @@ def write_part(out: str, number: int, table: pa.Table | None, failures: list[dic
         failed_by_stage=by_stage,
         embeddings=embeddings_file(number) if rows else None,
         failures_file=failures_file(number) if failures else None,
+        metadata_folded=folded,
     )
