@@ -1,10 +1,14 @@
 """Embeddings -> a sharded FAISS index that states its measured recall (`clipbeam index`).
 
-parse -> validate and plan into one frozen IndexConfig -> BuildShards and
-TuneShards (transforms/index_shards.py) -> index.json, last, through the
-output lifecycle (clipbeam.layout). Peak memory is the index budget (one
-shard's index per worker, at most the whole index) plus the training sample
-plus one batch of rows.
+parse -> validate and plan into one frozen IndexConfig -> sample, train, build
+the shards and tune (clipbeam.index.build) -> index.json, last, through the
+output lifecycle (clipbeam.layout). Without Beam options the steps run in this
+process, shard after shard, and Beam is never imported (its start-up was a
+large share of a 200,000-vector build); any Beam option (--runner,
+--direct_num_workers, ...) runs them as the BuildShards and TuneShards
+pipeline (transforms/index_shards.py), which builds shards on many workers.
+Peak memory is the index budget (one shard's index per worker, at most the
+whole index) plus the training sample plus two batches of rows.
 
 Reruns resume: shards with a done-marker are kept when the plan (inputs,
 options, shards) is the same, and the run's settings must match the run
@@ -19,9 +23,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import time
 from dataclasses import dataclass
-
-import apache_beam as beam
 
 from clipbeam import __version__, storage
 from clipbeam.commands.common import (
@@ -30,11 +33,21 @@ from clipbeam.commands.common import (
     add_storage_arguments,
     beam_options,
     print_summary,
+    report_unfinished,
     run_pipeline,
     storage_options_from_args,
 )
 from clipbeam.errors import UsageError
 from clipbeam.index import manifest as index_layout
+from clipbeam.index.build import (
+    RECALL_K,
+    STAGES,
+    BuiltShard,
+    IndexConfig,
+    Stages,
+    build_in_process,
+    shard_unit,
+)
 from clipbeam.index.checksum import verify_index
 from clipbeam.index.factory import choose_factory, default_train_sample, format_bytes, parse_memory
 from clipbeam.index.faiss_io import METRICS, make_index
@@ -42,14 +55,6 @@ from clipbeam.index.inputs import EmbeddingsInput, describe, resolve_embeddings
 from clipbeam.index.plan import plan_sample, plan_shards, query_count, sample_reads, shard_count
 from clipbeam.layout import RUN_RECORD, Mode, OutputFolder, open_output, settings_fingerprint
 from clipbeam.layout.index import INDEX, WORK
-from clipbeam.transforms.index_shards import (
-    RECALL_K,
-    BuildShards,
-    BuiltShard,
-    IndexConfig,
-    TuneShards,
-    shard_unit,
-)
 
 LOG = logging.getLogger(__name__)
 
@@ -287,7 +292,8 @@ def _manifest(run: IndexRun, shards: list[BuiltShard], tuned: dict, train_info: 
                    "method": "held-out database vectors (not in the training sample), own id excluded, "
                              "against exact search over the measured shards",
                    "curve": tuned["curve"]},
-        "train": train_info, "trained_index": index_layout.TRAINED_INDEX, "shards": entries,
+        "train": {k: v for k, v in train_info.items() if k != "stage_seconds"},
+        "trained_index": index_layout.TRAINED_INDEX, "shards": entries,
         "embeddings": list(previous.get("embeddings", [])) + [run.inputs], "fingerprint": run.fingerprint,
     }
 
@@ -314,14 +320,47 @@ def verify(args: argparse.Namespace) -> int:
     return 0
 
 
+def _build(config: IndexConfig, beam_args: list[str], pending: list, built: list[BuiltShard], trained: bool) -> int:
+    """Train, build the pending shards and tune: here without Beam options, else as a Beam pipeline."""
+    if not beam_args:
+        try:
+            build_in_process(config, pending, built, trained)
+        except Exception as exc:  # as a failed pipeline: one line, exit 1, a rerun resumes
+            return report_unfinished("index", exc)
+        return 0
+    import apache_beam as beam
+
+    from clipbeam.transforms.index_shards import BuildShards, TuneShards
+
+    pipeline = beam.Pipeline(options=beam_options(beam_args))
+    _ = (pipeline
+         | "BuildShards" >> BuildShards(config, pending, built, trained)
+         | "TuneShards" >> TuneShards(config))
+    return run_pipeline(pipeline, "index")
+
+
+def _step_stages(out: OutputFolder, config: IndexConfig, built: list[BuiltShard], trained: bool) -> dict:
+    """The stage seconds the build steps recorded in this run (not those of an interrupted earlier run)."""
+    storage_options, earlier = config.storage_options, {s.number for s in built}
+    stages = Stages(storage.read_json(config.url(WORK, "tuned.json"), storage_options).get("stage_seconds"))
+    if not trained:
+        stages.add(storage.read_json(config.url(WORK, "train.json"), storage_options).get("stage_seconds", {}))
+    for shard in _built(out, config):
+        if shard.number not in earlier:
+            stages.add(shard.stages)
+    return stages.seconds
+
+
 def run(args: argparse.Namespace, beam_args: list[str]) -> int:
     if args.verify:
         return verify(args)
     if args.embeddings is None:
         raise UsageError("--embeddings is required (or --verify, to check an existing index)")
-    watch = Stopwatch()
-    options = beam_options(beam_args)
-    planned = prepare(args)
+    watch, stages = Stopwatch(), Stages()
+    if beam_args:
+        beam_options(beam_args)  # unknown Beam flags: one line, exit 2, before any work
+    with stages.timing("planning"):
+        planned = prepare(args)
     if planned is None:
         return 0
     config = planned.config
@@ -329,24 +368,25 @@ def run(args: argparse.Namespace, beam_args: list[str]) -> int:
     with open_output(args.output, INDEX, planned.settings, mode, config.storage_options) as out:
         if config.previous is not None:  # the index stays readable while shards are added
             index_layout.write_manifest(args.output, config.previous, config.storage_options)
-        trained, built = start_work(out, planned)
+        with stages.timing("planning"):
+            trained, built = start_work(out, planned)
         pending = [p for p in config.shards if p.number not in {s.number for s in built}]
         LOG.info("index %d vectors of dimension %d: %s (%s), %d shard(s), %d built already",
                  sum(f["rows"] for f in planned.inputs["files"]), config.dim, config.factory,
                  planned.factory_reason, len(config.shards), len(built))
-        pipeline = beam.Pipeline(options=options)
-        _ = (pipeline
-             | "BuildShards" >> BuildShards(dataclasses.replace(config, ledger=out.ledger), pending, built, trained)
-             | "TuneShards" >> TuneShards(config))
-        code = run_pipeline(pipeline, "index")
+        started = time.perf_counter()
+        code = _build(dataclasses.replace(config, ledger=out.ledger), beam_args, pending, built, trained)
         if code:
             return code
-        manifest = commit(out, planned)
-    _print_summary(manifest, args.output, watch)
+        steps = _step_stages(out, config, built, trained)
+        stages.add({**steps, "beam" if beam_args else "other": time.perf_counter() - started - sum(steps.values())})
+        with stages.timing("writing"):
+            manifest = commit(out, planned)
+    _print_summary(manifest, args.output, watch, stages)
     return 0
 
 
-def _print_summary(manifest: dict, output: str, watch: Stopwatch) -> None:
+def _print_summary(manifest: dict, output: str, watch: Stopwatch, stages: Stages) -> None:
     print_summary(f"clipbeam index -> {output}", [
         ("factory", f"{manifest['factory']} ({manifest['factory_reason']})"),
         ("vectors", f"{manifest['ntotal']} in {len(manifest['shards'])} shard(s)"),
@@ -356,4 +396,6 @@ def _print_summary(manifest: dict, output: str, watch: Stopwatch) -> None:
         ("queries/s", manifest["queries_per_second"]),
         ("index size", format_bytes(manifest["index_bytes"])),
         ("seconds", f"{watch.seconds:.1f}"),
+        ("stages", ", ".join(f"{name} {stages.seconds[name]:.2f}" for name in (*STAGES, "beam", "other")
+                             if name in stages.seconds)),
     ])

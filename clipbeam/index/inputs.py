@@ -165,8 +165,9 @@ def _dim_from_rows(file_url: str, column: str, storage_options: dict | None) -> 
     raise IndexInputError(f"{file_url}: every {column!r} value is null; cannot tell the dimension")
 
 
-def to_matrix(values: pa.Array, dim: int, where: str = "") -> np.ndarray:
-    """A list / fixed-size-list float column without nulls -> contiguous float32 [n, dim]."""
+def to_matrix(values: pa.Array, dim: int, where: str = "", dtype=np.float32) -> np.ndarray:
+    """A list / fixed-size-list float column without nulls -> contiguous [n, dim] of `dtype`
+    (None: the stored float type, a view of the column's values where they are contiguous)."""
     if isinstance(values, pa.ChunkedArray):
         values = values.combine_chunks()
     if not pa.types.is_fixed_size_list(values.type):
@@ -177,7 +178,7 @@ def to_matrix(values: pa.Array, dim: int, where: str = "") -> np.ndarray:
     elif values.type.list_size != dim:
         raise ValueError(f"{where}vectors have {values.type.list_size} values, expected {dim}")
     flat = values.flatten().to_numpy(zero_copy_only=False)
-    return np.ascontiguousarray(flat.reshape(-1, dim), dtype=np.float32)
+    return np.ascontiguousarray(flat.reshape(-1, dim), dtype=dtype)
 
 
 @dataclass
@@ -235,8 +236,8 @@ def read_rows(file: InputFile, column: str, dim: int, rows: np.ndarray, batch_ro
     """The vectors at local row numbers `rows` (sorted) of one file, and their global ids (null rows dropped).
 
     Sampling reads through here, so it is column-wise end to end: only the row groups that hold a
-    chosen row are decoded, only `column`, a batch at a time, and only the chosen rows are taken
-    out of each batch and converted to float32 in one step.
+    chosen row are decoded, only `column`, a batch at a time; each batch is one flat numpy array in
+    its stored type, and only the chosen rows are taken out of it and converted to float32.
     """
     rows = np.asarray(rows, dtype=np.int64)
     if len(rows) == 0:
@@ -256,11 +257,15 @@ def read_rows(file: InputFile, column: str, dim: int, rows: np.ndarray, batch_ro
         offset = 0
         for batch in parquet.iter_batches(batch_size=batch_rows, row_groups=groups.tolist(), columns=[column]):
             lo, hi = np.searchsorted(stream, [offset, offset + batch.num_rows])
-            if hi > lo:
-                taken = batch.column(0).take(pa.array(stream[lo:hi] - offset))
-                valid = taken.is_valid()
-                out_ids.append(file.id_start + rows[lo:hi][valid.to_numpy(zero_copy_only=False)])
-                out_vectors.append(to_matrix(taken.filter(valid), dim, where=f"{file.url}: "))
+            if hi > lo:  # the batch as one flat array in its stored type, the chosen rows taken in numpy
+                values = batch.column(0)
+                valid = values.is_valid().to_numpy(zero_copy_only=False)
+                stored = to_matrix(values.filter(valid) if values.null_count else values, dim,
+                                   where=f"{file.url}: ", dtype=None)
+                chosen = stream[lo:hi] - offset
+                keep = valid[chosen]
+                out_ids.append(file.id_start + rows[lo:hi][keep])
+                out_vectors.append(stored[(np.cumsum(valid) - 1)[chosen[keep]]].astype(np.float32))
             offset += batch.num_rows
     return np.concatenate(out_vectors), np.concatenate(out_ids)
 
