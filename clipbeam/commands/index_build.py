@@ -202,6 +202,12 @@ def _settings(args: argparse.Namespace, choice: FactoryChoice, inputs: Embedding
             "seed": args.seed, "target_recall": args.target_recall, "max_index_memory": max_memory}
 
 
+def _stored_bytes(inputs: EmbeddingsInput) -> int:
+    """The input's vectors as stored (float16: 2 bytes a value): what an in-process build that reads each
+    file once keeps in memory, so it does that only within the memory budget."""
+    return inputs.rows * inputs.dim * inputs.schema.field(inputs.column).type.value_type.bit_width // 8
+
+
 def prepare(args: argparse.Namespace) -> IndexRun | None:
     """Check every argument and input, plan shards and samples; None when there is nothing to do.
 
@@ -240,7 +246,8 @@ def prepare(args: argparse.Namespace) -> IndexRun | None:
     sample = sample_reads(inputs.files, *plan_sample(inputs.files, train, queries, args.seed))
     config = IndexConfig(args.output, storage_options, args.column, args.id_column, tuple(inputs.metadata_columns),
                          inputs.dim, args.metric, choice.factory, args.target_recall, args.batch_rows, shards, sample,
-                         previous if appending else None, ledger=None)
+                         previous if appending else None, ledger=None,
+                         preload=_stored_bytes(inputs) <= max_memory)
     settings = _settings(args, choice, inputs, max_memory, storage_options, appending)
     return IndexRun(config, settings, fingerprint, choice.requested, choice.reason, max_memory, describe(inputs))
 
@@ -320,11 +327,12 @@ def verify(args: argparse.Namespace) -> int:
     return 0
 
 
-def _build(config: IndexConfig, beam_args: list[str], pending: list, built: list[BuiltShard], trained: bool) -> int:
+def _build(config: IndexConfig, beam_args: list[str], pending: list, built: list[BuiltShard], trained: bool,
+           stages: Stages) -> int:
     """Train, build the pending shards and tune: here without Beam options, else as a Beam pipeline."""
     if not beam_args:
         try:
-            build_in_process(config, pending, built, trained)
+            build_in_process(config, pending, built, trained, stages)
         except Exception as exc:  # as a failed pipeline: one line, exit 1, a rerun resumes
             return report_unfinished("index", exc)
         return 0
@@ -374,12 +382,13 @@ def run(args: argparse.Namespace, beam_args: list[str]) -> int:
         LOG.info("index %d vectors of dimension %d: %s (%s), %d shard(s), %d built already",
                  sum(f["rows"] for f in planned.inputs["files"]), config.dim, config.factory,
                  planned.factory_reason, len(config.shards), len(built))
-        started = time.perf_counter()
-        code = _build(dataclasses.replace(config, ledger=out.ledger), beam_args, pending, built, trained)
+        started, outside = time.perf_counter(), Stages()
+        code = _build(dataclasses.replace(config, ledger=out.ledger), beam_args, pending, built, trained, outside)
         if code:
             return code
-        steps = _step_stages(out, config, built, trained)
-        stages.add({**steps, "beam" if beam_args else "other": time.perf_counter() - started - sum(steps.values())})
+        outside.add(_step_stages(out, config, built, trained))
+        stages.add({**outside.seconds, "beam" if beam_args else "other":
+                    time.perf_counter() - started - sum(outside.seconds.values())})
         with stages.timing("writing"):
             manifest = commit(out, planned)
     _print_summary(manifest, args.output, watch, stages)

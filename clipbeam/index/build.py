@@ -26,6 +26,7 @@ import logging
 import queue
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Iterator, TypeVar
 
@@ -38,9 +39,9 @@ from clipbeam import storage
 from clipbeam.index import manifest as index_layout
 from clipbeam.index.checksum import sha256_file
 from clipbeam.index.faiss_io import make_index, read_index, train_index, write_index
-from clipbeam.index.inputs import iter_batches
+from clipbeam.index.inputs import StoredVectors, iter_batches, read_vectors
 from clipbeam.index.plan import SampleRead, ShardPlan
-from clipbeam.index.sample import read_sample
+from clipbeam.index.sample import READ_THREADS, read_sample
 from clipbeam.index.topk import ExactTopK, merge_topk
 from clipbeam.index.tune import tune
 from clipbeam.layout import UnitLedger
@@ -98,6 +99,7 @@ class IndexConfig:
     sample: tuple[SampleRead, ...]
     previous: dict | None
     ledger: UnitLedger | None
+    preload: bool = False  # in-process: read each file's vectors once and keep them (they fit the budget)
 
     def url(self, *parts: str) -> str:
         return storage.join(self.output, *parts)
@@ -138,7 +140,7 @@ def load_npz(url: str, storage_options: dict) -> dict[str, np.ndarray]:
         return {key: data[key] for key in data.files}
 
 
-def sample_and_train(config: IndexConfig) -> dict:
+def sample_and_train(config: IndexConfig, stored: dict[str, StoredVectors] | None = None) -> dict:
     """Read the sample here (not through a Beam shuffle), train once (or reuse --append's quantizer).
 
     Stores the trained empty index, the held-out queries and the training info (with its stage
@@ -146,7 +148,8 @@ def sample_and_train(config: IndexConfig) -> dict:
     """
     stages = Stages()
     with stages.timing("sampling"):
-        sample = read_sample(config.sample, config.column, config.dim, config.batch_rows, config.storage_options)
+        sample = read_sample(config.sample, config.column, config.dim, config.batch_rows, config.storage_options,
+                             stored)
     if config.previous is not None:
         info = dict(config.previous.get("train", {}))
     else:
@@ -201,13 +204,14 @@ def prefetched(items: Iterator[Item], depth: int = 1) -> Iterator[Item]:
         thread.join()
 
 
-def _write_ids(plan: ShardPlan, config: IndexConfig, index: faiss.Index, exact: ExactTopK, stages: Stages) -> int:
+def _write_ids(plan: ShardPlan, config: IndexConfig, index: faiss.Index, exact: ExactTopK, stages: Stages,
+               stored: dict[str, StoredVectors]) -> int:
     """Stream the shard's rows into `index`, `exact` and its id table; the count of null vectors skipped."""
     skipped = 0
     url = config.url(index_layout.shard_ids_name(plan.number))
     batches = prefetched(batch for piece in plan.pieces for batch in iter_batches(
         piece.file, config.column, config.id_column, list(config.metadata_columns), config.dim, piece.row_start,
-        piece.row_end, config.batch_rows, config.storage_options))
+        piece.row_end, config.batch_rows, config.storage_options, stored.get(piece.file.url)))
     with storage.atomic_open(url, "wb", config.storage_options) as handle, contextlib.ExitStack() as stack:
         writer = None
         while True:
@@ -232,10 +236,11 @@ def _write_ids(plan: ShardPlan, config: IndexConfig, index: faiss.Index, exact: 
 
 class ShardBuilder:
     """Fills copies of the trained empty index with shards' rows (the trained index and the queries are
-    read once per builder, so once per Beam worker)."""
+    read once per builder, so once per Beam worker). `stored`: files' vectors read before (in-process)."""
 
-    def __init__(self, config: IndexConfig) -> None:
+    def __init__(self, config: IndexConfig, stored: dict[str, StoredVectors] | None = None) -> None:
         self.config = config
+        self.stored = stored or {}
         self._trained: np.ndarray | None = None
         self._queries: dict | None = None
 
@@ -250,7 +255,7 @@ class ShardBuilder:
                 self._queries = load_npz(config.url(WORK, "queries.npz"), config.storage_options)
         index = faiss.deserialize_index(self._trained)
         exact = ExactTopK(self._queries["vectors"], RECALL_K + 1, config.metric)
-        skipped = _write_ids(plan, config, index, exact, stages)
+        skipped = _write_ids(plan, config, index, exact, stages, self.stored)
         ids_name = index_layout.shard_ids_name(plan.number)
         with stages.timing("writing"):
             written = write_index(index, config.url(index_layout.shard_index_name(plan.number)),
@@ -289,11 +294,33 @@ def tune_shards(shards: list[BuiltShard], config: IndexConfig) -> dict:
     return result
 
 
+def read_all_vectors(config: IndexConfig, plans: list[ShardPlan], sample: bool) -> dict[str, StoredVectors]:
+    """Every file's vectors that the pending shards (and the sample) need, each file decoded once."""
+    files = {piece.file.url: piece.file for plan in plans for piece in plan.pieces}
+    if sample:
+        files.update({read.file.url: read.file for read in config.sample})
+    with ThreadPoolExecutor(max_workers=max(1, min(READ_THREADS, len(files)))) as pool:
+        loaded = pool.map(lambda f: read_vectors(f, config.column, config.dim, config.storage_options),
+                          files.values())
+        return dict(zip(files, loaded, strict=True))
+
+
 def build_in_process(config: IndexConfig, pending: list[ShardPlan], built: list[BuiltShard],
-                     trained: bool) -> dict:
+                     trained: bool, stages: Stages | None = None) -> dict:
     """The whole build in this process, shard after shard (what the DirectRunner does with one worker);
-    returns the tuning result. `trained`: an earlier run of the same plan already trained."""
+    returns the tuning result. `trained`: an earlier run of the same plan already trained. `stages` gets
+    the time spent outside the steps (which record theirs in the work files).
+
+    With `config.preload` each file's vectors are decoded once, for the sample and the shards together
+    (the Beam path decodes the sampled row groups a second time, on another worker).
+    """
+    stored = None
+    if config.preload:
+        with (stages or Stages()).timing("reading"):
+            stored = read_all_vectors(config, pending, not trained)
     if not trained:
-        sample_and_train(config)
-    builder = ShardBuilder(config)
-    return tune_shards([builder.build(plan) for plan in pending] + list(built), config)
+        sample_and_train(config, stored)
+    builder = ShardBuilder(config, stored)
+    shards = [builder.build(plan) for plan in pending]
+    del stored, builder  # the vectors go before tuning reads the shards back
+    return tune_shards(shards + list(built), config)

@@ -191,15 +191,44 @@ class VectorBatch:
     skipped: int
 
 
+@dataclass(frozen=True)
+class StoredVectors:
+    """One file's whole vector column, read once: [rows with a vector, dim] in its stored float type.
+
+    For builds on one machine whose stored vectors fit the memory budget: the sample and the shards
+    take their rows from here instead of decoding the file twice.
+    """
+
+    vectors: np.ndarray
+    valid: np.ndarray  # per row of the file: has a vector
+    position: np.ndarray  # per row of the file: its row in `vectors` (meaningless where not valid)
+
+    def take(self, rows: np.ndarray) -> np.ndarray:
+        """float32 vectors of local rows that are valid."""
+        return self.vectors[self.position[rows]].astype(np.float32)
+
+
+def read_vectors(file: InputFile, column: str, dim: int, storage_options: dict | None = None) -> StoredVectors:
+    """A file's vector column as one flat array (row groups decoded in parallel by Arrow)."""
+    with storage.open_input(file.url, storage_options) as handle:
+        values = pq.ParquetFile(handle).read(columns=[column]).column(0).combine_chunks()
+    valid = values.is_valid().to_numpy(zero_copy_only=False)
+    vectors = to_matrix(values.filter(valid) if values.null_count else values, dim, where=f"{file.url}: ", dtype=None)
+    return StoredVectors(vectors, valid, np.cumsum(valid) - 1)
+
+
 def iter_batches(file: InputFile, column: str, id_column: str | None, metadata_columns: list[str], dim: int,
                  row_start: int = 0, row_end: int | None = None, batch_rows: int = 65_536,
-                 storage_options: dict | None = None) -> Iterator[VectorBatch]:
+                 storage_options: dict | None = None, stored: StoredVectors | None = None) -> Iterator[VectorBatch]:
     """Stream rows [row_start, row_end) of one file, reading only the row groups that overlap it.
 
     Metadata holds the id column (renamed `id`, as strings) and `metadata_columns`; none when id_column is None.
+    With `stored` (the file's vectors, read before) the vector column is not read again.
     """
     row_end = file.rows if row_end is None else row_end
-    columns = list(dict.fromkeys([column, *([id_column] if id_column else []), *metadata_columns]))
+    stored = stored if id_column else None  # some column must be read, for the batches' row counts
+    columns = list(dict.fromkeys([*([column] if stored is None else []), *([id_column] if id_column else []),
+                                  *metadata_columns]))
     with storage.open_input(file.url, storage_options) as handle:
         parquet = pq.ParquetFile(handle)
         groups, group_first, position = [], None, 0
@@ -218,11 +247,17 @@ def iter_batches(file: InputFile, column: str, id_column: str | None, metadata_c
                 continue
             table = pa.Table.from_batches([batch.slice(lo, hi - lo)])
             ids = np.arange(file.id_start + first + lo, file.id_start + first + hi, dtype=np.int64)
-            skipped = table.column(column).null_count
+            if stored is None:
+                valid = pc.is_valid(table.column(column)).to_numpy(zero_copy_only=False)
+            else:
+                valid = stored.valid[first + lo:first + hi]
+            skipped = int(len(valid) - np.count_nonzero(valid))
             if skipped:
-                valid = pc.is_valid(table.column(column))
-                table, ids = table.filter(valid), ids[valid.to_numpy(zero_copy_only=False)]
-            vectors = to_matrix(table.column(column), dim, where=f"{file.url}: ")
+                table, ids = table.filter(pa.array(valid)), ids[valid]
+            if stored is None:
+                vectors = to_matrix(table.column(column), dim, where=f"{file.url}: ")
+            else:
+                vectors = stored.take(ids - file.id_start)
             meta = table.select([c for c in metadata_columns if c != id_column])
             if id_column:
                 meta = meta.add_column(0, "id", pc.cast(table.column(id_column), pa.string()))

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from clipbeam.index.inputs import read_rows
+from clipbeam.index.inputs import StoredVectors, read_rows
 from clipbeam.index.plan import SampleRead
 
 READ_THREADS = 4  # files decoded at once: enough for two cores or for remote latency, memory stays a few batches
@@ -31,11 +31,18 @@ class Sample:
 
 
 def read_sample(reads: tuple[SampleRead, ...], column: str, dim: int, batch_rows: int = 65_536,
-                storage_options: dict | None = None) -> Sample:
-    """Read every file's sampled rows (null vectors dropped) and split them into training rows and queries."""
+                storage_options: dict | None = None, stored: dict[str, StoredVectors] | None = None) -> Sample:
+    """Read every file's sampled rows (null vectors dropped) and split them into training rows and queries.
+
+    `stored` (file url -> its vectors, read before) takes the rows from memory instead.
+    """
     def read_one(read: SampleRead) -> Sample:
-        vectors, ids = read_rows(read.file, column, dim, np.union1d(read.train_rows, read.query_rows), batch_rows,
-                                 storage_options)
+        rows = np.union1d(read.train_rows, read.query_rows)
+        if stored is not None:
+            rows = rows[stored[read.file.url].valid[rows]]
+            vectors, ids = stored[read.file.url].take(rows), read.file.id_start + rows
+        else:
+            vectors, ids = read_rows(read.file, column, dim, rows, batch_rows, storage_options)
         is_query = np.isin(ids - read.file.id_start, read.query_rows)
         return Sample(vectors[~is_query], ids[is_query], vectors[is_query])
 
