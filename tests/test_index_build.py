@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 
 import apache_beam as beam
 import faiss
@@ -324,3 +325,31 @@ def test_in_process_failure_exits_1_and_a_rerun_resumes(tmp_path, capsys, budget
     assert {n: (out / n).stat().st_mtime_ns for n in finished} == finished  # kept, not rebuilt
     _, found = ShardedIndex.open(str(out)).search(vectors[850:860], 1)
     assert list(found[:, 0]) == list(range(850, 860))
+
+
+def test_prefetched_keeps_order_raises_in_place_and_stops_its_thread():
+    from clipbeam.index.build import prefetched
+
+    assert list(prefetched(iter(range(50)), depth=2)) == list(range(50))
+
+    def failing():
+        yield 1
+        yield 2
+        raise OSError("page unreadable")
+
+    got = []
+    with pytest.raises(OSError, match="page unreadable"):
+        for item in prefetched(failing()):
+            got.append(item)
+    assert got == [1, 2]
+    produced = []
+
+    def endless():
+        while True:
+            produced.append(len(produced))
+            yield produced[-1]
+
+    stream = prefetched(endless())
+    assert next(stream) == 0
+    stream.close()  # as _write_ids does when adding fails: the reading thread stops, nothing more is read
+    assert len(produced) <= 3 and not any(t.name == "clipbeam-index-read" for t in threading.enumerate())

@@ -209,10 +209,11 @@ def _write_ids(plan: ShardPlan, config: IndexConfig, index: faiss.Index, exact: 
     """Stream the shard's rows into `index`, `exact` and its id table; the count of null vectors skipped."""
     skipped = 0
     url = config.url(index_layout.shard_ids_name(plan.number))
-    batches = prefetched(batch for piece in plan.pieces for batch in iter_batches(
-        piece.file, config.column, config.id_column, list(config.metadata_columns), config.dim, piece.row_start,
-        piece.row_end, config.batch_rows, config.storage_options, stored.get(piece.file.url)))
     with storage.atomic_open(url, "wb", config.storage_options) as handle, contextlib.ExitStack() as stack:
+        batches = stack.enter_context(contextlib.closing(prefetched(batch for piece in plan.pieces for batch in (
+            iter_batches(piece.file, config.column, config.id_column, list(config.metadata_columns), config.dim,
+                         piece.row_start, piece.row_end, config.batch_rows, config.storage_options,
+                         stored.get(piece.file.url))))))  # closed on error too: the reading thread stops
         writer = None
         while True:
             with stages.timing("reading"):  # only the wait: reading the next batch overlaps with adding this one
