@@ -17,7 +17,7 @@ from clipbeam.index.sharded import shared_coarse
 from clipbeam.index.topk import merge_topk
 
 DIM = 16
-FACTORIES = ["IVF8,Flat", "Flat", "HNSW8", "PCA16,IVF8,PQ4x4"]
+FACTORIES = ["IVF8,Flat", "Flat", "HNSW8", "PCA16,IVF8,PQ4x4", "IVF8_HNSW4,Flat"]
 SHARD_SIZES = [300, 5, 250, 1, 180]  # k=12 is more than two of them hold
 
 
@@ -60,7 +60,8 @@ def same_distance_kernel(monkeypatch):
 @pytest.mark.parametrize("metric", ["ip", "l2"])
 @pytest.mark.parametrize("factory", FACTORIES)
 def test_batched_search_equals_per_query_search(factory, metric):
-    params = {"IVF8,Flat": "nprobe=2", "HNSW8": "efSearch=16", "PCA16,IVF8,PQ4x4": "nprobe=3"}.get(factory, "")
+    params = {"IVF8,Flat": "nprobe=2", "HNSW8": "efSearch=16", "PCA16,IVF8,PQ4x4": "nprobe=3",
+              "IVF8_HNSW4,Flat": "nprobe=2,quantizer_efSearch=16"}.get(factory, "")
     index, vectors = sharded(factory, metric, params)
     assert (index._coarse is not None) == ("IVF" in factory)
     queries = np.concatenate([vectors[::37], clustered(20, DIM, seed=9)])

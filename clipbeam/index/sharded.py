@@ -66,7 +66,10 @@ def _fingerprint(index: faiss.Index) -> list[np.ndarray] | None:
         if not isinstance(step, faiss.LinearTransform):
             return None
         arrays += [faiss.vector_to_array(step.A), faiss.vector_to_array(step.b)]
-    return [*arrays, core.quantizer.reconstruct_n(0, core.quantizer.ntotal)]
+    try:
+        return [*arrays, core.quantizer.reconstruct_n(0, core.quantizer.ntotal)]
+    except RuntimeError:  # a quantizer that cannot give its centroids back: the shards search on their own
+        return None
 
 
 def shared_coarse(indexes: list[faiss.Index]) -> SharedCoarse | None:
