@@ -8,7 +8,10 @@ large share of a 200,000-vector build); any Beam option (--runner,
 --direct_num_workers, ...) runs them as the BuildShards and TuneShards
 pipeline (transforms/index_shards.py), which builds shards on many workers.
 Peak memory is the index budget (one shard's index per worker, at most the
-whole index) plus the training sample plus two batches of rows.
+whole index) plus the training sample plus three batches of rows (the next
+ones are read while one is added), plus, in-process, the stored vectors when
+they fit the budget (each file is then decoded once, for the sample and the
+shards together).
 
 Reruns resume: shards with a done-marker are kept when the plan (inputs,
 options, shards) is the same, and the run's settings must match the run
