@@ -331,7 +331,8 @@ def main() -> None:
     parser.add_argument("--dtype", default="float16", choices=["float16", "float32"], help="stored type, as embed's")
     parser.add_argument("--small-budget", default="32MB", help="budget of the IVF-PQ case at the first --n ('' skips)")
     parser.add_argument("--target-recall", type=float, default=0.95)
-    parser.add_argument("--runs", type=int, default=3, help="alternating runs of each side (medians reported)")
+    parser.add_argument("--runs", type=int, default=None,
+                        help="alternating runs of each side, medians reported (default 3; 1 with --quick)")
     parser.add_argument("--truth", default="blas", choices=["blas", "flat"],
                         help="plain faiss' ground truth: blocked BLAS top-k or IndexFlat.search")
     parser.add_argument("--factory", default="auto", help="both sides' factory (default: clipbeam's auto choice)")
@@ -340,16 +341,18 @@ def main() -> None:
     parser.add_argument("--clipbeam-args", nargs=argparse.REMAINDER, default=[],
                         help="passed on to clipbeam index (e.g. --runner DirectRunner for the Beam path); last")
     parser.add_argument("--quick", action="store_true",
-                        help="smoke test: 20000 x 64, 100 clusters, IVF256,Flat, 1 run, no small budget")
+                        help="smoke test: 20000 x 64, 100 clusters, IVF256,Flat, no small budget")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         plain_faiss(**json.loads(args.worker))
         return
     if args.quick:
-        args.n, args.dim, args.clusters, args.runs, args.small_budget = [20_000], 64, 100, 1, ""
+        args.n, args.dim, args.clusters, args.small_budget = [20_000], 64, 100, ""
+        args.runs = args.runs or 1
         args.factory = "IVF256,Flat" if args.factory == "auto" else args.factory
         args.search_queries = min(args.search_queries, 2048)
+    args.runs = args.runs or 3
     launcher = Launcher()  # before this process holds any vectors
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
     from synthetic_embeddings import clustered

@@ -100,10 +100,9 @@ def search_shards(indexes: list[faiss.Index], queries: np.ndarray, k: int, metri
     """
     scores, ids = [], []
     nprobe = {core.nprobe for core in coarse.cores} if coarse is not None else set()
-    if len(nprobe) == 1:
+    if len(nprobe) == 1 and next(iter(nprobe)) <= coarse.cores[0].nlist:  # else each shard's search clamps it
         x = _transformed(coarse.transform, queries)
-        first = coarse.cores[0]
-        assigned_scores, assigned = first.quantizer.search(x, min(nprobe.pop(), first.nlist))
+        assigned_scores, assigned = coarse.cores[0].quantizer.search(x, next(iter(nprobe)))
         for core in coarse.cores:
             s, i = core.search_preassigned(x, k, assigned, assigned_scores)
             scores.append(s)
