@@ -37,12 +37,12 @@ def read_sample(reads: tuple[SampleRead, ...], column: str, dim: int, batch_rows
     `stored` (file url -> its vectors, read before) takes the rows from memory instead.
     """
     def read_one(read: SampleRead) -> Sample:
-        rows = np.union1d(read.train_rows, read.query_rows)
-        if stored is not None:
-            rows = rows[stored[read.file.url].valid[rows]]
-            vectors, ids = stored[read.file.url].take(rows), read.file.id_start + rows
-        else:
-            vectors, ids = read_rows(read.file, column, dim, rows, batch_rows, storage_options)
+        if stored is not None:  # straight from memory: no union, no second copy to split
+            kept = stored[read.file.url]
+            train, queries = (rows[kept.valid[rows]] for rows in (read.train_rows, read.query_rows))
+            return Sample(kept.take(train), read.file.id_start + queries, kept.take(queries))
+        vectors, ids = read_rows(read.file, column, dim, np.union1d(read.train_rows, read.query_rows), batch_rows,
+                                 storage_options)
         is_query = np.isin(ids - read.file.id_start, read.query_rows)
         return Sample(vectors[~is_query], ids[is_query], vectors[is_query])
 
