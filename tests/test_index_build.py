@@ -4,6 +4,9 @@ import argparse
 import dataclasses
 import json
 import os
+import subprocess
+import sys
+import threading
 
 import apache_beam as beam
 import faiss
@@ -272,3 +275,85 @@ def test_failed_append_leaves_the_index_searchable_and_a_rerun_finishes_it(tmp_p
     assert index.ntotal == 600 and len(index.manifest["shards"]) == 2
     _, found = index.search(vectors[590:600], 1)
     assert list(found[:, 0]) == list(range(590, 600))
+
+
+@pytest.mark.parametrize("factory", ["IVF32,Flat", "HNSW16"])
+def test_in_process_and_beam_build_the_same_index(data, tmp_path, factory):
+    """No Beam option: the steps run in this process; --runner DirectRunner: the Beam pipeline. Same index."""
+    emb, vectors, _ = data
+    common = ["index", "--embeddings", str(emb), "--index-factory", factory, "--shards", "3"]
+    assert main([*common, "--output", str(tmp_path / "here")]) == 0
+    assert main([*common, "--output", str(tmp_path / "beam"), *RUNNER]) == 0
+    here, beam_built = ShardedIndex.open(str(tmp_path / "here")), ShardedIndex.open(str(tmp_path / "beam"))
+    for key in ("factory", "ntotal", "search_params"):
+        assert here.manifest[key] == beam_built.manifest[key]
+    assert here.manifest["train"].get("index_sha256") == beam_built.manifest["train"].get("index_sha256")
+    assert "stage_seconds" not in here.manifest["train"]
+    assert abs(here.manifest["recall_at_10"] - beam_built.manifest["recall_at_10"]) <= 0.001
+    keys = ("id_start", "id_end", "ntotal", "sha256", "ids_sha256")  # byte for byte the same files
+    assert [[s[k] for k in keys] for s in here.manifest["shards"]] == \
+        [[s[k] for k in keys] for s in beam_built.manifest["shards"]]
+    for number in range(3):
+        name = f"shard-0000{number}.ids.parquet"
+        assert pq.read_table(tmp_path / "here" / name).equals(pq.read_table(tmp_path / "beam" / name))
+    queries = vectors[::97]
+    np.testing.assert_array_equal(here.search(queries, 10)[1], beam_built.search(queries, 10)[1])
+
+
+def test_in_process_build_never_imports_beam(data, tmp_path):
+    emb, vectors, _ = data
+    code = ("import sys; from clipbeam.cli import main; "
+            f"assert main(['index', '--embeddings', {str(emb)!r}, '--output', {str(tmp_path / 'idx')!r}]) == 0; "
+            "print(sorted(m for m in sys.modules if m.startswith('apache_beam'))[:3])")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "[]"
+    assert "stages" in done.stderr and "planning" in done.stderr and "beam" not in done.stderr.split("stages")[-1]
+
+
+@pytest.mark.parametrize("budget", ["4GB", "64KB"])  # 64KB: the 115KB of vectors are streamed, not kept
+def test_in_process_failure_exits_1_and_a_rerun_resumes(tmp_path, capsys, budget):
+    emb, out = tmp_path / "emb", tmp_path / "idx"
+    vectors = clustered(900, DIM, seed=6)
+    write_embed_output(str(emb), vectors, parts=3, dtype=np.float32)
+    args = ["index", "--embeddings", str(emb), "--output", str(out), "--index-factory", "Flat", "--shards", "3",
+            "--max-index-memory", budget]
+    with unreadable_pages(str(emb / "embeddings" / "part-00002.parquet")):
+        assert main(args) == 1
+    err = capsys.readouterr().err
+    assert "rerun the same command to resume" in err and "Traceback" not in err
+    finished = {n: (out / n).stat().st_mtime_ns for n in os.listdir(out) if n.endswith(".faiss")}
+    # the garbled page is in the id column, which both read shard by shard: shards 0 and 1 finish first
+    assert "shard-00001.faiss" in finished and not (out / "index.json").exists()
+    assert main(args) == 0
+    assert {n: (out / n).stat().st_mtime_ns for n in finished} == finished  # kept, not rebuilt
+    _, found = ShardedIndex.open(str(out)).search(vectors[850:860], 1)
+    assert list(found[:, 0]) == list(range(850, 860))
+
+
+def test_prefetched_keeps_order_raises_in_place_and_stops_its_thread():
+    from clipbeam.index.build import prefetched
+
+    assert list(prefetched(iter(range(50)), depth=2)) == list(range(50))
+
+    def failing():
+        yield 1
+        yield 2
+        raise OSError("page unreadable")
+
+    got = []
+    with pytest.raises(OSError, match="page unreadable"):
+        for item in prefetched(failing()):
+            got.append(item)
+    assert got == [1, 2]
+    produced = []
+
+    def endless():
+        while True:
+            produced.append(len(produced))
+            yield produced[-1]
+
+    stream = prefetched(endless())
+    assert next(stream) == 0
+    stream.close()  # as _write_ids does when adding fails: the reading thread stops, nothing more is read
+    assert len(produced) <= 3 and not any(t.name == "clipbeam-index-read" for t in threading.enumerate())

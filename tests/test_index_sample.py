@@ -6,9 +6,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from clipbeam.index import IndexInputError
-from clipbeam.index.plan import SAMPLE_READ_FACTOR, plan_sample, sample_groups, sample_reads
+from clipbeam.index.plan import SAMPLE_READ_FACTOR, SampleRead, plan_sample, sample_groups, sample_reads
 from clipbeam.index.sample import read_sample
-from clipbeam.layout.embeddings.read import InputFile, read_rows, resolve_embeddings
+from clipbeam.layout.embeddings.read import InputFile, iter_batches, read_rows, read_vectors, resolve_embeddings
 
 DIM = 6
 
@@ -111,3 +111,26 @@ def test_read_sample_splits_train_and_queries(tmp_path):
     np.testing.assert_array_equal(sample.train, vectors[expected_train])
     assert sample.query_ids.tolist() == expected_queries
     np.testing.assert_array_equal(sample.queries, vectors[expected_queries])
+
+
+def test_vectors_read_once_give_the_same_batches_and_sample(tmp_path):
+    """An in-process build keeps each file's vectors (read_vectors) and takes the sample and the shards'
+    batches from them: the same rows, ids, vectors, metadata and null counts as reading the file again."""
+    vectors = np.random.default_rng(2).standard_normal((60, DIM)).astype(np.float32)
+    path = tmp_path / "a.parquet"
+    _write(path, vectors, null_rows=(0, 13, 14, 59))
+    file = InputFile(str(path), 60, 100, tuple([7] * 8 + [4]))
+    stored = read_vectors(file, "v", DIM)
+    for start, end, batch_rows in [(0, 60, 16), (5, 41, 9), (13, 15, 4)]:
+        again = list(iter_batches(file, "v", "id", [], DIM, start, end, batch_rows))
+        kept = list(iter_batches(file, "v", "id", [], DIM, start, end, batch_rows, stored=stored))
+        assert len(again) == len(kept) > 0
+        for a, b in zip(again, kept, strict=True):
+            assert a.ids.tolist() == b.ids.tolist() and a.skipped == b.skipped and a.metadata.equals(b.metadata)
+            np.testing.assert_array_equal(a.vectors, b.vectors)
+    read = SampleRead(file, np.array([0, 3, 14, 20, 58]), np.array([13, 30, 59]))
+    from_file = read_sample((read,), "v", DIM)
+    from_memory = read_sample((read,), "v", DIM, stored={file.url: stored})
+    for field in ("train", "query_ids", "queries"):
+        np.testing.assert_array_equal(getattr(from_file, field), getattr(from_memory, field))
+    assert from_memory.query_ids.tolist() == [130]

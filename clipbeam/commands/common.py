@@ -12,12 +12,14 @@ import contextlib
 import logging
 import sys
 import time
-
-from apache_beam.options.pipeline_options import PipelineOptions
+from typing import TYPE_CHECKING
 
 from clipbeam.errors import UsageError, first_line
 from clipbeam.models.clip import ClipSpec
 from clipbeam.storage import absolute_url, parse_storage_options
+
+if TYPE_CHECKING:
+    from apache_beam.options.pipeline_options import PipelineOptions
 
 LOG = logging.getLogger(__name__)
 
@@ -113,7 +115,11 @@ def storage_options_from_args(args: argparse.Namespace) -> dict:
     return parse_storage_options(getattr(args, "storage_options", None))
 
 
-def _all_option_classes(cls=PipelineOptions):
+def _all_option_classes(cls=None):
+    if cls is None:  # Beam is imported when a pipeline is built, not by every command (index may need none)
+        from apache_beam.options.pipeline_options import PipelineOptions
+
+        cls = PipelineOptions
     for sub in cls.__subclasses__():
         yield sub
         yield from _all_option_classes(sub)
@@ -152,6 +158,8 @@ def unrecognized(arguments: list[str]) -> UsageError:
 
 def beam_options(beam_args: list[str], **overrides) -> PipelineOptions:
     """PipelineOptions from the pass-through arguments, DirectRunner by default."""
+    from apache_beam.options.pipeline_options import PipelineOptions
+
     unknown = unknown_beam_args(beam_args)
     if unknown:
         raise unrecognized(unknown)

@@ -1,10 +1,17 @@
 """Embeddings -> a sharded FAISS index that states its measured recall (`clipbeam index`).
 
-parse -> validate and plan into one frozen IndexConfig -> BuildShards and
-TuneShards (transforms/index_shards.py) -> index.json, last, through the
-output lifecycle (clipbeam.layout). Peak memory is the index budget (one
-shard's index per worker, at most the whole index) plus the training sample
-plus one batch of rows.
+parse -> validate and plan into one frozen IndexConfig -> sample, train, build
+the shards and tune (clipbeam.index.build) -> index.json, last, through the
+output lifecycle (clipbeam.layout). Without Beam options the steps run in this
+process, shard after shard, and Beam is never imported (its start-up was a
+large share of a 200,000-vector build); any Beam option (--runner,
+--direct_num_workers, ...) runs them as the BuildShards and TuneShards
+pipeline (transforms/index_shards.py), which builds shards on many workers.
+Peak memory is the index budget (one shard's index per worker, at most the
+whole index) plus the training sample plus three batches of rows (the next
+ones are read while one is added), plus, in-process, the stored vectors when
+they fit the budget (each file is then decoded once, for the sample and the
+shards together).
 
 Reruns resume: shards with a done-marker are kept when the plan (inputs,
 options, shards) is the same, and the run's settings must match the run
@@ -19,9 +26,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import time
 from dataclasses import dataclass
-
-import apache_beam as beam
 
 from clipbeam import __version__, storage
 from clipbeam.commands.argtypes import non_negative_int, positive_int, unit_interval
@@ -31,11 +37,21 @@ from clipbeam.commands.common import (
     add_storage_arguments,
     beam_options,
     print_summary,
+    report_unfinished,
     run_pipeline,
     storage_options_from_args,
 )
 from clipbeam.errors import UsageError
 from clipbeam.index import manifest as index_layout
+from clipbeam.index.build import (
+    RECALL_K,
+    STAGES,
+    BuiltShard,
+    IndexConfig,
+    Stages,
+    build_in_process,
+    shard_unit,
+)
 from clipbeam.index.checksum import verify_index
 from clipbeam.index.factory import choose_factory, default_train_sample, format_bytes, parse_memory
 from clipbeam.index.faiss_io import METRICS, make_index
@@ -44,14 +60,6 @@ from clipbeam.layout import RUN_RECORD, Mode, OutputFolder, open_output, setting
 from clipbeam.layout.dedup import ExcludedSamples, removed_samples
 from clipbeam.layout.embeddings.read import EmbeddingsInput, check_indexed_parts, describe, resolve_embeddings
 from clipbeam.layout.index import INDEX, WORK
-from clipbeam.transforms.index_shards import (
-    RECALL_K,
-    BuildShards,
-    BuiltShard,
-    IndexConfig,
-    TuneShards,
-    shard_unit,
-)
 
 LOG = logging.getLogger(__name__)
 
@@ -223,6 +231,12 @@ def _settings(args: argparse.Namespace, choice: FactoryChoice, inputs: Embedding
             "seed": args.seed, "target_recall": args.target_recall, "max_index_memory": max_memory}
 
 
+def _stored_bytes(inputs: EmbeddingsInput) -> int:
+    """The input's vectors as stored (float16: 2 bytes a value): what an in-process build that reads each
+    file once keeps in memory, so it does that only within the memory budget."""
+    return inputs.rows * inputs.dim * inputs.schema.field(inputs.column).type.value_type.bit_width // 8
+
+
 def prepare(args: argparse.Namespace) -> IndexRun | None:
     """Check every argument and input, plan shards and samples; None when there is nothing to do.
 
@@ -264,7 +278,8 @@ def prepare(args: argparse.Namespace) -> IndexRun | None:
     sample = sample_reads(inputs.files, *plan_sample(inputs.files, train, queries, args.seed))
     config = IndexConfig(args.output, storage_options, args.column, args.id_column, tuple(inputs.metadata_columns),
                          inputs.dim, args.metric, choice.factory, args.target_recall, args.batch_rows, shards, sample,
-                         previous if appending else None, ledger=None, exclude=exclude.ids)
+                         previous if appending else None, ledger=None, exclude=exclude.ids,
+                         preload=_stored_bytes(inputs) <= max_memory)
     settings = _settings(args, choice, inputs, max_memory, storage_options, appending)
     if exclude.source:
         settings["exclude"] = exclude.source
@@ -318,7 +333,8 @@ def _manifest(run: IndexRun, shards: list[BuiltShard], tuned: dict, train_info: 
                    "method": "held-out database vectors (not in the training sample), own id excluded, "
                              "against exact search over the measured shards",
                    "curve": tuned["curve"]},
-        "train": train_info, "trained_index": index_layout.TRAINED_INDEX, "shards": entries,
+        "train": {k: v for k, v in train_info.items() if k != "stage_seconds"},
+        "trained_index": index_layout.TRAINED_INDEX, "shards": entries,
         "embeddings": list(previous.get("embeddings", [])) + [run.inputs], "fingerprint": run.fingerprint,
     }
 
@@ -348,14 +364,48 @@ def verify(args: argparse.Namespace) -> int:
     return 0
 
 
+def _build(config: IndexConfig, beam_args: list[str], pending: list, built: list[BuiltShard], trained: bool,
+           stages: Stages) -> int:
+    """Train, build the pending shards and tune: here without Beam options, else as a Beam pipeline."""
+    if not beam_args:
+        try:
+            build_in_process(config, pending, built, trained, stages)
+        except Exception as exc:  # as a failed pipeline: one line, exit 1, a rerun resumes
+            return report_unfinished("index", exc)
+        return 0
+    import apache_beam as beam
+
+    from clipbeam.transforms.index_shards import BuildShards, TuneShards
+
+    pipeline = beam.Pipeline(options=beam_options(beam_args))
+    _ = (pipeline
+         | "BuildShards" >> BuildShards(config, pending, built, trained)
+         | "TuneShards" >> TuneShards(config))
+    return run_pipeline(pipeline, "index")
+
+
+def _step_stages(out: OutputFolder, config: IndexConfig, built: list[BuiltShard], trained: bool) -> dict:
+    """The stage seconds the build steps recorded in this run (not those of an interrupted earlier run)."""
+    storage_options, earlier = config.storage_options, {s.number for s in built}
+    stages = Stages(storage.read_json(config.url(WORK, "tuned.json"), storage_options).get("stage_seconds"))
+    if not trained:
+        stages.add(storage.read_json(config.url(WORK, "train.json"), storage_options).get("stage_seconds", {}))
+    for shard in _built(out, config):
+        if shard.number not in earlier:
+            stages.add(shard.stages)
+    return stages.seconds
+
+
 def run(args: argparse.Namespace, beam_args: list[str]) -> int:
     if args.verify:
         return verify(args)
     if args.embeddings is None:
         raise UsageError("--embeddings is required (or --verify, to check an existing index)")
-    watch = Stopwatch()
-    options = beam_options(beam_args)
-    planned = prepare(args)
+    watch, stages = Stopwatch(), Stages()
+    if beam_args:
+        beam_options(beam_args)  # unknown Beam flags: one line, exit 2, before any work
+    with stages.timing("planning"):
+        planned = prepare(args)
     if planned is None:
         return 0
     config = planned.config
@@ -363,24 +413,26 @@ def run(args: argparse.Namespace, beam_args: list[str]) -> int:
     # An append keeps the previous index.json until the new one replaces it: the index stays readable.
     with open_output(args.output, INDEX, planned.settings, mode, config.storage_options,
                      keep_manifest=config.previous is not None) as out:
-        trained, built = start_work(out, planned)
+        with stages.timing("planning"):
+            trained, built = start_work(out, planned)
         pending = [p for p in config.shards if p.number not in {s.number for s in built}]
         LOG.info("index %d vectors of dimension %d: %s (%s), %d shard(s), %d built already",
                  sum(f["rows"] for f in planned.inputs["files"]), config.dim, config.factory,
                  planned.factory_reason, len(config.shards), len(built))
-        pipeline = beam.Pipeline(options=options)
-        _ = (pipeline
-             | "BuildShards" >> BuildShards(dataclasses.replace(config, ledger=out.ledger), pending, built, trained)
-             | "TuneShards" >> TuneShards(config))
-        code = run_pipeline(pipeline, "index")
+        started, outside = time.perf_counter(), Stages()
+        code = _build(dataclasses.replace(config, ledger=out.ledger), beam_args, pending, built, trained, outside)
         if code:
             return code
-        manifest = commit(out, planned)
-    _print_summary(manifest, args.output, watch)
+        outside.add(_step_stages(out, config, built, trained))
+        stages.add({**outside.seconds, "beam" if beam_args else "other":
+                    time.perf_counter() - started - sum(outside.seconds.values())})
+        with stages.timing("writing"):
+            manifest = commit(out, planned)
+    _print_summary(manifest, args.output, watch, stages)
     return 0
 
 
-def _print_summary(manifest: dict, output: str, watch: Stopwatch) -> None:
+def _print_summary(manifest: dict, output: str, watch: Stopwatch, stages: Stages) -> None:
     print_summary(f"clipbeam index -> {output}", [
         ("factory", f"{manifest['factory']} ({manifest['factory_reason']})"),
         ("vectors", f"{manifest['ntotal']} in {len(manifest['shards'])} shard(s)"),
@@ -390,4 +442,6 @@ def _print_summary(manifest: dict, output: str, watch: Stopwatch) -> None:
         ("queries/s", manifest["queries_per_second"]),
         ("index size", format_bytes(manifest["index_bytes"])),
         ("seconds", f"{watch.seconds:.1f}"),
+        ("stages", ", ".join(f"{name} {stages.seconds[name]:.2f}" for name in (*STAGES, "beam", "other")
+                             if name in stages.seconds)),
     ])

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from clipbeam.index.plan import SampleRead
-from clipbeam.layout.embeddings.read import read_rows
+from clipbeam.layout.embeddings.read import StoredVectors, read_rows
 
 READ_THREADS = 4  # files decoded at once: enough for two cores or for remote latency, memory stays a few batches
 
@@ -31,9 +31,16 @@ class Sample:
 
 
 def read_sample(reads: tuple[SampleRead, ...], column: str, dim: int, batch_rows: int = 65_536,
-                storage_options: dict | None = None) -> Sample:
-    """Read every file's sampled rows (null vectors dropped) and split them into training rows and queries."""
+                storage_options: dict | None = None, stored: dict[str, StoredVectors] | None = None) -> Sample:
+    """Read every file's sampled rows (null vectors dropped) and split them into training rows and queries.
+
+    `stored` (file url -> its vectors, read before) takes the rows from memory instead.
+    """
     def read_one(read: SampleRead) -> Sample:
+        if stored is not None:  # straight from memory: no union, no second copy to split
+            kept = stored[read.file.url]
+            train, queries = (rows[kept.valid[rows]] for rows in (read.train_rows, read.query_rows))
+            return Sample(kept.take(train), read.file.id_start + queries, kept.take(queries))
         vectors, ids = read_rows(read.file, column, dim, np.union1d(read.train_rows, read.query_rows), batch_rows,
                                  storage_options)
         is_query = np.isin(ids - read.file.id_start, read.query_rows)

@@ -4,13 +4,15 @@
 local, through fsspec otherwise), checks each against the manifest (a missing
 or altered shard is an error, never silently fewer results; `verify=True` also
 checks every file's SHA-256) and re-applies the tuned search parameters.
-`search` asks every shard for its top-k and merges them exactly; `lookup`
-turns global ids back into rows of the id tables.
+`search` asks every shard for the top-k of a whole query batch (assigning the
+batch to inverted lists once when the shards share their quantizer, as
+clipbeam's do) and merges them exactly in numpy; `lookup` turns global ids
+back into rows of the id tables.
 """
 
 from __future__ import annotations
 
-import bisect
+from dataclasses import dataclass
 from typing import Any
 
 import faiss
@@ -35,14 +37,82 @@ def apply_search_params(indexes: list[faiss.Index], params: str) -> None:
         space.set_index_parameters(index, params)
 
 
-def search_shards(indexes: list[faiss.Index], queries: np.ndarray, k: int,
-                  metric: str) -> tuple[np.ndarray, np.ndarray]:
-    """Every shard's top-k, merged exactly into the global top-k."""
+@dataclass(frozen=True)
+class SharedCoarse:
+    """Shards that are inverted-list indexes over one trained quantizer (and one transform in front).
+
+    Every shard of a clipbeam index starts from the same trained empty index, so a query batch is
+    assigned to its lists once and each shard only scans them: searching S shards then costs one
+    coarse quantization, not S (with few probes, quantization is most of an IVF search).
+    """
+
+    transform: faiss.IndexPreTransform | None
+    cores: tuple[faiss.IndexIVF, ...]
+
+
+def _ivf_core(index: faiss.Index) -> tuple[faiss.IndexPreTransform | None, faiss.IndexIVF | None]:
+    outer = faiss.downcast_index(index)
+    inner = faiss.downcast_index(outer.index) if isinstance(outer, faiss.IndexPreTransform) else outer
+    return (outer if inner is not outer else None), (inner if isinstance(inner, faiss.IndexIVF) else None)
+
+
+def _fingerprint(index: faiss.Index) -> list[np.ndarray] | None:
+    """What an IVF shard's coarse assignment depends on: its transforms' matrices and its centroids."""
+    pre, core = _ivf_core(index)
+    if core is None:
+        return None
+    arrays = []
+    for i in range(pre.chain.size() if pre is not None else 0):
+        step = faiss.downcast_VectorTransform(pre.chain.at(i))
+        if not isinstance(step, faiss.LinearTransform):
+            return None
+        arrays += [faiss.vector_to_array(step.A), faiss.vector_to_array(step.b)]
+    try:
+        return [*arrays, core.quantizer.reconstruct_n(0, core.quantizer.ntotal)]
+    except RuntimeError:  # a quantizer that cannot give its centroids back: the shards search on their own
+        return None
+
+
+def shared_coarse(indexes: list[faiss.Index]) -> SharedCoarse | None:
+    """The shards' common quantizer, checked to be the same in every shard; None when they have none."""
+    first = _fingerprint(indexes[0]) if indexes else None
+    if first is None:
+        return None
+    for index in indexes[1:]:
+        other = _fingerprint(index)
+        if other is None or len(other) != len(first) or not all(
+                a.shape == b.shape and np.array_equal(a, b) for a, b in zip(first, other, strict=True)):
+            return None
+    return SharedCoarse(_ivf_core(indexes[0])[0], tuple(_ivf_core(index)[1] for index in indexes))
+
+
+def _transformed(pre: faiss.IndexPreTransform | None, x: np.ndarray) -> np.ndarray:
+    for i in range(pre.chain.size() if pre is not None else 0):
+        x = pre.chain.at(i).apply(x)
+    return x
+
+
+def search_shards(indexes: list[faiss.Index], queries: np.ndarray, k: int, metric: str,
+                  coarse: SharedCoarse | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Every shard's top-k for the whole batch, merged exactly into the global top-k.
+
+    With `coarse` (see shared_coarse) the batch is assigned to inverted lists once for all shards;
+    the result is the same as each shard's own search.
+    """
     scores, ids = [], []
-    for index in indexes:
-        s, i = index.search(queries, k)
-        scores.append(s)
-        ids.append(i)
+    nprobe = {core.nprobe for core in coarse.cores} if coarse is not None else set()
+    if len(nprobe) == 1 and next(iter(nprobe)) <= coarse.cores[0].nlist:  # else each shard's search clamps it
+        x = _transformed(coarse.transform, queries)
+        assigned_scores, assigned = coarse.cores[0].quantizer.search(x, next(iter(nprobe)))
+        for core in coarse.cores:
+            s, i = core.search_preassigned(x, k, assigned, assigned_scores)
+            scores.append(s)
+            ids.append(i)
+    else:
+        for index in indexes:
+            s, i = index.search(queries, k)
+            scores.append(s)
+            ids.append(i)
     return merge_topk(scores, ids, k, metric)
 
 
@@ -55,7 +125,8 @@ class ShardedIndex:
         self.manifest = manifest
         self.shards = shards
         self.storage_options = storage_options or {}
-        self._starts = [int(s["id_start"]) for s in manifest["shards"]]
+        self._starts = np.array([int(s["id_start"]) for s in manifest["shards"]], dtype=np.int64)
+        self._coarse = shared_coarse(shards)
         self._ids_tables: dict[int, Any] = {}
         self._faiss_ids: dict[int, np.ndarray] = {}
         self.search_params = ""
@@ -115,7 +186,7 @@ class ShardedIndex:
         if k < 1:
             raise IndexInputError(f"k must be at least 1, not {k}")
         queries = np.ascontiguousarray(queries, dtype=np.float32)
-        return search_shards(self.shards, queries, k, self.metric)
+        return search_shards(self.shards, queries, k, self.metric, self._coarse)
 
     def _ids_table(self, shard: int):
         table = self._ids_tables.get(shard)
@@ -132,23 +203,25 @@ class ShardedIndex:
         return table
 
     def lookup(self, ids) -> list[dict[str, Any] | None]:
-        """The id-table rows (id, caption, source, ...) for global faiss ids; None for -1 or unknown ids."""
+        """The id-table rows (id, caption, source, ...) for global faiss ids; None for -1 or unknown ids.
+
+        Vectorised: ids find their shard and row with searchsorted, and each shard's rows come out of
+        its id table in one take (serve looks up a whole batch of results at once).
+        """
         flat = np.asarray(ids, dtype=np.int64).ravel()
         out: list[dict[str, Any] | None] = [None] * len(flat)
-        wanted: dict[int, list[tuple[int, int]]] = {}  # shard -> [(position in ids, row in its id table)]
-        for position, faiss_id in enumerate(flat):
-            shard = bisect.bisect_right(self._starts, int(faiss_id)) - 1
-            if faiss_id < 0 or shard < 0:
-                continue
+        shard_of = np.searchsorted(self._starts, flat, side="right") - 1
+        shard_of[flat < 0] = -1
+        for shard in np.unique(shard_of[shard_of >= 0]).tolist():
             self._ids_table(shard)
             column = self._faiss_ids[shard]
-            row = int(np.searchsorted(column, faiss_id))
-            if row < len(column) and column[row] == faiss_id:
-                wanted.setdefault(shard, []).append((position, row))
-        # One take per shard: converting rows one by one costs more than the search (serve's hot path).
-        for shard, pairs in wanted.items():
-            rows = self._ids_tables[shard].take([row for _, row in pairs]).to_pylist()
-            for (position, _), row in zip(pairs, rows, strict=True):
+            if not len(column):
+                continue
+            positions = np.flatnonzero(shard_of == shard)
+            rows = np.minimum(np.searchsorted(column, flat[positions]), len(column) - 1)
+            found = column[rows] == flat[positions]
+            taken = self._ids_tables[shard].take(rows[found]).to_pylist()
+            for position, row in zip(positions[found].tolist(), taken, strict=True):
                 out[position] = row
         return out
 

@@ -17,20 +17,40 @@ def _order_key(scores: np.ndarray, metric: str) -> np.ndarray:
 
 
 def merge_topk(scores: list[np.ndarray], ids: list[np.ndarray], k: int, metric: str) -> tuple[np.ndarray, np.ndarray]:
-    """Merge per-part (scores [nq, k_i], ids [nq, k_i]) into the best k; missing results have id -1."""
+    """Merge per-part (scores [nq, k_i], ids [nq, k_i]) into the best k; missing results have id -1.
+
+    The whole batch at once: argpartition picks each row's k best, a sort orders only those k.
+    Ties go to the smaller id (rows where a tie straddles the k-th place are sorted whole), so the
+    result never depends on the order of the parts.
+    """
     all_scores = np.concatenate([np.asarray(s, dtype=np.float32) for s in scores], axis=1)
     all_ids = np.concatenate([np.asarray(i, dtype=np.int64) for i in ids], axis=1)
     worst = np.float32(-np.inf if metric == "ip" else np.inf)
-    all_scores = np.where(all_ids < 0, worst, all_scores)
-    order = np.lexsort((all_ids, _order_key(all_scores, metric)), axis=-1)[:, :k]
-    top_scores = np.take_along_axis(all_scores, order, axis=1)
-    top_ids = np.take_along_axis(all_ids, order, axis=1)
-    top_ids[~np.isfinite(top_scores)] = -1
+    key = np.where(all_ids < 0, np.float32(np.inf), _order_key(all_scores, metric))  # smaller is better
+    chosen = _best_k(key, all_ids, k)
+    order = np.lexsort((np.take_along_axis(all_ids, chosen, 1), np.take_along_axis(key, chosen, 1)), axis=-1)
+    chosen = np.take_along_axis(chosen, order, axis=1)
+    top_key = np.take_along_axis(key, chosen, axis=1)
+    top_scores = np.where(np.isinf(top_key), worst, np.take_along_axis(all_scores, chosen, axis=1))
+    top_ids = np.where(np.isinf(top_key), -1, np.take_along_axis(all_ids, chosen, axis=1))
     if top_ids.shape[1] < k:
         pad = k - top_ids.shape[1]
         top_scores = np.pad(top_scores, ((0, 0), (0, pad)), constant_values=worst)
         top_ids = np.pad(top_ids, ((0, 0), (0, pad)), constant_values=-1)
     return top_scores, top_ids
+
+
+def _best_k(key: np.ndarray, ids: np.ndarray, k: int) -> np.ndarray:
+    """Column positions of each row's k smallest (key, id) pairs, unordered (all columns when fewer)."""
+    if key.shape[1] <= k:
+        return np.broadcast_to(np.arange(key.shape[1]), key.shape).copy()
+    chosen = np.argpartition(key, k - 1, axis=1)[:, :k]
+    kth = np.take_along_axis(key, chosen, axis=1).max(axis=1, keepdims=True)
+    ties_left_out = (key == kth).sum(1) > (np.take_along_axis(key, chosen, axis=1) == kth).sum(1)
+    rows = np.flatnonzero(ties_left_out & np.isfinite(kth[:, 0]))  # missing results tie harmlessly
+    if len(rows):
+        chosen[rows] = np.lexsort((ids[rows], key[rows]), axis=-1)[:, :k]
+    return chosen
 
 
 class ExactTopK:

@@ -19,7 +19,7 @@ import faiss
 import numpy as np
 
 from clipbeam.index.faiss_io import core_index
-from clipbeam.index.sharded import apply_search_params, search_shards
+from clipbeam.index.sharded import apply_search_params, search_shards, shared_coarse
 from clipbeam.index.topk import drop_self, recall_at_k
 
 LOG = logging.getLogger(__name__)
@@ -66,10 +66,11 @@ def tune(indexes: list[faiss.Index], metric: str, queries: np.ndarray, query_ids
     truth = drop_self(truth_ids, query_ids, k)
     queries = np.ascontiguousarray(queries, dtype=np.float32)
     curve: list[dict] = []
+    coarse = shared_coarse(indexes)
     for params in parameter_ladder(indexes[0], k):
         apply_search_params(indexes, params)
         start = time.perf_counter()
-        _, found = search_shards(indexes, queries, k + 1, metric)
+        _, found = search_shards(indexes, queries, k + 1, metric, coarse)
         seconds = max(time.perf_counter() - start, 1e-9)
         recall = recall_at_k(drop_self(found, query_ids, k), truth, k)
         curve.append({"params": params, "recall": round(recall, 4),

@@ -183,8 +183,9 @@ def _dim_from_rows(file_url: str, column: str, storage_options: dict | None) -> 
     raise InputError(f"{file_url}: every {column!r} value is null; cannot tell the dimension")
 
 
-def to_matrix(values: pa.Array, dim: int, where: str = "") -> np.ndarray:
-    """A list / fixed-size-list float column without nulls -> contiguous float32 [n, dim]."""
+def to_matrix(values: pa.Array, dim: int, where: str = "", dtype=np.float32) -> np.ndarray:
+    """A list / fixed-size-list float column without nulls -> contiguous [n, dim] of `dtype`
+    (None: the stored float type, a view of the column's values where they are contiguous)."""
     if isinstance(values, pa.ChunkedArray):
         values = values.combine_chunks()
     if not pa.types.is_fixed_size_list(values.type):
@@ -195,7 +196,7 @@ def to_matrix(values: pa.Array, dim: int, where: str = "") -> np.ndarray:
     elif values.type.list_size != dim:
         raise ValueError(f"{where}vectors have {values.type.list_size} values, expected {dim}")
     flat = values.flatten().to_numpy(zero_copy_only=False)
-    return np.ascontiguousarray(flat.reshape(-1, dim), dtype=np.float32)
+    return np.ascontiguousarray(flat.reshape(-1, dim), dtype=dtype)
 
 
 @dataclass
@@ -208,16 +209,46 @@ class VectorBatch:
     skipped: int
 
 
+@dataclass(frozen=True)
+class StoredVectors:
+    """One file's whole vector column, read once: [rows with a vector, dim] in its stored float type.
+
+    For builds on one machine whose stored vectors fit the memory budget: the sample and the shards
+    take their rows from here instead of decoding the file twice.
+    """
+
+    vectors: np.ndarray
+    valid: np.ndarray  # per row of the file: has a vector
+    position: np.ndarray  # per row of the file: its row in `vectors` (meaningless where not valid)
+
+    def take(self, rows: np.ndarray) -> np.ndarray:
+        """float32 vectors of local rows that are valid."""
+        return self.vectors[self.position[rows]].astype(np.float32)
+
+
+def read_vectors(file: InputFile, column: str, dim: int, storage_options: dict | None = None) -> StoredVectors:
+    """A file's vector column as one flat array (row groups decoded in parallel by Arrow)."""
+    with storage.open_input(file.url, storage_options) as handle:
+        values = pq.ParquetFile(handle).read(columns=[column]).column(0).combine_chunks()
+    valid = values.is_valid().to_numpy(zero_copy_only=False)
+    vectors = to_matrix(values.filter(valid) if values.null_count else values, dim, where=f"{file.url}: ", dtype=None)
+    return StoredVectors(vectors, valid, np.cumsum(valid) - 1)
+
+
 def iter_batches(file: InputFile, column: str, id_column: str | None, metadata_columns: list[str], dim: int,
                  row_start: int = 0, row_end: int | None = None, batch_rows: int = 65_536,
-                 storage_options: dict | None = None, exclude: frozenset[str] = frozenset()) -> Iterator[VectorBatch]:
+                 storage_options: dict | None = None, exclude: frozenset[str] = frozenset(),
+                 stored: StoredVectors | None = None) -> Iterator[VectorBatch]:
     """Stream rows [row_start, row_end) of one file, reading only the row groups that overlap it.
 
     Metadata holds the id column (renamed `id`, as strings) and `metadata_columns`; none when id_column is None.
     Rows whose id is in `exclude` (e.g. the duplicates a dedup output removes) are left out, like null vectors.
+    With `stored` (the file's vectors, read before) the vector column is not read again.
     """
     row_end = file.rows if row_end is None else row_end
-    columns = list(dict.fromkeys([column, *([id_column] if id_column else []), *metadata_columns]))
+    stored = stored if id_column else None  # some column must be read, for the batches' row counts
+    columns = list(dict.fromkeys([*([column] if stored is None else []), *([id_column] if id_column else []),
+                                  *metadata_columns]))
     excluded = pa.array(list(exclude), pa.string()) if exclude and id_column else None
     with storage.open_input(file.url, storage_options) as handle:
         parquet = pq.ParquetFile(handle)
@@ -237,14 +268,20 @@ def iter_batches(file: InputFile, column: str, id_column: str | None, metadata_c
                 continue
             table = pa.Table.from_batches([batch.slice(lo, hi - lo)])
             ids = np.arange(file.id_start + first + lo, file.id_start + first + hi, dtype=np.int64)
-            skipped = table.column(column).null_count
+            if stored is None:
+                valid = pc.is_valid(table.column(column)).to_numpy(zero_copy_only=False)
+            else:
+                valid = stored.valid[first + lo:first + hi]
+            skipped = int(len(valid) - np.count_nonzero(valid))
             if skipped:
-                valid = pc.is_valid(table.column(column))
-                table, ids = table.filter(valid), ids[valid.to_numpy(zero_copy_only=False)]
+                table, ids = table.filter(pa.array(valid)), ids[valid]
             if excluded is not None:
                 kept = pc.invert(pc.is_in(pc.cast(table.column(id_column), pa.string()), value_set=excluded))
                 table, ids = table.filter(kept), ids[kept.to_numpy(zero_copy_only=False)]
-            vectors = to_matrix(table.column(column), dim, where=f"{file.url}: ")
+            if stored is None:
+                vectors = to_matrix(table.column(column), dim, where=f"{file.url}: ")
+            else:
+                vectors = stored.take(ids - file.id_start)
             meta = table.select([c for c in metadata_columns if c != id_column])
             if id_column:
                 meta = meta.add_column(0, "id", pc.cast(table.column(id_column), pa.string()))
@@ -275,8 +312,8 @@ def read_rows(file: InputFile, column: str, dim: int, rows: np.ndarray, batch_ro
     """The vectors at local row numbers `rows` (sorted) of one file, and their global ids (null rows dropped).
 
     Sampling reads through here, so it is column-wise end to end: only the row groups that hold a
-    chosen row are decoded, only `column`, a batch at a time, and only the chosen rows are taken
-    out of each batch and converted to float32 in one step.
+    chosen row are decoded, only `column`, a batch at a time; each batch is one flat numpy array in
+    its stored type, and only the chosen rows are taken out of it and converted to float32.
     """
     rows = np.asarray(rows, dtype=np.int64)
     if len(rows) == 0:
@@ -296,11 +333,15 @@ def read_rows(file: InputFile, column: str, dim: int, rows: np.ndarray, batch_ro
         offset = 0
         for batch in parquet.iter_batches(batch_size=batch_rows, row_groups=groups.tolist(), columns=[column]):
             lo, hi = np.searchsorted(stream, [offset, offset + batch.num_rows])
-            if hi > lo:
-                taken = batch.column(0).take(pa.array(stream[lo:hi] - offset))
-                valid = taken.is_valid()
-                out_ids.append(file.id_start + rows[lo:hi][valid.to_numpy(zero_copy_only=False)])
-                out_vectors.append(to_matrix(taken.filter(valid), dim, where=f"{file.url}: "))
+            if hi > lo:  # the batch as one flat array in its stored type, the chosen rows taken in numpy
+                values = batch.column(0)
+                valid = values.is_valid().to_numpy(zero_copy_only=False)
+                stored = to_matrix(values.filter(valid) if values.null_count else values, dim,
+                                   where=f"{file.url}: ", dtype=None)
+                chosen = stream[lo:hi] - offset
+                keep = valid[chosen]
+                out_ids.append(file.id_start + rows[lo:hi][keep])
+                out_vectors.append(stored[(np.cumsum(valid) - 1)[chosen[keep]]].astype(np.float32))
             offset += batch.num_rows
     return np.concatenate(out_vectors), np.concatenate(out_ids)
 
