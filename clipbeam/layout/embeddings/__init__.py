@@ -11,6 +11,7 @@ from clipbeam.layout.embeddings.parts import (
     FORMAT_VERSION,
     FRAGMENTS,
     MARKERS,
+    NUMBERS_NOTE,
     PartPlan,
     build_manifest,
     embeddings_file,
@@ -25,7 +26,7 @@ from clipbeam.layout.embeddings.parts import (
 )
 
 __all__ = [
-    "EMBEDDINGS", "FORMAT_VERSION", "FRAGMENTS", "MARKERS", "PartPlan", "build_manifest", "embeddings_file",
-    "failures_file", "fragments_dir", "known_numbers", "manifest_entry", "manifest_files", "number_sources",
+    "EMBEDDINGS", "FORMAT_VERSION", "FRAGMENTS", "MARKERS", "NUMBERS_NOTE", "PartPlan", "build_manifest",
+    "embeddings_file", "failures_file", "fragments_dir", "known_numbers", "manifest_entry", "manifest_files", "number_sources",
     "part_name", "plan_numbers",
 ]
