@@ -27,6 +27,6 @@ from clipbeam.layout.embeddings.parts import (
 
 __all__ = [
     "EMBEDDINGS", "FORMAT_VERSION", "FRAGMENTS", "MARKERS", "NUMBERS_NOTE", "PartPlan", "build_manifest",
-    "embeddings_file", "failures_file", "fragments_dir", "known_numbers", "manifest_entry", "manifest_files", "number_sources",
-    "part_name", "plan_numbers",
+    "embeddings_file", "failures_file", "fragments_dir", "known_numbers", "manifest_entry", "manifest_files",
+    "number_sources", "part_name", "plan_numbers",
 ]
