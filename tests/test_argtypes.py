@@ -60,7 +60,7 @@ def _raised_messages(path: Path):
                         yield node.lineno, sub.value
 
 
-@pytest.mark.parametrize("layer", ["corpus", "models", "index", "layout", "serve"])
+@pytest.mark.parametrize("layer", ["corpus", "models", "index", "dedup", "layout", "serve"])
 def test_library_errors_carry_no_flags(layer):
     flag = re.compile(r"(^|[\s(`'\"])--[a-z]")
     found = [f"{path.relative_to(ROOT)}:{line}: {text!r}"

@@ -26,7 +26,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from clipbeam import storage
-from clipbeam.errors import UsageError
+from clipbeam.errors import FieldError, UsageError
 from clipbeam.layout.embeddings import part_name
 from clipbeam.layout.embeddings.read import EmbeddingsInput, describe, part_keys
 from clipbeam.layout.folder import OutputKind
@@ -91,8 +91,8 @@ def removed_samples(url: str, threshold: float | None, inputs: EmbeddingsInput,
     thresholds = [float(t) for t in manifest.get("thresholds", [])]
     if threshold is None:
         if len(thresholds) != 1:
-            raise UsageError(f"{url} has groups at thresholds {', '.join(map(str, thresholds))}: "
-                             "choose one with --threshold")
+            raise FieldError("threshold", f"{url} has groups at thresholds {', '.join(map(str, thresholds))}: "
+                                          "choose one with {field}")
         threshold = thresholds[0]
     ids = removed_ids(url, threshold, describe(inputs), storage_options)
     return ExcludedSamples({"url": url, "threshold": threshold, "fingerprint": manifest.get("fingerprint"),

@@ -15,7 +15,7 @@ import logging
 import os
 import posixpath
 
-from clipbeam.errors import UsageError
+from clipbeam.errors import FieldError
 from clipbeam.storage import get_fs, is_temporary, join, list_names, local_path
 
 LOG = logging.getLogger(__name__)
@@ -60,8 +60,8 @@ def refuse_links(root: str, names: list[str]) -> None:
     for name in names:
         link = link_on_the_way(root, name)
         if link is not None:
-            raise UsageError(f"{join(root, link)} is a symbolic link; clipbeam writes and deletes only inside "
-                             "the real output folder: remove the link, or choose another --output")
+            raise FieldError("output", f"{join(root, link)} is a symbolic link; clipbeam writes and deletes only "
+                                       "inside the real output folder: remove the link, or choose another {field}")
 
 
 def remove_owned(root: str, name: str, storage_options: dict | None, recursive: bool = False) -> bool:

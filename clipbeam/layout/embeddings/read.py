@@ -109,8 +109,8 @@ def check_indexed_parts(manifest: dict[str, Any], storage_options: dict | None =
         for listed in source.get("files") or []:
             rows = int(_footer(listed["url"], storage_options).num_rows)
             if rows != int(listed["rows"]):
-                raise InputError(f"embeddings part {listed['url']} has {rows} rows; it had {listed['rows']} "
-                                      "when it was indexed: rebuild the index with --overwrite")
+                raise FieldError("overwrite", f"embeddings part {listed['url']} has {rows} rows; it had "
+                                              f"{listed['rows']} when it was indexed: rebuild the index with {{field}}")
             checked += 1
     return checked
 
