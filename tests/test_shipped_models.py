@@ -9,9 +9,10 @@ nearest in mean hue to their own color for most colors.
 from __future__ import annotations
 
 import pytest
-from shapes_eval import evaluate_clip, nearest_color, saturated_mean_hue
+from shapes_eval import evaluate_clip
 
 from clipbeam.models.clip import ASSETS_DIR, SHIPPED_CHECKPOINTS, ClipSpec, load_clip
+from clipbeam.models.shape_judge import nearest_color, saturated_mean_hue
 from clipbeam.models.shapes import COLORS, heldout_set
 
 # Measured with benchmarks/shipped_models_quality.py (see clipbeam/assets/MODELS.md); the test allows 25% more.

@@ -1,0 +1,51 @@
+"""The two judges of renders: the model-free shape judge and the judge CLIP, each checked on the corpus itself."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image, ImageDraw
+
+from clipbeam.models.shape_judge import judge
+from clipbeam.models.shapes import SHAPES, corpus_sample, render
+
+
+def test_model_free_judge_classifies_the_synthetic_corpus():
+    samples = [corpus_sample(2026, i) for i in range(240)]
+    verdicts = [judge(np.asarray(render(s)), s.color) for s in samples]
+    shape_accuracy = np.mean([v.shape == s.shape for v, s in zip(verdicts, samples, strict=True)])
+    color_accuracy = np.mean([v.color == s.color for v, s in zip(verdicts, samples, strict=True)])
+    per_shape = {shape: np.mean([v.shape == shape for v, s in zip(verdicts, samples, strict=True) if s.shape == shape])
+                 for shape in SHAPES}
+    assert shape_accuracy >= 0.95 and min(per_shape.values()) >= 0.9, per_shape
+    assert color_accuracy >= 0.95, color_accuracy
+
+
+def _image(fill, shape_box=None, background=(128, 128, 128)):
+    image = Image.new("RGB", (64, 64), background)
+    if shape_box is not None:
+        ImageDraw.Draw(image).rectangle(shape_box, fill=fill)
+    return np.asarray(image)
+
+
+def test_model_free_judge_says_nothing_without_a_region_of_the_color():
+    gray = judge(_image(None), "red")
+    assert gray.shape is None and gray.color is None and gray.measures is None
+    red_square = judge(_image((220, 40, 40), (10, 10, 40, 40)), "blue")
+    assert red_square.shape is None and red_square.color == "red"
+    assert judge(_image((220, 40, 40), (10, 10, 40, 40)), "red").shape == "square"
+
+
+def test_model_free_judge_takes_the_largest_region_and_ignores_speckle():
+    image = _image((40, 80, 225), (20, 20, 50, 50)).copy()
+    rng = np.random.default_rng(0)
+    ys, xs = rng.integers(0, 64, 40), rng.integers(0, 15, 40)
+    image[ys, xs] = (40, 80, 225)  # scattered blue pixels left of the square
+    verdict = judge(image, "blue")
+    assert verdict.shape == "square" and verdict.measures.corners == 4
+    assert verdict.measures.pixels >= 31 * 31
+
+
+def test_model_free_judge_rejects_unknown_colors():
+    with pytest.raises(ValueError, match="unknown color 'teal'"):
+        judge(_image(None), "teal")
