@@ -49,3 +49,22 @@ def test_model_free_judge_takes_the_largest_region_and_ignores_speckle():
 def test_model_free_judge_rejects_unknown_colors():
     with pytest.raises(ValueError, match="unknown color 'teal'"):
         judge(_image(None), "teal")
+
+
+def test_judge_clip_is_another_model_and_knows_the_corpus():
+    """The judge CLIP is shipped, differs from the loop's CLIP in architecture and weights, and classifies a fresh
+    held-out set zero-shot (its accuracy is in the message)."""
+    from shapes_eval import evaluate_clip
+
+    from clipbeam.models.clip import ClipSpec, load_clip
+    from clipbeam.models.render_judges import load_judge_clip
+
+    judge_clip = load_judge_clip()
+    loop_clip = load_clip(ClipSpec("shapes-clip", "shapes", device="cpu"))
+    assert judge_clip.weights != loop_clip.weights
+    assert judge_clip.model.state_dict().keys() != loop_clip.model.state_dict().keys()
+    report = evaluate_clip(judge_clip, per_class=10, seed=31337)
+    message = (f"judge CLIP zero-shot top-1 {report.accuracy:.3f}, shape {report.shape_accuracy:.3f}, "
+               f"color {report.color_accuracy:.3f} (240 held-out images)")
+    print(message)
+    assert report.accuracy >= 0.9 and report.shape_accuracy >= 0.93, message
