@@ -68,3 +68,23 @@ def test_judge_clip_is_another_model_and_knows_the_corpus():
                f"color {report.color_accuracy:.3f} (240 held-out images)")
     print(message)
     assert report.accuracy >= 0.9 and report.shape_accuracy >= 0.93, message
+
+
+# Prompts whose demo render both judges recognise (measured with benchmarks/render_judges.py); with the loop's
+# earlier demo settings (60 steps, cutn 16, lr 0.1, noise and color jitter) neither is recognised by both.
+RENDER_TEST_PROMPTS = ("a red circle", "a red star")
+
+
+def test_demo_loop_renders_shapes_both_judges_recognise():
+    from clipbeam.demo import DEMO_SETTINGS, DEMO_STEPS
+    from clipbeam.models.clip import ClipSpec, load_clip
+    from clipbeam.models.prompts import Prompt
+    from clipbeam.models.render_judges import judge_renders, load_judge_clip
+    from clipbeam.models.vqgan_checkpoint import load_vqgan, resolve_vqgan
+    from clipbeam.models.vqgan_clip import Renderer
+
+    renderer = Renderer(load_vqgan(resolve_vqgan("shapes")), load_clip(ClipSpec("shapes-clip", "shapes", device="cpu")))
+    images = [renderer.render([Prompt(p)], seed=0, steps=DEMO_STEPS, width=64, height=64,
+                              settings=DEMO_SETTINGS).image for p in RENDER_TEST_PROMPTS]
+    judgements = judge_renders(list(RENDER_TEST_PROMPTS), images, load_judge_clip())
+    assert all(j.shape_right and j.color_right for j in judgements), judgements
