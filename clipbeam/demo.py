@@ -31,9 +31,9 @@ RENDER_PROMPTS = tuple(class_prompts())  # all 24 "a {color} {shape}"
 # docs/renders.md): large Adam steps, cutouts that keep the picture recognisable to the small shapes CLIP (no
 # noise or color jitter; "shrink" shows the whole image smaller over gray), and a softmax against the other
 # 23 classes instead of a distance to one prompt alone.
-DEMO_STEPS = 40
+DEMO_STEPS = 60
 DEMO_SETTINGS = RenderSettings(cutn=16, lr=1.0, augment=("flip", "affine", "perspective", "shrink"),
-                               contrast=RENDER_PROMPTS)
+                               augment_scale=1.5, contrast=RENDER_PROMPTS)
 
 
 def step(*args: str, ok=(0,)) -> None:
