@@ -14,11 +14,14 @@ estimate on a machine shared with other work).
 
     python benchmarks/generate_speed.py                       # 256x256, cutn 32, ViT-B-32
     python benchmarks/generate_speed.py --size 512 --device cuda --precision fp16
+    python benchmarks/generate_speed.py --settings '{"augment": ["flip", "affine", "perspective", "shrink"], \
+        "contrast": ["a red cube", "a blue cube"]}' --lr 1.0      # the demo's loop options
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -70,7 +73,7 @@ def bare_loop(vqgan, clip, size: int, cutn: int, steps: int, lr: float) -> list[
     return times
 
 
-def our_loop(renderer, size: int, cutn: int, steps: int, lr: float) -> list[float]:
+def our_loop(renderer, size: int, cutn: int, steps: int, lr: float, changes: dict) -> list[float]:
     """Per-iteration seconds of Renderer.render, from its progress callback."""
     from clipbeam.models.prompts import parse_prompts
     from clipbeam.models.vqgan_clip import RenderSettings
@@ -84,7 +87,7 @@ def our_loop(renderer, size: int, cutn: int, steps: int, lr: float) -> list[floa
     _sync(renderer.clip.device)
     start = time.perf_counter()
     renderer.render(parse_prompts("a red cube"), seed=0, steps=steps, width=size, height=size,
-                    settings=RenderSettings(cutn=cutn, lr=lr), progress=progress)
+                    settings=RenderSettings(**{"cutn": cutn, "lr": lr, **changes}), progress=progress)
     return [b - a for a, b in zip([start] + stamps[:-1], stamps, strict=True)]
 
 
@@ -97,6 +100,10 @@ def main() -> int:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--precision", default="fp32", choices=("fp32", "fp16", "bf16"))
     parser.add_argument("--lr", type=float, default=0.1)
+    parser.add_argument("--settings", default="{}",
+                        help='more RenderSettings fields for our loop as JSON, e.g. the demo\'s: '
+                             '\'{"augment": ["flip", "affine", "perspective", "shrink"], "contrast": ["a red cube", '
+                             '"a blue cube"]}\'')
     args = parser.parse_args()
     if args.steps < 2:
         parser.error("--steps must be at least 2 (the first iteration is a warm-up)")
@@ -107,6 +114,7 @@ def main() -> int:
     from clipbeam.models.vqgan import build_vqgan, config_from_dict
     from clipbeam.models.vqgan_clip import Renderer
 
+    changes = {k: tuple(v) if isinstance(v, list) else v for k, v in json.loads(args.settings).items()}
     clip = load_clip(ClipSpec(args.model, "none", device=args.device, precision=args.precision))
     torch.manual_seed(0)
     vqgan = build_vqgan(config_from_dict(F16_16384))
@@ -115,8 +123,9 @@ def main() -> int:
     renderer = Renderer(vqgan, clip)  # moves the VQGAN to CLIP's device, eval, no weight gradients
     cuda = clip.device.startswith("cuda")
     rows = []
-    for name, run in (("bare loop", lambda: bare_loop(vqgan, clip, args.size, args.cutn, args.steps, args.lr)),
-                      ("clipbeam loop", lambda: our_loop(renderer, args.size, args.cutn, args.steps, args.lr))):
+    loops = (("bare loop", lambda: bare_loop(vqgan, clip, args.size, args.cutn, args.steps, args.lr)),
+             ("clipbeam loop", lambda: our_loop(renderer, args.size, args.cutn, args.steps, args.lr, changes)))
+    for name, run in loops:
         if cuda:
             torch.cuda.reset_peak_memory_stats()
         times = run()[1:]

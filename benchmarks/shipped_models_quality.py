@@ -98,9 +98,8 @@ def main() -> int:
 
 def render_hues(clip, vqgan, steps: int) -> list[dict]:
     """Render 'a {color} circle' for every color (64x64, seed 0) and measure the mean hue."""
-    from shapes_eval import nearest_color, saturated_mean_hue
-
     from clipbeam.models.prompts import Prompt
+    from clipbeam.models.shape_judge import nearest_color, saturated_mean_hue
     from clipbeam.models.shapes import COLORS
     from clipbeam.models.vqgan_clip import Renderer, RenderSettings
 

@@ -22,9 +22,18 @@ import pyarrow.parquet as pq
 
 from clipbeam.cli import main as clipbeam
 from clipbeam.gallery import Classification, Gallery, Hit, RenderPanel, SearchPanel, write_gallery
+from clipbeam.models.shapes import class_prompts
+from clipbeam.models.vqgan_clip import RenderSettings
 
 QUERIES = ("a red circle", "a blue star", "a yellow triangle")
-RENDER_PROMPTS = ("a red circle", "a green circle", "a blue circle", "a yellow square")
+RENDER_PROMPTS = tuple(class_prompts())  # all 24 "a {color} {shape}"
+# The loop's settings for the demo's renders (benchmarks/render_judges.py uses them too; measured there, see
+# docs/renders.md): large Adam steps, cutouts that keep the picture recognisable to the small shapes CLIP (no
+# noise or color jitter; "shrink" shows the whole image smaller over gray), and a softmax against the other
+# 23 classes instead of a distance to one prompt alone.
+DEMO_STEPS = 60
+DEMO_SETTINGS = RenderSettings(cutn=16, lr=1.0, augment=("flip", "affine", "perspective", "shrink"),
+                               augment_scale=1.5, contrast=RENDER_PROMPTS)
 
 
 def step(*args: str, ok=(0,)) -> None:
@@ -52,18 +61,25 @@ def corpus_images(pattern: str) -> dict:
     return images
 
 
-def search_panels(index_dir: str, images: dict) -> list[SearchPanel]:
+def search(index_dir: str, images: dict, queries: list[str], k: int) -> list[list[Hit]]:
+    """The top-k hits of each text query in the demo's index (shipped shapes-clip)."""
     from clipbeam.index import ShardedIndex
     from clipbeam.models.clip import ClipSpec, encode_texts, load_clip
 
     index = ShardedIndex.open(index_dir)
     clip = load_clip(ClipSpec("shapes-clip", "shapes", device="cpu"))
-    scores, ids = index.search(encode_texts(clip, list(QUERIES)), k=10)
-    panels = []
-    for query, row_scores, row_ids in zip(QUERIES, scores, ids, strict=True):
+    scores, ids = index.search(encode_texts(clip, queries), k=k)
+    out = []
+    for row_scores, row_ids in zip(scores, ids, strict=True):
         rows = index.lookup(row_ids)
-        hits = [Hit(rank + 1, float(score), row["id"], row.get("caption"), images[row["id"]])
-                for rank, (score, row) in enumerate(zip(row_scores, rows, strict=True))]
+        out.append([Hit(rank + 1, float(score), row["id"], row.get("caption"), images[row["id"]])
+                    for rank, (score, row) in enumerate(zip(row_scores, rows, strict=True))])
+    return out
+
+
+def search_panels(index_dir: str, images: dict) -> list[SearchPanel]:
+    panels = []
+    for query, hits in zip(QUERIES, search(index_dir, images, list(QUERIES), k=10), strict=True):
         precision = sum(hit.caption == query for hit in hits) / len(hits)
         panels.append(SearchPanel(query, hits, precision))
     return panels
@@ -86,12 +102,37 @@ def classification(classes_dir: str, embeddings_dir: str, labels: list[str]) -> 
     return Classification(labels, confusion, accuracy, int(confusion.sum()))
 
 
-def renders(renders_dir: str) -> list[RenderPanel]:
+def renders(renders_dir: str, index_dir: str, images: dict) -> tuple[list[RenderPanel], list]:
+    """Each render with both judges' verdicts and the top search hit for its prompt."""
     from PIL import Image
 
-    table = pq.read_table(os.path.join(renders_dir, "renders.parquet")).to_pylist()
-    return [RenderPanel(r["prompt"], r["seed"], Image.open(os.path.join(renders_dir, r["path"])).convert("RGB"),
-                        r.get("clip_similarity")) for r in sorted(table, key=lambda r: r["path"])]
+    from clipbeam.models.render_judges import judge_renders, load_judge_clip
+
+    table = sorted(pq.read_table(os.path.join(renders_dir, "renders.parquet")).to_pylist(), key=lambda r: r["path"])
+    pictures = [Image.open(os.path.join(renders_dir, r["path"])).convert("RGB") for r in table]
+    prompts = [r["prompt"] for r in table]
+    judgements = judge_renders(prompts, [np.asarray(p) for p in pictures], load_judge_clip())
+    hits = search(index_dir, images, prompts, k=1)
+    panels = [RenderPanel(r["prompt"], r["seed"], picture, r.get("clip_similarity"), verdicts(j), hit[0])
+              for r, picture, j, hit in zip(table, pictures, judgements, hits, strict=True)]
+    return panels, judgements
+
+
+def verdicts(j) -> list[str]:
+    mark = {True: "ok", False: "WRONG"}
+    return [f"shape (model-free): {j.measured_shape or 'none'} {mark[j.measured_shape == j.shape]}",
+            f"shape (judge CLIP): {j.clip_shape} {mark[j.clip_shape == j.shape]}",
+            f"color: {j.measured_color or 'none'} {mark[j.color_right]}"]
+
+
+def generate_flags(steps: int, settings: RenderSettings, contrast_file: str) -> list[str]:
+    """`clipbeam generate` loop flags for the demo's settings (the contrast texts are in `contrast_file`)."""
+    assert settings.contrast == RENDER_PROMPTS, "the demo's contrast texts are its prompts file"
+    return ["--steps", str(steps), "--contrast", contrast_file, "--contrast-weight", str(settings.contrast_weight),
+            "--cutn", str(settings.cutn), "--lr", str(settings.lr),
+            "--augment", ",".join(settings.augment) or "none", "--noise-fac", str(settings.noise_fac),
+            "--init", settings.init, "--tv-weight", str(settings.tv_weight), "--lr-schedule", settings.lr_schedule,
+            "--augment-scale", str(settings.augment_scale)]
 
 
 def run_demo(out: str, n: int, steps: int) -> tuple[str, str]:
@@ -118,10 +159,11 @@ def run_demo(out: str, n: int, steps: int) -> tuple[str, str]:
     step("classify", "--embeddings", emb, "--labels-file", os.path.join(out, "labels.txt"),
          "--template", "a {}", "--output", classes, "--top-k", "3")
     step("generate", "--prompts", os.path.join(out, "prompts.txt"), "--seeds", "0", "--vqgan", "shapes",
-         "--model", "shapes-clip", "--pretrained", "shapes", "--size", "64", "64", "--steps", str(steps),
-         "--cutn", "16", "--output", rendered)
+         "--model", "shapes-clip", "--pretrained", "shapes", "--size", "64", "64",
+         *generate_flags(steps, DEMO_SETTINGS, os.path.join(out, "prompts.txt")), "--output", rendered)
 
     images = corpus_images(pattern)
+    render_panels, judgements = renders(rendered, idx, images)
     gallery = Gallery(
         title="clipbeam demo: shapes",
         notes=[f"{len(images)} synthetic images (synth-corpus --n {n}), embedded with the shipped shapes-clip, "
@@ -129,7 +171,7 @@ def run_demo(out: str, n: int, steps: int) -> tuple[str, str]:
                f"prompts rendered with the shipped shapes VQGAN ({steps} steps)."],
         searches=search_panels(idx, images),
         classification=classification(classes, emb, labels),
-        renders=renders(rendered),
+        renders=render_panels,
     )
     page, sheet = write_gallery(gallery, os.path.join(out, "gallery"))
     seconds = time.monotonic() - started
@@ -137,6 +179,8 @@ def run_demo(out: str, n: int, steps: int) -> tuple[str, str]:
     print(f"  zero-shot accuracy  {gallery.classification.accuracy:.3f} over {gallery.classification.samples} images")
     for panel in gallery.searches:
         print(f"  search {panel.query!r:22} precision@10 {panel.precision:.2f}")
+    print(f"  renders             shape right by both judges {sum(j.shape_right for j in judgements)}"
+          f"/{len(judgements)}, color right {sum(j.color_right for j in judgements)}/{len(judgements)}")
     print(f"  gallery page        {page}")
     print(f"  contact sheet       {sheet}")
     print(f"\nSearch the index from a browser (http://127.0.0.1:8765/, or `make serve`):\n"
@@ -148,7 +192,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m clipbeam.demo", description=__doc__.splitlines()[0])
     parser.add_argument("--output", default="demo-output", help="folder for everything the demo writes")
     parser.add_argument("--n", type=int, default=960, help="corpus size (default %(default)s)")
-    parser.add_argument("--steps", type=int, default=60, help="VQGAN+CLIP steps per render (default %(default)s)")
+    parser.add_argument("--steps", type=int, default=DEMO_STEPS,
+                        help="VQGAN+CLIP steps per render (default %(default)s)")
     args = parser.parse_args(argv)
     run_demo(os.path.abspath(args.output), args.n, args.steps)
     return 0

@@ -42,6 +42,8 @@ class RenderPanel:
     seed: int
     image: Image.Image
     clip_similarity: float | None = None
+    verdicts: list[str] = field(default_factory=list)  # judges' lines shown under the render
+    hit: Hit | None = None  # the top search hit for the same prompt, shown beside the render
 
 
 @dataclass
@@ -182,11 +184,7 @@ def write_gallery(gallery: Gallery, out_dir: str) -> tuple[str, str]:
     if gallery.renders:
         parts.append("<h2>Renders</h2><div>")
         for r, render in enumerate(gallery.renders):
-            src = _save(render.image, images_dir, f"render{r:02d}.png", size=128)
-            sim = f"<br>CLIP {render.clip_similarity:.3f}" if render.clip_similarity is not None else ""
-            parts.append(f"<figure style='width:140px'><img src='{src}' width='128' height='128' "
-                         f"alt='{html.escape(render.prompt)}'><figcaption>{html.escape(render.prompt)} "
-                         f"(seed {render.seed}){sim}</figcaption></figure>")
+            parts.append(_render_figure(render, r, images_dir))
         parts.append("</div>")
     parts += _duplicates_html(gallery, images_dir)
     parts.append("</body></html>")
@@ -198,13 +196,33 @@ def write_gallery(gallery: Gallery, out_dir: str) -> tuple[str, str]:
     return page, sheet
 
 
+def _render_figure(render: RenderPanel, r: int, images_dir: str) -> str:
+    """A render with its prompt, similarity and judges' verdicts, and the search hit for its prompt beside it."""
+    src = _save(render.image, images_dir, f"render{r:02d}.png", size=128)
+    sim = f"<br>CLIP {render.clip_similarity:.3f}" if render.clip_similarity is not None else ""
+    lines = "".join(f"<br>{html.escape(line)}" for line in render.verdicts)
+    hit = ""
+    if render.hit is not None:
+        hit_src = _save(render.hit.image, images_dir, f"render{r:02d}-hit.png", size=128)
+        caption = html.escape(render.hit.caption or "")
+        hit = (f"<img src='{hit_src}' width='64' height='64' alt='search hit {html.escape(render.hit.id)}' "
+               f"title='search hit: {caption}'>")
+        lines += f"<br>search hit: {caption}"
+    return (f"<figure style='width:{210 if hit else 140}px'><img src='{src}' width='128' height='128' "
+            f"alt='{html.escape(render.prompt)}'>{hit}<figcaption>{html.escape(render.prompt)} "
+            f"(seed {render.seed}){sim}{lines}</figcaption></figure>")
+
+
 def contact_sheet(gallery: Gallery, out_dir: str) -> Image.Image:
     """One PNG: a row per search query, a row of renders, then the confusion matrix."""
     rows: list[tuple[str, list[Image.Image]]] = []
     for panel in gallery.searches:
         rows.append((panel.query, [h.image for h in panel.hits]))
-    if gallery.renders:
-        rows.append(("renders", [r.image for r in gallery.renders]))
+    per_row = 4  # renders per row, each followed by its search hit when there is one
+    for start in range(0, len(gallery.renders), per_row):
+        chunk = gallery.renders[start:start + per_row]
+        label = "renders" if any(r.hit is None for r in chunk) else "render | search hit"
+        rows.append((label, [image for r in chunk for image in [r.image] + ([r.hit.image] if r.hit else [])]))
     for section in gallery.duplicates:
         rows += [(panel.query, [h.image for h in panel.hits]) for panel in section.panels]
     label_w, cell, pad = 150, 72, 4

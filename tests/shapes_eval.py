@@ -8,7 +8,6 @@ tests because clipbeam itself never evaluates models.
 
 from __future__ import annotations
 
-import colorsys
 from dataclasses import dataclass
 
 import numpy as np
@@ -70,34 +69,3 @@ def evaluate_clip(clip, per_class: int, seed: int, k: int = 10) -> ZeroShotRepor
     images = embed_heldout(clip, [image for image, _ in items])
     labels = np.array([sample.label for _, sample in items])
     return zero_shot_report(images, encode_texts(clip, class_prompts()), labels, k=k)
-
-
-def hue(rgb) -> float:
-    """Hue in [0, 1) of an RGB triple in 0..255."""
-    r, g, b = (float(v) / 255.0 for v in rgb)
-    return colorsys.rgb_to_hsv(r, g, b)[0]
-
-
-def hue_distance(a: float, b: float) -> float:
-    d = abs(a - b) % 1.0
-    return min(d, 1.0 - d)
-
-
-def saturated_mean_hue(pixels: np.ndarray, min_saturation: float = 0.25) -> float | None:
-    """The circular mean hue of an image's saturated pixels (gray background left out); None if none are."""
-    rgb = pixels.reshape(-1, 3).astype(np.float64) / 255.0
-    high, low = rgb.max(axis=1), rgb.min(axis=1)
-    saturation = np.where(high > 0, (high - low) / np.maximum(high, 1e-9), 0.0)
-    chosen = rgb[(saturation >= min_saturation) & (high >= 0.2)]
-    if len(chosen) == 0:
-        return None
-    hsv = np.array([colorsys.rgb_to_hsv(*p) for p in chosen])
-    angle = hsv[:, 0] * 2 * np.pi
-    weights = hsv[:, 1]
-    mean = np.arctan2((np.sin(angle) * weights).sum(), (np.cos(angle) * weights).sum())
-    return float((mean / (2 * np.pi)) % 1.0)
-
-
-def nearest_color(h: float) -> str:
-    """The corpus color whose hue is nearest to h."""
-    return min(COLORS, key=lambda name: hue_distance(h, hue(COLORS[name])))

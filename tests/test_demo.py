@@ -15,6 +15,6 @@ def test_demo_gallery_opens_with_every_image(tmp_path, capsys):
     assert f"clipbeam serve --index {tmp_path / 'demo' / 'index'}" in printed
     facts = open_page("file://" + page, str(tmp_path / "gallery.png"))
     assert facts["broken"] == []
-    assert facts["count"] == 10 * len(QUERIES) + 1 + len(RENDER_PROMPTS)
+    assert facts["count"] == 10 * len(QUERIES) + 1 + 2 * len(RENDER_PROMPTS)  # renders and their search hits
     assert Image.open(tmp_path / "gallery.png").size[0] > 0
     assert Image.open(sheet).size[1] > 300

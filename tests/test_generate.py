@@ -276,6 +276,8 @@ def test_failing_render_is_a_failure_row_and_others_complete(tmp_path, vqgan_fil
     ("unknown_flag", "unrecognized arguments"),
     ("missing_init_image", "init image"),
     ("empty_prompt_text", "has no text"),
+    ("missing_contrast_file", "--contrast"),
+    ("negative_contrast_weight", "must not be negative"),
 ])
 def test_bad_arguments_exit_2_with_one_line(case, expected, tmp_path, vqgan_file, capsys):
     (tmp_path / "prompts.txt").write_text("a red cube\n")
@@ -306,6 +308,10 @@ def test_bad_arguments_exit_2_with_one_line(case, expected, tmp_path, vqgan_file
         extra = ["--init-image", str(tmp_path / "nope.png")]
     elif case == "empty_prompt_text":
         (tmp_path / "prompts.txt").write_text(":0.5\n")
+    elif case == "missing_contrast_file":
+        extra = ["--contrast", str(tmp_path / "nope.txt")]
+    elif case == "negative_contrast_weight":
+        extra = ["--contrast", str(tmp_path / "prompts.txt"), "--contrast-weight", "-1"]
     out = tmp_path / "out"
     flat = [item for pair in args.items() for item in pair]
     capsys.readouterr()

@@ -9,9 +9,10 @@ nearest in mean hue to their own color for most colors.
 from __future__ import annotations
 
 import pytest
-from shapes_eval import evaluate_clip, nearest_color, saturated_mean_hue
+from shapes_eval import evaluate_clip
 
 from clipbeam.models.clip import ASSETS_DIR, SHIPPED_CHECKPOINTS, ClipSpec, load_clip
+from clipbeam.models.shape_judge import nearest_color, saturated_mean_hue
 from clipbeam.models.shapes import COLORS, heldout_set
 
 # Measured with benchmarks/shipped_models_quality.py (see clipbeam/assets/MODELS.md); the test allows 25% more.
@@ -34,13 +35,26 @@ def vqgan():
 def test_shipped_files_are_registered_and_small():
     from clipbeam.models.vqgan_checkpoint import SHIPPED_VQGANS, config_path_for
 
-    clip_file = ASSETS_DIR / SHIPPED_CHECKPOINTS[("shapes-clip", "shapes")]
+    clip_files = [ASSETS_DIR / name for name in SHIPPED_CHECKPOINTS.values()]
     vqgan_file = ASSETS_DIR / SHIPPED_VQGANS["shapes"]
     vqgan_yaml = config_path_for(str(vqgan_file))
-    sizes = [p.stat().st_size for p in (clip_file, vqgan_file)]
+    sizes = [p.stat().st_size for p in (*clip_files, vqgan_file)]
     assert sum(sizes) <= 20 * 1024 * 1024, sizes
     assert (ASSETS_DIR / vqgan_yaml).exists()
     assert (ASSETS_DIR / "MODELS.md").exists()
+
+
+def test_shipped_files_have_the_hashes_models_md_lists():
+    import re
+
+    from clipbeam.models.vqgan_checkpoint import SHIPPED_VQGANS
+    from clipbeam.storage import file_sha256
+
+    listed = dict(re.findall(r"([\w.-]+\.(?:pt|safetensors)) `([0-9a-f]{64})`", (ASSETS_DIR / "MODELS.md").read_text()))
+    shipped = [*SHIPPED_CHECKPOINTS.values(), *SHIPPED_VQGANS.values()]
+    assert sorted(listed) == sorted(shipped)
+    for name in shipped:
+        assert file_sha256(str(ASSETS_DIR / name)) == listed[name], name
 
 
 def test_zero_shot_accuracy_and_search_precision(clip):

@@ -38,12 +38,12 @@ from clipbeam.commands.common import (
     storage_options_from_args,
 )
 from clipbeam.corpus.render_plan import PromptRow, RenderJob, parse_seeds, plan_renders, read_prompt_rows
-from clipbeam.errors import UsageError
+from clipbeam.errors import UsageError, first_line
 from clipbeam.layout import Mode, OutputFolder, open_output
 from clipbeam.layout.renders import FAILURES_TABLE, FORMAT_VERSION, RENDER_COLUMNS, RENDERS, RENDERS_TABLE
 from clipbeam.models.prompts import parse_prompt
-from clipbeam.models.vqgan_clip import AUGMENTATIONS, RenderSettings
-from clipbeam.storage import file_sha256, join
+from clipbeam.models.vqgan_clip import DEFAULT_AUGMENTATIONS, INITS, LR_SCHEDULES, RenderSettings
+from clipbeam.storage import file_sha256, join, open_input
 from clipbeam.transforms.render import ImagePromptSpec, RenderConfig, RenderPrompts, WriteRenderTables
 
 LOG = logging.getLogger(__name__)
@@ -67,7 +67,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     loop.add_argument("--cut-pow", type=positive_float, default=1.0,
                       help=">1 favours small cutouts (default %(default)s)")
     loop.add_argument("--lr", type=positive_float, default=0.1, help="Adam learning rate (default %(default)s)")
-    loop.add_argument("--augment", default=",".join(AUGMENTATIONS),
+    loop.add_argument("--augment", default=",".join(DEFAULT_AUGMENTATIONS),
                       help="comma-separated augmentations, or 'none' (default %(default)s)")
     loop.add_argument("--noise-fac", type=non_negative_float, default=0.1,
                       help="cutout noise amplitude (default %(default)s)")
@@ -76,6 +76,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                       help="pull toward the init image's latent: init_weight/2 * MSE (default 0)")
     loop.add_argument("--image-prompt", action="append", default=[], metavar="PATH[:WEIGHT[:STOP]]",
                       help="an image to match (repeatable)")
+    loop.add_argument("--init", choices=INITS, default="tokens",
+                      help="tokens: random codebook tokens; plain: a flat gray image (default %(default)s)")
+    loop.add_argument("--tv-weight", type=non_negative_float, default=0.0,
+                      help="weight of a total-variation term: flat regions, clean edges (default 0)")
+    loop.add_argument("--lr-schedule", choices=LR_SCHEDULES, default="constant",
+                      help="drop: lr/10 for the last quarter; cosine: down to lr/10 (default %(default)s)")
+    loop.add_argument("--augment-scale", type=positive_float, default=1.0,
+                      help="multiplies the affine and perspective magnitudes (default %(default)s)")
+    loop.add_argument("--contrast", metavar="FILE",
+                      help="texts (one a line) each prompt must win against: a softmax over CLIP's logits, e.g. the "
+                           "other classes of a world (default: none)")
+    loop.add_argument("--contrast-weight", type=non_negative_float, default=1.0,
+                      help="weight of --contrast (default 1)")
     loop.add_argument("--save-every", type=non_negative_int, default=0, metavar="N",
                       help="save a frame every N steps and a progress animation (default off)")
     loop.add_argument("--animation", choices=("gif", "apng"), default="gif",
@@ -99,12 +112,29 @@ class GenerateConfig:
     factor: int
 
 
-def _check_loop_args(args: argparse.Namespace) -> RenderSettings:
+def _contrast_texts(url: str | None, storage_options: dict) -> tuple[str, ...]:
+    if url is None:
+        return ()
+    try:
+        with open_input(url, storage_options) as handle:
+            texts = tuple(line.strip() for line in handle.read().decode("utf-8").splitlines() if line.strip())
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UsageError(f"--contrast {url}: {first_line(exc)}") from None
+    if not texts:
+        raise UsageError(f"--contrast {url}: no texts in the file")
+    return texts
+
+
+def _check_loop_args(args: argparse.Namespace, storage_options: dict) -> RenderSettings:
     augment = () if args.augment.strip().lower() == "none" else tuple(
         a.strip() for a in args.augment.split(",") if a.strip())
     try:
         return RenderSettings(cutn=args.cutn, cut_pow=args.cut_pow, lr=args.lr, augment=augment,
-                              noise_fac=args.noise_fac, init_weight=args.init_weight, save_every=args.save_every)
+                              noise_fac=args.noise_fac, init_weight=args.init_weight, save_every=args.save_every,
+                              init=args.init, tv_weight=args.tv_weight, lr_schedule=args.lr_schedule,
+                              augment_scale=args.augment_scale,
+                              contrast=_contrast_texts(args.contrast, storage_options),
+                              contrast_weight=args.contrast_weight)
     except ValueError as exc:
         raise UsageError(str(exc)) from None
 
@@ -169,14 +199,17 @@ def validate(args: argparse.Namespace) -> GenerateConfig:
     """Everything checkable, checked before anything is written; UsageError (exit 2) otherwise."""
     storage_options = storage_options_from_args(args)
     check_accelerator(args.accelerator)
-    settings = _check_loop_args(args)
+    settings = _check_loop_args(args, storage_options)
     seeds = parse_seeds(args.seeds)
     rows = _prompt_rows(args, storage_options)
     spec, source, models = _models(args, storage_options)
     image_prompts = _image_prompts(args, storage_options)
     metadata = dict(models, cutn=settings.cutn, cut_pow=settings.cut_pow, lr=settings.lr,
                     augment=list(settings.augment), noise_fac=settings.noise_fac, init_weight=settings.init_weight,
-                    save_every=settings.save_every, animation=args.animation if settings.save_every else None,
+                    save_every=settings.save_every, init=settings.init, tv_weight=settings.tv_weight,
+                    lr_schedule=settings.lr_schedule, augment_scale=settings.augment_scale,
+                    contrast=list(settings.contrast), contrast_weight=settings.contrast_weight,
+                    animation=args.animation if settings.save_every else None,
                     image_prompts=[[p.url, p.weight, p.stop if math.isfinite(p.stop) else None]
                                    for p in image_prompts])
     # What makes a finished render reusable: everything but how the VQGAN was named (its hash is in).

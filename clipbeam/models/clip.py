@@ -27,6 +27,7 @@ ASSETS_DIR = Path(__file__).resolve().parent.parent / "assets"
 # (model, pretrained name) -> checkpoint file under clipbeam/assets.
 SHIPPED_CHECKPOINTS: dict[tuple[str, str], str] = {
     ("shapes-clip", "shapes"): "shapes-clip.pt",  # trained on the synthetic shapes corpus; see assets/MODELS.md
+    ("shapes-judge-clip", "shapes"): "shapes-judge-clip.pt",  # judges renders; never drives the loop
 }
 
 PRECISIONS = ("fp32", "fp16", "bf16")

@@ -35,13 +35,19 @@ from clipbeam.models.vqgan import VQModel
 
 LOG = logging.getLogger(__name__)
 
-AUGMENTATIONS = ("flip", "affine", "perspective", "jitter", "noise")
+AUGMENTATIONS = ("flip", "affine", "perspective", "jitter", "noise", "shrink")
+DEFAULT_AUGMENTATIONS = ("flip", "affine", "perspective", "jitter", "noise")
+INITS = ("tokens", "plain")
+LR_SCHEDULES = ("constant", "drop", "cosine")
 
 # Augmentation strengths: (probability per cutout, magnitude). Chosen from the
 # ranges the reference implementations use (section 1.4 of the reference).
 FLIP_P = 0.5
 AFFINE_P, AFFINE_DEGREES, AFFINE_TRANSLATE, AFFINE_SHEAR_DEGREES, AFFINE_SCALE = 0.7, 15.0, 0.1, 5.0, 0.1
 PERSPECTIVE_P, PERSPECTIVE_DISTORTION = 0.4, 0.2
+# shrink: the whole image drawn smaller (side 1/1..1/(1 + SHRINK_MAX)) at a random place over a flat gray fill,
+# so that a texture filling the image reads as a square of texture, not as the prompt's object.
+SHRINK_P, SHRINK_MAX, SHRINK_FILL = 0.8, 0.8, (0.15, 0.85)
 JITTER_P, JITTER_BRIGHTNESS, JITTER_CONTRAST, JITTER_SATURATION, JITTER_HUE = 0.7, 0.1, 0.1, 0.1, 0.05
 
 
@@ -64,10 +70,16 @@ class RenderSettings:
     cutn: int = 32
     cut_pow: float = 1.0
     lr: float = 0.1
-    augment: tuple[str, ...] = AUGMENTATIONS
+    augment: tuple[str, ...] = DEFAULT_AUGMENTATIONS
     noise_fac: float = 0.1
     init_weight: float = 0.0  # init_weight/2 * MSE(z, z_init): stays near the init image
     save_every: int = 0
+    init: str = "tokens"  # tokens: random codebook tokens; plain: an encoded flat gray image
+    tv_weight: float = 0.0  # tv_weight * total variation (mean |difference| of neighbouring pixels)
+    lr_schedule: str = "constant"  # drop: lr/10 for the last quarter of the steps; cosine: down to lr/10
+    augment_scale: float = 1.0  # multiplies the affine and perspective magnitudes
+    contrast: tuple[str, ...] = ()  # texts the positive prompts must win against (softmax over CLIP's logits)
+    contrast_weight: float = 1.0
 
     def __post_init__(self) -> None:
         unknown = [a for a in self.augment if a not in AUGMENTATIONS]
@@ -79,6 +91,12 @@ class RenderSettings:
             raise ValueError("cut_pow must be positive")
         if self.lr <= 0:
             raise ValueError("lr must be positive")
+        if self.init not in INITS:
+            raise ValueError(f"unknown init {self.init!r} (choose from {', '.join(INITS)})")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"unknown lr schedule {self.lr_schedule!r} (choose from {', '.join(LR_SCHEDULES)})")
+        if min(self.tv_weight, self.augment_scale, self.contrast_weight) < 0:
+            raise ValueError("tv_weight, augment_scale and contrast_weight must not be negative")
 
 
 @dataclass
@@ -172,7 +190,7 @@ def prompt_loss(features: torch.Tensor, target: torch.Tensor, weight: float, sto
 
 
 def _homographies(n: int, width: int, height: int, cut_size: int, cut_pow: float, augment: Sequence[str],
-                  gen: torch.Generator) -> torch.Tensor:
+                  gen: torch.Generator, strength: float = 1.0) -> torch.Tensor:
     """[n, 3, 3] maps from cutout coordinates ([-1, 1]^2) to image coordinates (grid_sample's)."""
     s_max = min(width, height)
     s_min = min(width, height, cut_size)
@@ -200,11 +218,13 @@ def _homographies(n: int, width: int, height: int, cut_size: int, cut_pow: float
         flip[:, 0, 0] = -1
         m = m @ torch.where(chosen(FLIP_P), flip, eye)
     if "affine" in augment:
-        angle = torch.deg2rad(uniform(-AFFINE_DEGREES, AFFINE_DEGREES))
-        shear = torch.tan(torch.deg2rad(uniform(-AFFINE_SHEAR_DEGREES, AFFINE_SHEAR_DEGREES)))
-        scale = uniform(1 - AFFINE_SCALE, 1 + AFFINE_SCALE)
-        tx = uniform(-2 * AFFINE_TRANSLATE, 2 * AFFINE_TRANSLATE)
-        ty = uniform(-2 * AFFINE_TRANSLATE, 2 * AFFINE_TRANSLATE)
+        degrees, shear_degrees = AFFINE_DEGREES * strength, AFFINE_SHEAR_DEGREES * strength
+        translate, scaling = 2 * AFFINE_TRANSLATE * strength, AFFINE_SCALE * strength
+        angle = torch.deg2rad(uniform(-degrees, degrees))
+        shear = torch.tan(torch.deg2rad(uniform(-shear_degrees, shear_degrees)))
+        scale = uniform(1 - scaling, 1 + scaling)
+        tx = uniform(-translate, translate)
+        ty = uniform(-translate, translate)
         affine = eye.clone()
         cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
         affine[:, 0, 0], affine[:, 0, 1], affine[:, 0, 2] = cos, -sin + cos * shear, tx
@@ -212,8 +232,14 @@ def _homographies(n: int, width: int, height: int, cut_size: int, cut_pow: float
         m = m @ torch.where(chosen(AFFINE_P), affine, eye)
     if "perspective" in augment:
         corners = torch.tensor([[-1.0, -1.0], [1.0, -1.0], [1.0, 1.0], [-1.0, 1.0]], dtype=torch.float64)
-        jitter = (torch.rand(n, 4, 2, generator=gen, dtype=torch.float64) * 2 - 1) * PERSPECTIVE_DISTORTION
+        jitter = (torch.rand(n, 4, 2, generator=gen, dtype=torch.float64) * 2 - 1) * (PERSPECTIVE_DISTORTION * strength)
         m = m @ torch.where(chosen(PERSPECTIVE_P), _corner_homography(corners, corners + jitter), eye)
+    if "shrink" in augment:
+        factor = 1 + uniform(0.0, SHRINK_MAX * strength)
+        shrink = eye.clone()
+        shrink[:, 0, 0], shrink[:, 1, 1] = factor, factor
+        shrink[:, 0, 2], shrink[:, 1, 2] = uniform(-1.0, 1.0) * (factor - 1), uniform(-1.0, 1.0) * (factor - 1)
+        m = m @ torch.where(chosen(SHRINK_P), shrink, eye)
     return m
 
 
@@ -263,7 +289,7 @@ def _jitter(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
 
 
 def make_cutouts(image: torch.Tensor, cut_size: int, cutn: int, cut_pow: float, augment: Sequence[str],
-                 noise_fac: float, gen: torch.Generator) -> torch.Tensor:
+                 noise_fac: float, gen: torch.Generator, strength: float = 1.0) -> torch.Tensor:
     """image [1, 3, H, W] in [0, 1] -> cutouts [cutn, 3, cut_size, cut_size] (not yet CLIP-normalised).
 
     Random square crops (sizes from u^cut_pow between min(W, H, cut_size) and
@@ -273,7 +299,7 @@ def make_cutouts(image: torch.Tensor, cut_size: int, cutn: int, cut_pow: float, 
     supersampled and box-filtered against aliasing.
     """
     _, _, height, width = image.shape
-    h = _homographies(cutn, width, height, cut_size, cut_pow, augment, gen)
+    h = _homographies(cutn, width, height, cut_size, cut_pow, augment, gen, strength)
     supersample = int(min(4, max(1, round(min(width, height) / cut_size))))
     side = cut_size * supersample
     coords = (torch.arange(side, dtype=torch.float64) * 2 + 1) / side - 1
@@ -282,8 +308,13 @@ def make_cutouts(image: torch.Tensor, cut_size: int, cutn: int, cut_pow: float, 
     mapped = points @ h.transpose(1, 2)
     grid = (mapped[..., :2] / mapped[..., 2:]).view(cutn, side, side, 2)
     grid = grid.to(device=image.device, dtype=image.dtype)
-    cutouts = F.grid_sample(image.expand(cutn, -1, -1, -1), grid, mode="bilinear", padding_mode="reflection",
-                            align_corners=False)
+    if "shrink" in augment:  # outside the image: a flat gray per cutout
+        fill = (torch.rand(cutn, generator=gen) * (SHRINK_FILL[1] - SHRINK_FILL[0]) + SHRINK_FILL[0])
+        fill = fill.to(image)[:, None, None, None]
+        cutouts = F.grid_sample(image - fill, grid, mode="bilinear", padding_mode="zeros", align_corners=False) + fill
+    else:
+        cutouts = F.grid_sample(image.expand(cutn, -1, -1, -1), grid, mode="bilinear", padding_mode="reflection",
+                                align_corners=False)
     if supersample > 1:
         cutouts = F.avg_pool2d(cutouts, supersample)
     if "jitter" in augment:
@@ -296,6 +327,40 @@ def make_cutouts(image: torch.Tensor, cut_size: int, cutn: int, cut_pow: float, 
         noise = torch.randn(cutouts.shape, generator=noise_gen, device=cutouts.device, dtype=cutouts.dtype)
         cutouts = cutouts + amount * noise
     return cutouts
+
+
+def contrast_loss(features: torch.Tensor, texts: torch.Tensor, positives: int, scale: float) -> torch.Tensor:
+    """Cross-entropy of the cutouts' CLIP logits over `texts` [T, D], whose first `positives` rows are the prompts
+    (their probability mass is what is maximised): the render must look more like its prompt than like any
+    contrast text, which a plain distance to one prompt does not ask."""
+    log_p = torch.log_softmax(scale * features @ texts.t(), dim=-1)
+    return -torch.logsumexp(log_p[:, :positives], dim=-1).mean()
+
+
+def total_variation(image: torch.Tensor) -> torch.Tensor:
+    """Mean absolute difference of horizontally and vertically neighbouring pixels: low for flat regions."""
+    return (image[..., 1:, :] - image[..., :-1, :]).abs().mean() + (image[..., :, 1:] - image[..., :, :-1]).abs().mean()
+
+
+def scheduled_lr(lr: float, schedule: str, step: int, steps: int) -> float:
+    """The learning rate of `step` (0-based) of `steps`: constant, a drop to lr/10 for the last quarter, or a
+    cosine from lr down to lr/10."""
+    if schedule == "drop":
+        return lr / 10 if step >= 0.75 * steps else lr
+    if schedule == "cosine":
+        return lr / 10 + (lr - lr / 10) * 0.5 * (1 + math.cos(math.pi * step / max(1, steps - 1)))
+    return lr
+
+
+def plain_image(width: int, height: int, gen: torch.Generator) -> Any:
+    """A flat gray image (the level drawn from the seed, mid-gray +- 40) with faint noise: a plain background to
+    start from, so the loop paints one region instead of recolouring random texture."""
+    from PIL import Image
+
+    level = 128 + int(torch.randint(-40, 41, (1,), generator=gen))
+    noise = torch.randn(height, width, 1, generator=gen) * 4
+    pixels = (level + noise).expand(height, width, 3).round().clamp(0, 255).to(torch.uint8).numpy()
+    return Image.fromarray(pixels.copy(), mode="RGB")
 
 
 def pil_to_tensor(image: Any, size: tuple[int, int] | None = None) -> torch.Tensor:
@@ -330,6 +395,7 @@ class Renderer:
         self.std = torch.tensor(std, device=self.device)[None, :, None, None]
         self.dtype = next(clip.model.parameters()).dtype
         self._text_cache: dict[str, torch.Tensor] = {}
+        self.logit_scale = float(clip.model.logit_scale.exp()) if hasattr(clip.model, "logit_scale") else 100.0
 
     @property
     def factor(self) -> int:
@@ -350,8 +416,11 @@ class Renderer:
         decoded = self.vqgan.decode(quantize_straight_through(z, self.codebook))
         return clamp_keep_grad((decoded + 1) / 2, 0.0, 1.0)
 
-    def initial_z(self, width: int, height: int, gen: torch.Generator, init_image: Any | None) -> torch.Tensor:
+    def initial_z(self, width: int, height: int, gen: torch.Generator, init_image: Any | None,
+                  init: str = "tokens") -> torch.Tensor:
         f = self.factor
+        if init_image is None and init == "plain":
+            init_image = plain_image(width, height, gen)
         if init_image is not None:
             pixels = pil_to_tensor(init_image, (width, height)).to(self.device)
             with torch.no_grad():
@@ -376,17 +445,22 @@ class Renderer:
         gen = seed_everything(seed)
         cut = self.clip.image_size
         targets = self._targets(prompts, image_prompts, width, height, settings, gen)
-        z = self.initial_z(width, height, gen, init_image).requires_grad_(True)
+        contrast = self._contrast(prompts, settings.contrast)
+        z = self.initial_z(width, height, gen, init_image, settings.init).requires_grad_(True)
         z_init = z.detach().clone()
         optimiser = torch.optim.Adam([z], lr=settings.lr)
 
         def total_loss(image: torch.Tensor) -> torch.Tensor:
             cuts = make_cutouts(image, cut, settings.cutn, settings.cut_pow, settings.augment,
-                                settings.noise_fac, gen)
+                                settings.noise_fac, gen, settings.augment_scale)
             features = self.embed_images(cuts)
             loss = sum(prompt_loss(features, t, w, s) for t, w, s in targets)
             if settings.init_weight:
                 loss = loss + settings.init_weight / 2 * F.mse_loss(z, z_init)
+            if settings.tv_weight:
+                loss = loss + settings.tv_weight * total_variation(image)
+            if contrast is not None:
+                loss = loss + settings.contrast_weight * contrast_loss(features, *contrast, self.logit_scale)
             return loss
 
         losses: list[float] = []
@@ -398,6 +472,8 @@ class Renderer:
                 on_frame(step, to_uint8(image))
             optimiser.zero_grad(set_to_none=True)
             loss.backward()
+            if settings.lr_schedule != "constant":
+                optimiser.param_groups[0]["lr"] = scheduled_lr(settings.lr, settings.lr_schedule, step, steps)
             optimiser.step()
             with torch.no_grad():
                 z.copy_(torch.maximum(torch.minimum(z, self.z_max), self.z_min))
@@ -424,6 +500,14 @@ class Renderer:
             targets.append((torch.as_tensor(ip.vector, dtype=torch.float32, device=self.device)[None],
                             ip.weight, ip.stop))
         return targets
+
+    def _contrast(self, prompts: Sequence[Prompt], texts: Sequence[str]) -> tuple[torch.Tensor, int] | None:
+        """(text embeddings [P + C, D], P) of the positive prompts followed by the contrast texts not among them."""
+        positive = [p.text for p in prompts if p.weight > 0]
+        others = [t for t in texts if t not in positive]
+        if not positive or not others:
+            return None
+        return torch.cat([self.embed_text(t) for t in positive + others]), len(positive)
 
     def _similarity(self, image: torch.Tensor, prompts: Sequence[Prompt]) -> float | None:
         positive = [p for p in prompts if p.weight > 0]
