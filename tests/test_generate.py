@@ -277,7 +277,7 @@ def test_failing_render_is_a_failure_row_and_others_complete(tmp_path, vqgan_fil
     ("missing_init_image", "init image"),
     ("empty_prompt_text", "has no text"),
     ("missing_contrast_file", "--contrast"),
-    ("negative_contrast_weight", "must not be negative"),
+    ("negative_contrast_weight", "--contrast-weight: must be 0 or more"),
 ])
 def test_bad_arguments_exit_2_with_one_line(case, expected, tmp_path, vqgan_file, capsys):
     (tmp_path / "prompts.txt").write_text("a red cube\n")
