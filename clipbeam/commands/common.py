@@ -222,3 +222,26 @@ def print_summary(title: str, rows: list[tuple[str, object]]) -> None:
     sys.stderr.write(f"{title}\n")
     for key, value in rows:
         sys.stderr.write(f"  {key.ljust(width)}  {value}\n")
+
+
+def add_exclude_arguments(parser: argparse.ArgumentParser) -> None:
+    """`--exclude DEDUP [--threshold T]`: the jobs that read embeddings (index, export) leave out what a
+    dedup output removes."""
+    from clipbeam.commands.argtypes import unit_interval
+
+    parser.add_argument("--exclude", default=None, type=absolute_url, metavar="DEDUP",
+                        help="a clipbeam dedup output of these embeddings: leave out the samples it removes")
+    parser.add_argument("--threshold", type=unit_interval, default=None,
+                        help="with --exclude: the dedup threshold whose removed samples are left out "
+                             "(default: the output's only threshold)")
+
+
+def excluded_samples(args: argparse.Namespace, inputs, storage_options: dict):
+    """The layout.dedup.ExcludedSamples of --exclude (none without it); --threshold alone is refused."""
+    from clipbeam.layout.dedup import ExcludedSamples, removed_samples
+
+    if args.threshold is not None and not args.exclude:
+        raise UsageError("--threshold chooses the duplicates of --exclude; give --exclude DEDUP too")
+    if not args.exclude:
+        return ExcludedSamples(None, frozenset())
+    return removed_samples(args.exclude, args.threshold, inputs, storage_options)

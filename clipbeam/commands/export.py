@@ -16,20 +16,20 @@ import dataclasses
 import logging
 
 from clipbeam import __version__, storage
-from clipbeam.commands.argtypes import positive_int, unit_interval
+from clipbeam.commands.argtypes import positive_int
 from clipbeam.commands.common import (
     Stopwatch,
+    add_exclude_arguments,
     add_output_arguments,
     add_storage_arguments,
     beam_options,
+    excluded_samples,
     print_summary,
     storage_options_from_args,
 )
 from clipbeam.commands.part_jobs import run_parts
-from clipbeam.errors import UsageError
 from clipbeam.layout import Mode, OutputFolder, open_output
 from clipbeam.layout.clip_retrieval import EXPORT, FORMAT_VERSION, partition_width
-from clipbeam.layout.dedup import ExcludedSamples, removed_samples
 from clipbeam.layout.embeddings.input_parts import EmbeddingsPart, embeddings_parts
 from clipbeam.layout.embeddings.read import resolve_embeddings
 from clipbeam.transforms.export_parts import TEXT_MISSING, ExportConfig, ExportParts
@@ -47,11 +47,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "the default), or no text_emb at all unless every row has one (drop)")
     parser.add_argument("--batch-rows", type=positive_int, default=65_536,
                         help="rows read at a time (default %(default)s)")
-    parser.add_argument("--exclude", default=None, type=storage.absolute_url, metavar="DEDUP",
-                        help="a clipbeam dedup output of these embeddings: leave out the samples it removes")
-    parser.add_argument("--threshold", type=unit_interval, default=None,
-                        help="with --exclude: the dedup threshold whose removed samples are left out "
-                             "(default: the output's only threshold)")
+    add_exclude_arguments(parser)
     add_output_arguments(parser)
     add_storage_arguments(parser)
 
@@ -59,11 +55,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def prepare(args: argparse.Namespace) -> tuple[ExportConfig, dict, list[EmbeddingsPart]]:
     """Check arguments and inputs: (config, settings compared on resume, the parts)."""
     storage_options = storage_options_from_args(args)
-    if args.threshold is not None and not args.exclude:
-        raise UsageError("--threshold chooses the duplicates of --exclude; give --exclude DEDUP too")
     inputs = resolve_embeddings(args.embeddings, "image_embedding", "id", [], storage_options)
-    exclude = removed_samples(args.exclude, args.threshold, inputs, storage_options) if args.exclude \
-        else ExcludedSamples(None, frozenset())
+    exclude = excluded_samples(args, inputs, storage_options)
     parts = embeddings_parts(inputs)
     width = partition_width(max(p.number for p in parts) + 1)
     with_text = "text_embedding" in inputs.schema.names

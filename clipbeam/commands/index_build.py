@@ -33,9 +33,11 @@ from clipbeam import __version__, storage
 from clipbeam.commands.argtypes import non_negative_int, positive_int, unit_interval
 from clipbeam.commands.common import (
     Stopwatch,
+    add_exclude_arguments,
     add_output_arguments,
     add_storage_arguments,
     beam_options,
+    excluded_samples,
     print_summary,
     report_unfinished,
     run_pipeline,
@@ -57,7 +59,6 @@ from clipbeam.index.factory import choose_factory, default_train_sample, format_
 from clipbeam.index.faiss_io import METRICS, make_index
 from clipbeam.index.plan import plan_sample, plan_shards, query_count, sample_reads, shard_count
 from clipbeam.layout import RUN_RECORD, Mode, OutputFolder, open_output, settings_fingerprint
-from clipbeam.layout.dedup import ExcludedSamples, removed_samples
 from clipbeam.layout.embeddings.read import EmbeddingsInput, check_indexed_parts, describe, resolve_embeddings
 from clipbeam.layout.index import INDEX, WORK
 
@@ -92,11 +93,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="rows read at a time (default %(default)s)")
     parser.add_argument("--append", action="store_true",
                         help="add the embedding parts not yet indexed to the index in --output")
-    parser.add_argument("--exclude", default=None, type=storage.absolute_url, metavar="DEDUP",
-                        help="a clipbeam dedup output of these embeddings: leave out the samples it removes")
-    parser.add_argument("--threshold", type=unit_interval, default=None,
-                        help="with --exclude: the dedup threshold whose removed samples are left out "
-                             "(default: the output's only threshold)")
+    add_exclude_arguments(parser)
     parser.add_argument("--verify", action="store_true",
                         help="build nothing: check every file of the index in --output against index.json's SHA-256")
 
@@ -145,8 +142,6 @@ def _check_args(args: argparse.Namespace) -> int:
     if args.exclude and args.append:
         raise UsageError("--exclude applies to a whole corpus: rerun dedup, then rebuild with --overwrite "
                          "instead of --append")
-    if args.threshold is not None and not args.exclude:
-        raise UsageError("--threshold chooses the duplicates of --exclude; give --exclude DEDUP too")
     return max_memory
 
 
@@ -256,8 +251,7 @@ def prepare(args: argparse.Namespace) -> IndexRun | None:
             return None
     else:
         inputs = resolve_embeddings(args.embeddings, args.column, args.id_column, keep, storage_options)
-    exclude = removed_samples(args.exclude, args.threshold, inputs, storage_options) if args.exclude \
-        else ExcludedSamples(None, frozenset())
+    exclude = excluded_samples(args, inputs, storage_options)
     choice = _choose_factory(args, previous, inputs, max_memory)
     queries = query_count(inputs.rows, args.tune_queries)
     train = _train_count(args, choice.factory, inputs, max_memory, appending)
