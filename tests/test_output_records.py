@@ -133,3 +133,13 @@ def test_a_folder_listed_as_owned_is_neither_deleted_nor_fatal(copy):
     assert embed(*inputs, "--output", out) == 0
     assert embed(*inputs, "--output", out, "--overwrite") == 0
     assert os.path.isfile(os.path.join(out, "mine", "photos", "a.txt"))
+
+
+def test_overwrite_removes_a_torn_marker_of_a_unit_no_run_will_redo(copy):
+    inputs, out = copy
+    torn = os.path.join(out, "_parts", "part-00009.json")
+    with open(torn, "w") as handle:
+        handle.write('{"part": 9, "sour')
+    assert embed(*inputs, "--output", out, "--overwrite") == 0
+    assert not os.path.exists(torn)
+    assert sorted(os.listdir(os.path.join(out, "_parts"))) == ["part-00000.json", "part-00001.json"]

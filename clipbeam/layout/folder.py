@@ -227,11 +227,12 @@ def clear_owned(out: OutputFolder, record: dict | None) -> None:
 
 
 def _scratch_names(out: OutputFolder) -> list[str]:
-    """The job's own files outside the listed ones: the done-markers its ledger reads, the files its
-    scratch globs match, old run records. Folders are never removed whole: a folder goes only when
-    it is empty once these are gone, so a file a user keeps there survives --overwrite."""
+    """The job's own files outside the listed ones: every `*.json` in its markers folder (valid or not:
+    the ledger treats each as a marker), the files its scratch globs match, old run records. Folders are
+    never removed whole: a folder goes only when it is empty once these are gone, so a file a user keeps
+    there survives --overwrite."""
     kind, so = out.kind, out.storage_options
-    names = [f"{kind.markers}/{unit}.json" for unit in UnitLedger(out.url, kind.markers, so).markers()]
+    names = [f"{kind.markers}/{name}" for name in list_names(out.path(kind.markers), so) if name.endswith(".json")]
     fs, root = get_fs(out.url, so)
     fs.invalidate_cache()  # what the workers wrote since this process last listed
     root = root.rstrip("/")
