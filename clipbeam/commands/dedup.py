@@ -42,6 +42,7 @@ from clipbeam.layout import Mode, OutputFolder, open_output, settings_fingerprin
 from clipbeam.layout.dedup import DEDUP, MANIFEST, WORK, groups_file
 from clipbeam.layout.embeddings.input_parts import embeddings_parts
 from clipbeam.layout.embeddings.read import EmbeddingsInput, describe, part_keys, resolve_embeddings
+from clipbeam.layout.owned import remove_owned
 from clipbeam.transforms.dedup_job import Dedup, DedupConfig
 
 LOG = logging.getLogger(__name__)
@@ -185,7 +186,7 @@ def commit(out: OutputFolder, config: DedupConfig, settings: dict, inputs: Embed
         "parts": [{"path": p["path"], "rows": p["rows"]} for p in parts if p["rows"]],
         "embeddings": describe(inputs), "nn_histogram": histogram, "gallery_files": gallery_files,
         "fingerprint": settings_fingerprint(settings)})
-    storage.remove_if_present(config.url(WORK), config.storage_options, recursive=True)
+    remove_owned(config.output, WORK, config.storage_options, recursive=True)
     return manifest
 
 

@@ -32,6 +32,7 @@ from clipbeam.layout import Mode, OutputFolder, open_output
 from clipbeam.layout.clip_retrieval import EXPORT, FORMAT_VERSION, partition_width
 from clipbeam.layout.embeddings.input_parts import EmbeddingsPart, embeddings_parts
 from clipbeam.layout.embeddings.read import resolve_embeddings
+from clipbeam.layout.owned import remove_owned, remove_owned_temporaries
 from clipbeam.transforms.export_parts import TEXT_MISSING, ExportConfig, ExportParts
 
 LOG = logging.getLogger(__name__)
@@ -73,11 +74,10 @@ def drop_text_files(config: ExportConfig, numbers: list[int]) -> None:
     """Delete the text_emb files of these partitions, and text_emb/ itself only when nothing else is left
     in it: files a user keeps there are not the export's to delete."""
     for number in numbers:
-        storage.remove_if_present(config.url("text_emb", number), config.storage_options)
-    folder = storage.join(config.output, "text_emb")
-    storage.remove_temporaries(folder, config.storage_options)
-    if not storage.list_names(folder, config.storage_options):
-        storage.remove_if_present(folder, config.storage_options, recursive=True)
+        remove_owned(config.output, config.name("text_emb", number), config.storage_options)
+    remove_owned_temporaries(config.output, "text_emb", config.storage_options)
+    if not storage.list_names(storage.join(config.output, "text_emb"), config.storage_options):
+        remove_owned(config.output, "text_emb", config.storage_options, recursive=True)
 
 
 def commit(out: OutputFolder, config: ExportConfig, settings: dict) -> dict:

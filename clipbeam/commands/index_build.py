@@ -61,6 +61,7 @@ from clipbeam.index.plan import plan_sample, plan_shards, query_count, sample_re
 from clipbeam.layout import RUN_RECORD, Mode, OutputFolder, open_output, settings_fingerprint
 from clipbeam.layout.embeddings.read import EmbeddingsInput, check_indexed_parts, describe, resolve_embeddings
 from clipbeam.layout.index import INDEX, WORK
+from clipbeam.layout.owned import remove_owned
 
 LOG = logging.getLogger(__name__)
 
@@ -303,7 +304,7 @@ def start_work(out: OutputFolder, run: IndexRun) -> tuple[bool, list[BuiltShard]
     if stale:
         LOG.info("discarding %d shard(s) of an unfinished run with other inputs or options", len(stale))
     out.ledger.discard(stale)
-    storage.remove_if_present(config.url(WORK), storage_options, recursive=True)
+    remove_owned(config.output, WORK, storage_options, recursive=True)
     out.claim([index_layout.TRAINED_INDEX, *(n for p in config.shards for n in (
         index_layout.shard_index_name(p.number), index_layout.shard_ids_name(p.number)))])
     storage.write_json(plan_url, {"fingerprint": run.fingerprint}, storage_options)
@@ -341,7 +342,7 @@ def commit(out: OutputFolder, run: IndexRun) -> dict:
         raise RuntimeError(f"{len(config.shards) - len(shards)} shard(s) have no done-marker after the run")
     manifest = out.commit(_manifest(run, shards, storage.read_json(config.url(WORK, "tuned.json"), storage_options),
                                     storage.read_json(config.url(WORK, "train.json"), storage_options)))
-    storage.remove_if_present(config.url(WORK), storage_options, recursive=True)
+    remove_owned(config.output, WORK, storage_options, recursive=True)
     return manifest
 
 
