@@ -64,6 +64,7 @@ def test_batched_search_equals_per_query_search(factory, metric):
               "IVF8_HNSW4,Flat": "nprobe=2,quantizer_efSearch=16"}.get(factory, "")
     index, vectors = sharded(factory, metric, params)
     assert (index._coarse is not None) == ("IVF" in factory)
+    assert (index._coarse is not None and index._coarse.stacked is not None) == factory.endswith(",Flat")
     queries = np.concatenate([vectors[::37], clustered(20, DIM, seed=9)])
     k = 12
     scores, ids = index.search(queries, k)
@@ -82,6 +83,28 @@ def test_batched_search_equals_per_query_search(factory, metric):
         index.set_search_params("nprobe=64")
         scores, ids = index.search(queries, k)
         want_scores, want_ids = reference(index, queries, k)
+        np.testing.assert_array_equal(ids, want_ids)
+        np.testing.assert_array_equal(scores, want_scores)
+
+
+@pytest.mark.parametrize("metric", ["ip", "l2"])
+def test_duplicates_across_shards_tie_at_the_cut_and_go_to_the_smaller_id(metric):
+    """IVF-Flat shards are scanned as one stacked index; ties at the k-th place are redone exactly."""
+    vectors = clustered(40, DIM, clusters=4, seed=2)
+    trained = make_index("IVF2,Flat", DIM, metric)
+    trained.train(np.concatenate([vectors] * 3))
+    shards, entries = [], []
+    for copy in range(3):  # the same 40 vectors in every shard: every score comes three times
+        shard = faiss.deserialize_index(faiss.serialize_index(trained))
+        shard.add_with_ids(vectors, np.arange(copy * 40, copy * 40 + 40, dtype=np.int64))
+        shards.append(shard)
+        entries.append({"id_start": copy * 40, "id_end": copy * 40 + 40})
+    index = ShardedIndex("memory://unused", {"dim": DIM, "metric": metric, "search_params": "nprobe=1",
+                                             "shards": entries}, shards)
+    assert index._coarse.stacked is not None
+    for k in (1, 2, 4, 5, 200):
+        scores, ids = index.search(vectors, k)
+        want_scores, want_ids = reference(index, vectors, k)
         np.testing.assert_array_equal(ids, want_ids)
         np.testing.assert_array_equal(scores, want_scores)
 

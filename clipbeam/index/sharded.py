@@ -6,8 +6,9 @@ or altered shard is an error, never silently fewer results; `verify=True` also
 checks every file's SHA-256) and re-applies the tuned search parameters.
 `search` asks every shard for the top-k of a whole query batch (assigning the
 batch to inverted lists once when the shards share their quantizer, as
-clipbeam's do) and merges them exactly in numpy; `lookup` turns global ids
-back into rows of the id tables.
+clipbeam's do, and scanning IVF-Flat shards' lists in one faiss call) and
+merges them exactly in numpy; `lookup` turns global ids back into rows of the
+id tables.
 """
 
 from __future__ import annotations
@@ -44,10 +45,49 @@ class SharedCoarse:
     Every shard of a clipbeam index starts from the same trained empty index, so a query batch is
     assigned to its lists once and each shard only scans them: searching S shards then costs one
     coarse quantization, not S (with few probes, quantization is most of an IVF search).
+    `stacked`, when set, scans every shard's lists in one faiss call (see StackedLists).
     """
 
     transform: faiss.IndexPreTransform | None
     cores: tuple[faiss.IndexIVF, ...]
+    stacked: "StackedLists | None" = None
+
+
+class StackedLists:
+    """Every shard's inverted lists behind one IVF-Flat index, without copying them.
+
+    List j of shard s is list s * nlist + j of a faiss VStackInvertedLists, so a query assigned to
+    list j probes j, nlist + j, ... in one search_preassigned call: one parallel region and faiss's
+    own top-k heap for the whole batch, instead of one scan per shard and a merge in numpy. Only for
+    IVF-Flat, whose scanner needs nothing of a list but its codes (residual and precomputed-table
+    scanners look the list number up in the quantizer). Shards hold global ids, so none are mapped.
+    """
+
+    def __init__(self, cores: tuple[faiss.IndexIVF, ...]) -> None:
+        first = cores[0]
+        self._pointers = faiss.InvertedListsPtrVector()  # kept: the stack and the index only borrow them
+        for core in cores:
+            self._pointers.push_back(core.invlists)
+        self._lists = faiss.VStackInvertedLists(self._pointers.size(), self._pointers.data())
+        self.index = faiss.IndexIVFFlat(first.quantizer, first.d, self._lists.nlist, first.metric_type)
+        self.index.replace_invlists(self._lists, False)
+        self.index.ntotal = sum(core.ntotal for core in cores)
+        self.index.is_trained = True
+        self.index.parallel_mode = first.parallel_mode
+        self._offsets = np.arange(len(cores), dtype=np.int64) * first.nlist
+        self._cores = cores  # the quantizer and the lists belong to them
+
+    @staticmethod
+    def fits(cores: tuple[faiss.IndexIVF, ...]) -> bool:
+        return all(type(faiss.downcast_index(core)) is faiss.IndexIVFFlat for core in cores)
+
+    def search(self, x: np.ndarray, k: int, assigned: np.ndarray, assigned_scores: np.ndarray):
+        """Top-k of every shard at once, from one coarse assignment [n, nprobe]."""
+        keys = np.where(assigned[:, :, None] < 0, -1, assigned[:, :, None] + self._offsets)
+        keys = keys.reshape(len(x), -1)
+        self.index.nprobe = keys.shape[1]
+        scores = np.repeat(assigned_scores, len(self._offsets), axis=1)
+        return self.index.search_preassigned(x, k, keys, scores)
 
 
 def _ivf_core(index: faiss.Index) -> tuple[faiss.IndexPreTransform | None, faiss.IndexIVF | None]:
@@ -83,7 +123,8 @@ def shared_coarse(indexes: list[faiss.Index]) -> SharedCoarse | None:
         if other is None or len(other) != len(first) or not all(
                 a.shape == b.shape and np.array_equal(a, b) for a, b in zip(first, other, strict=True)):
             return None
-    return SharedCoarse(_ivf_core(indexes[0])[0], tuple(_ivf_core(index)[1] for index in indexes))
+    cores = tuple(_ivf_core(index)[1] for index in indexes)
+    return SharedCoarse(_ivf_core(indexes[0])[0], cores, StackedLists(cores) if StackedLists.fits(cores) else None)
 
 
 def _transformed(pre: faiss.IndexPreTransform | None, x: np.ndarray) -> np.ndarray:
@@ -99,21 +140,35 @@ def search_shards(indexes: list[faiss.Index], queries: np.ndarray, k: int, metri
     With `coarse` (see shared_coarse) the batch is assigned to inverted lists once for all shards;
     the result is the same as each shard's own search.
     """
-    scores, ids = [], []
     nprobe = {core.nprobe for core in coarse.cores} if coarse is not None else set()
-    if len(nprobe) == 1 and next(iter(nprobe)) <= coarse.cores[0].nlist:  # else each shard's search clamps it
-        x = _transformed(coarse.transform, queries)
-        assigned_scores, assigned = coarse.cores[0].quantizer.search(x, next(iter(nprobe)))
-        for core in coarse.cores:
-            s, i = core.search_preassigned(x, k, assigned, assigned_scores)
-            scores.append(s)
-            ids.append(i)
-    else:
-        for index in indexes:
-            s, i = index.search(queries, k)
-            scores.append(s)
-            ids.append(i)
-    return merge_topk(scores, ids, k, metric)
+    if len(nprobe) != 1 or next(iter(nprobe)) > coarse.cores[0].nlist:  # else each shard's search clamps it
+        return _merged([index.search(queries, k) for index in indexes], k, metric)
+    x = _transformed(coarse.transform, queries)
+    assigned_scores, assigned = coarse.cores[0].quantizer.search(x, next(iter(nprobe)))
+    if coarse.stacked is not None:
+        return _search_stacked(coarse, x, k, metric, assigned, assigned_scores)
+    return _merged([core.search_preassigned(x, k, assigned, assigned_scores) for core in coarse.cores], k, metric)
+
+
+def _merged(found: list[tuple[np.ndarray, np.ndarray]], k: int, metric: str) -> tuple[np.ndarray, np.ndarray]:
+    return merge_topk([scores for scores, _ in found], [ids for _, ids in found], k, metric)
+
+
+def _search_stacked(coarse: SharedCoarse, x: np.ndarray, k: int, metric: str, assigned: np.ndarray,
+                    assigned_scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """One scan of all shards; rows whose k-th and (k+1)-th scores tie are redone shard by shard.
+
+    faiss's heap settles equal scores by the order it meets them, merge_topk by the smaller id; a
+    row whose (k+1)-th result scores below its k-th holds every candidate for the k-th place, so
+    merge_topk orders it exactly. The others (duplicates at the cut) take the per-shard path.
+    """
+    scores, ids = coarse.stacked.search(x, k + 1, assigned, assigned_scores)
+    top_scores, top_ids = merge_topk([scores], [ids], k, metric)
+    tied = np.flatnonzero((ids[:, k] >= 0) & (scores[:, k - 1] == scores[:, k]))
+    if len(tied):
+        redo = [core.search_preassigned(x[tied], k, assigned[tied], assigned_scores[tied]) for core in coarse.cores]
+        top_scores[tied], top_ids[tied] = _merged(redo, k, metric)
+    return top_scores, top_ids
 
 
 class ShardedIndex:
