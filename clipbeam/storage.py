@@ -211,17 +211,6 @@ def is_temporary(name: str) -> bool:
     return name.startswith(".") and ".tmp-" in name
 
 
-def remove_temporaries(folder: str, storage_options: dict | None = None) -> list[str]:
-    """Delete the hidden `.NAME.tmp-*` files that atomic_open leaves when a process is killed mid-write.
-
-    Those names belong to clipbeam alone (atomic_open makes them), so removing them never touches a user file.
-    """
-    gone = [name for name in list_names(folder, storage_options) if is_temporary(name)]
-    for name in gone:
-        remove_if_present(join(folder, name), storage_options)
-    return gone
-
-
 def create_exclusive(url: str, data: bytes, storage_options: dict | None = None) -> bool:
     """Write `data` to `url` only if nothing is there yet; False when something was.
 

@@ -228,12 +228,12 @@ def test_storage_helpers(place):
     _put(storage.join(url, "sub/b.txt"), so)
     _put(storage.join(url, ".c.txt.tmp-0123"), so)
     assert storage.list_names(url, so) == [".c.txt.tmp-0123", "a.txt", "sub"]
-    assert storage.remove_temporaries(url, so) == [".c.txt.tmp-0123"]
+    assert storage.is_temporary(".c.txt.tmp-0123") and not storage.is_temporary("a.txt")
     storage.require_readable_file(storage.join(url, "a.txt"), so)
     with pytest.raises(UsageError, match="does not exist"):
         storage.require_readable_file(storage.join(url, "sub"), so, what="--labels-file")
     assert storage.remove_if_present(storage.join(url, "sub"), so, recursive=True)
-    assert storage.list_names(url, so) == ["a.txt"]
+    assert storage.list_names(url, so) == [".c.txt.tmp-0123", "a.txt"]
 
 
 def test_run_pipeline_turns_a_worker_failure_into_exit_1(capsys):
