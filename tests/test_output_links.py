@@ -158,3 +158,22 @@ def test_index_overwrite_never_deletes_through_a_link_in_a_marker(tmp_path, else
     _add_owned(idx, "vl/part-00001.parquet")
     assert main([*args, "--overwrite"]) == 0
     assert _kept(elsewhere) == ["part-00000.parquet", "part-00001.parquet", "secret.txt"]
+
+
+@pytest.mark.parametrize("flag", ["--overwrite", None])
+def test_embed_never_removes_fragments_through_a_linked_fragments_folder(shards, tmp_path, elsewhere, flag):
+    """embed removes each part's `_fragments/part-N` folder whole once the part is written: never
+    through a `_fragments` that is a link (the run then refuses, or unlinks it under --overwrite)."""
+    out = str(tmp_path / "out")
+    assert embed("--input", shards[0], "--output", out) == 0
+    (elsewhere / "part-00001").mkdir()
+    (elsewhere / "part-00001" / "keep.txt").write_text("keep me")
+    os.symlink(elsewhere, os.path.join(out, "_fragments"))
+    code = embed("--input", shards[0], "--input", shards[1], "--output", out, *([flag] if flag else []))
+    assert (elsewhere / "part-00001" / "keep.txt").read_text() == "keep me"
+    assert _kept(elsewhere) == ["part-00000.parquet", "part-00001", "part-00001.parquet", "secret.txt"]
+    if flag:  # the link goes, a real folder follows
+        assert code == 0 and manifest(out)["rows"] == 6
+        assert not os.path.islink(os.path.join(out, "_fragments"))
+    else:
+        assert code == 2, "a resumed run refuses to write through the link"

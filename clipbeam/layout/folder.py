@@ -53,6 +53,10 @@ class OutputKind:
     legacy_records: tuple[str, ...] = ()  # run records of older versions: they mark the folder as ours
     valid_marker: Callable[[str, dict], bool] | None = None  # the job's test of a done-marker's fields
 
+    def own_folders(self) -> list[str]:
+        """The folders the job writes in without claiming names there: its markers and scratch folders."""
+        return sorted({self.markers, *(pattern.split("/", 1)[0] for pattern in self.scratch)})
+
 
 def settings_fingerprint(settings: dict) -> str:
     return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
@@ -216,6 +220,7 @@ def clear_owned(out: OutputFolder, record: dict | None) -> None:
         remove_owned(out.url, name, so)
     parents = {posixpath.dirname(n) for n in names}
     parents |= {posixpath.dirname(p) for p in parents}  # _fragments/part-00001/x -> _fragments too
+    parents |= set(kind.own_folders())  # a link there goes even when nothing was found through it
     for parent in sorted((p for p in parents if p), key=len, reverse=True):
         if link_on_the_way(out.url, posixpath.join(parent, "x")) == parent:  # the job's folder is a link: the
             remove_owned(out.url, parent, so)  # link goes, never what it points to, and a real folder follows
@@ -274,7 +279,8 @@ def open_output(url: str, kind: OutputKind, settings: dict, mode: Mode, storage_
             if recorded and record is None:
                 remove_owned(url, RUN_RECORD, storage_options, recursive=True)
             clear_owned(out, record)
-        else:
+        refuse_links(url, [posixpath.join(folder, "x") for folder in kind.own_folders()])  # never written through
+        if not (ours and mode is Mode.CLEAR):
             out.ledger.drop_invalid()
         out._write_record()
     except BaseException:

@@ -14,11 +14,11 @@ import apache_beam as beam
 from apache_beam.metrics import Metrics
 
 from clipbeam.corpus.read import failure
-from clipbeam.layout.embeddings import fragments_dir, part_name
+from clipbeam.layout.embeddings import fragments_name, part_name
 from clipbeam.layout.embeddings.metadata import DEFAULT_MAX_METADATA_COLUMNS
 from clipbeam.layout.embeddings.write import merge_fragments, write_fragment, write_part
 from clipbeam.layout.ledger import UnitLedger
-from clipbeam.storage import remove_if_present
+from clipbeam.layout.owned import remove_owned
 from clipbeam.transforms.embed_dofns import FAILURES, NAMESPACE, in_global_window
 
 
@@ -147,6 +147,6 @@ class WritePartDoFn(beam.DoFn):
             "failures_file": files.failures_file, "text_rows": files.text_rows,
             "metadata_folded": files.metadata_folded,
         }, files.files)
-        remove_if_present(fragments_dir(out, number), so, recursive=True)
+        remove_owned(out, fragments_name(number), so, recursive=True)  # never through a link
         self._written.inc()
         yield marker

@@ -22,6 +22,7 @@ import apache_beam as beam
 
 from clipbeam.corpus.render_plan import RenderJob
 from clipbeam.layout import LeaseLost, UnitLedger
+from clipbeam.layout.owned import remove_owned
 from clipbeam.layout.renders import (
     FAILURES_TABLE,
     RENDERS_TABLE,
@@ -34,7 +35,7 @@ from clipbeam.layout.renders import (
 from clipbeam.models.images import DEFAULT_MAX_PIXELS, load_image
 from clipbeam.models.prompts import parse_prompts
 from clipbeam.models.vqgan_clip import RenderSettings
-from clipbeam.storage import atomic_open, join, read_bytes, remove_if_present
+from clipbeam.storage import atomic_open, join, read_bytes
 
 LOG = logging.getLogger(__name__)
 
@@ -210,8 +211,8 @@ class _Frames:
         self.pixels: list = []
         self.names: list[str] = []
         # Frames of an earlier, different render of this job must not mix with these.
-        remove_if_present(_join(config, frame_name(job.row_id, 0).rsplit("/", 1)[0]), config.storage_options,
-                          recursive=True)
+        remove_owned(config.output, frame_name(job.row_id, 0).rsplit("/", 1)[0], config.storage_options,
+                     recursive=True)  # never through a link
 
     def add(self, step: int, pixels) -> None:
         self.pixels.append(pixels)

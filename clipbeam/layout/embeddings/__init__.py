@@ -17,6 +17,7 @@ from clipbeam.layout.embeddings.parts import (
     embeddings_file,
     failures_file,
     fragments_dir,
+    fragments_name,
     known_numbers,
     manifest_entry,
     manifest_files,
@@ -27,6 +28,6 @@ from clipbeam.layout.embeddings.parts import (
 
 __all__ = [
     "EMBEDDINGS", "FORMAT_VERSION", "FRAGMENTS", "MARKERS", "NUMBERS_NOTE", "PartPlan", "build_manifest",
-    "embeddings_file", "failures_file", "fragments_dir", "known_numbers", "manifest_entry", "manifest_files",
-    "number_sources", "part_name", "plan_numbers",
+    "embeddings_file", "failures_file", "fragments_dir", "fragments_name", "known_numbers", "manifest_entry",
+    "manifest_files", "number_sources", "part_name", "plan_numbers",
 ]

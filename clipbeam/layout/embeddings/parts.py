@@ -45,8 +45,13 @@ def failures_file(number: int) -> str:
     return f"failures/{part_name(number)}.parquet"
 
 
+def fragments_name(number: int) -> str:
+    """A part's folder of fragments, relative to the output folder."""
+    return f"{FRAGMENTS}/{part_name(number)}"
+
+
 def fragments_dir(out: str, number: int) -> str:
-    return join(out, FRAGMENTS, part_name(number))
+    return join(out, fragments_name(number))
 
 
 def manifest_files(manifest: dict) -> list[str]:
