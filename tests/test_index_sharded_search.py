@@ -57,9 +57,18 @@ def same_distance_kernel(monkeypatch):
     monkeypatch.setattr(faiss.cvar, "distance_compute_blas_threshold", 1 << 30)
 
 
+@pytest.fixture(params=[1, 3], ids=["1 thread", "3 threads"])
+def faiss_threads(request):
+    """With several threads, IVF batches are cut into one slice per thread (as faiss cuts them)."""
+    before = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(request.param)
+    yield request.param
+    faiss.omp_set_num_threads(before)
+
+
 @pytest.mark.parametrize("metric", ["ip", "l2"])
 @pytest.mark.parametrize("factory", FACTORIES)
-def test_batched_search_equals_per_query_search(factory, metric):
+def test_batched_search_equals_per_query_search(factory, metric, faiss_threads):
     params = {"IVF8,Flat": "nprobe=2", "HNSW8": "efSearch=16", "PCA16,IVF8,PQ4x4": "nprobe=3",
               "IVF8_HNSW4,Flat": "nprobe=2,quantizer_efSearch=16"}.get(factory, "")
     index, vectors = sharded(factory, metric, params)
@@ -88,7 +97,7 @@ def test_batched_search_equals_per_query_search(factory, metric):
 
 
 @pytest.mark.parametrize("metric", ["ip", "l2"])
-def test_duplicates_across_shards_tie_at_the_cut_and_go_to_the_smaller_id(metric):
+def test_duplicates_across_shards_tie_at_the_cut_and_go_to_the_smaller_id(metric, faiss_threads):
     """IVF-Flat shards are scanned as one stacked index; ties at the k-th place are redone exactly."""
     vectors = clustered(40, DIM, clusters=4, seed=2)
     trained = make_index("IVF2,Flat", DIM, metric)

@@ -13,6 +13,7 @@ id tables.
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -143,8 +144,39 @@ def search_shards(indexes: list[faiss.Index], queries: np.ndarray, k: int, metri
     nprobe = {core.nprobe for core in coarse.cores} if coarse is not None else set()
     if len(nprobe) != 1 or next(iter(nprobe)) > coarse.cores[0].nlist:  # else each shard's search clamps it
         return _merged([index.search(queries, k) for index in indexes], k, metric)
+    slices = _slices(len(queries), faiss.omp_get_max_threads())
+    if len(slices) == 1:
+        return _search_assigned(coarse, queries, k, metric, next(iter(nprobe)))
+    found = list(_pool(len(slices)).map(
+        lambda rows: _search_assigned(coarse, queries[rows], k, metric, next(iter(nprobe))), slices))
+    return np.concatenate([s for s, _ in found]), np.concatenate([i for _, i in found])
+
+
+MIN_SLICE_ROWS = 16  # queries per thread below which one thread does the whole batch
+_POOLS: dict[int, ThreadPoolExecutor] = {}
+
+
+def _slices(rows: int, threads: int) -> list[slice]:
+    """The batch cut into one slice per thread, as faiss's own IVF search cuts it."""
+    count = max(1, min(threads, rows // MIN_SLICE_ROWS))
+    bounds = np.linspace(0, rows, count + 1).astype(int)
+    return [slice(start, end) for start, end in zip(bounds[:-1], bounds[1:], strict=True)]
+
+
+def _pool(threads: int) -> ThreadPoolExecutor:
+    """Threads that each run faiss (and its BLAS) on one thread: the coarse quantizer's matrix product
+    called outside a parallel region, on all threads, cost as much as the scan it prepares."""
+    if threads not in _POOLS:
+        _POOLS[threads] = ThreadPoolExecutor(threads, thread_name_prefix="clipbeam-search",
+                                             initializer=faiss.omp_set_num_threads, initargs=(1,))
+    return _POOLS[threads]
+
+
+def _search_assigned(coarse: SharedCoarse, queries: np.ndarray, k: int, metric: str,
+                     nprobe: int) -> tuple[np.ndarray, np.ndarray]:
+    """One coarse assignment of `queries`, then every shard's lists scanned."""
     x = _transformed(coarse.transform, queries)
-    assigned_scores, assigned = coarse.cores[0].quantizer.search(x, next(iter(nprobe)))
+    assigned_scores, assigned = coarse.cores[0].quantizer.search(x, nprobe)
     if coarse.stacked is not None:
         return _search_stacked(coarse, x, k, metric, assigned, assigned_scores)
     return _merged([core.search_preassigned(x, k, assigned, assigned_scores) for core in coarse.cores], k, metric)
