@@ -13,6 +13,7 @@ id tables.
 
 from __future__ import annotations
 
+import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -153,7 +154,7 @@ def search_shards(indexes: list[faiss.Index], queries: np.ndarray, k: int, metri
 
 
 MIN_SLICE_ROWS = 16  # queries per thread below which one thread does the whole batch
-_POOLS: dict[int, ThreadPoolExecutor] = {}
+_POOLS: dict[tuple[int, int], ThreadPoolExecutor] = {}  # by (process, threads): a forked child starts its own
 
 
 def _slices(rows: int, threads: int) -> list[slice]:
@@ -166,10 +167,11 @@ def _slices(rows: int, threads: int) -> list[slice]:
 def _pool(threads: int) -> ThreadPoolExecutor:
     """Threads that each run faiss (and its BLAS) on one thread: the coarse quantizer's matrix product
     called outside a parallel region, on all threads, cost as much as the scan it prepares."""
-    if threads not in _POOLS:
-        _POOLS[threads] = ThreadPoolExecutor(threads, thread_name_prefix="clipbeam-search",
-                                             initializer=faiss.omp_set_num_threads, initargs=(1,))
-    return _POOLS[threads]
+    key = (os.getpid(), threads)
+    if key not in _POOLS:
+        _POOLS[key] = ThreadPoolExecutor(threads, thread_name_prefix="clipbeam-search",
+                                         initializer=faiss.omp_set_num_threads, initargs=(1,))
+    return _POOLS[key]
 
 
 def _search_assigned(coarse: SharedCoarse, queries: np.ndarray, k: int, metric: str,
