@@ -10,6 +10,7 @@ render (process time, so a loaded machine changes it less than wall time).
     HF_HUB_OFFLINE=1 python benchmarks/render_judges.py                 # the demo's settings
     HF_HUB_OFFLINE=1 python benchmarks/render_judges.py --steps 60 --settings '{"cutn": 16}' --save /tmp/r
     HF_HUB_OFFLINE=1 python benchmarks/render_judges.py --load /tmp/r   # judge saved renders again
+    HF_HUB_OFFLINE=1 python benchmarks/render_judges.py --every 3 --loop-clip /tmp/run/shapes-clip.pt  # a candidate
 
 --settings takes RenderSettings fields as JSON and replaces the demo's.
 """
@@ -30,7 +31,8 @@ def render_all(prompts: list[str], args, settings) -> tuple[list, list[float]]:
     from clipbeam.models.vqgan_checkpoint import load_vqgan, resolve_vqgan
     from clipbeam.models.vqgan_clip import Renderer
 
-    renderer = Renderer(load_vqgan(resolve_vqgan("shapes")), load_clip(ClipSpec("shapes-clip", "shapes", device="cpu")))
+    clip = load_clip(ClipSpec("shapes-clip", args.loop_clip, device="cpu"))
+    renderer = Renderer(load_vqgan(resolve_vqgan(args.vqgan)), clip)
     images, seconds = [], []
     for prompt in prompts:
         started = time.process_time()
@@ -55,6 +57,8 @@ def main() -> int:
     parser.add_argument("--negatives", type=float, default=0.0, help="weight of the other shapes as negatives")
     parser.add_argument("--every", type=int, default=1, help="only every Nth prompt (quick experiments)")
     parser.add_argument("--judge-clip", default="shapes", help="the judge CLIP's weights (default: shipped)")
+    parser.add_argument("--loop-clip", default="shapes", help="the loop's shapes-clip weights (default: shipped)")
+    parser.add_argument("--vqgan", default="shapes", help="the loop's VQGAN (default: shipped)")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import dataclasses

@@ -67,6 +67,37 @@ def test_clip_loss_falls_and_the_checkpoint_loads_with_pretrained(tmp_path, corp
     assert not torch.equal(random_init.model.visual.conv1.weight, loaded.model.visual.conv1.weight)
 
 
+def test_loop_augment_trains_on_the_loops_own_cutouts(tmp_path, corpus):
+    """`--augment loop` shows the CLIP what the demo's generation loop shows it: make_cutouts with the demo's
+    augmentations and strength, from a generator seeded with the run's seed; training with it still learns."""
+    from clipbeam.demo import DEMO_SETTINGS
+    from clipbeam.models.shapes import heldout_set
+    from clipbeam.models.vqgan_clip import make_cutouts, pil_to_tensor
+
+    assert (train_clip.LOOP_AUGMENT, train_clip.LOOP_STRENGTH) == (DEMO_SETTINGS.augment, DEMO_SETTINGS.augment_scale)
+    spec = ClipSpec("clipbeam-tiny", "none", seed=4)
+    transform = train_clip.build_train_preprocess(spec, "loop")
+    image = heldout_set(1, seed=5)[0][0]
+    size = transform.size
+    gen = torch.Generator().manual_seed(4)
+    expected = [make_cutouts(pil_to_tensor(image, (size, size)), size, 1, 1.0, DEMO_SETTINGS.augment, 0.0, gen,
+                             DEMO_SETTINGS.augment_scale)[0] for _ in range(3)]
+    got = [transform(image) * transform.std + transform.mean for _ in range(3)]
+    for a, b in zip(got, expected, strict=True):
+        assert torch.allclose(a, b, atol=1e-6)
+    assert not torch.allclose(got[0], got[1])  # a new cutout each time the image is shown
+    plain = pil_to_tensor(image, (size, size))[0]
+    assert any(not torch.allclose(g, plain, atol=0.05) for g in got)
+    with pytest.raises(ValueError, match="unknown augmentation"):
+        train_clip.build_train_preprocess(spec, "bogus")
+    out = str(tmp_path / "clip-loop")
+    assert main(["train", "clip", "--corpus", corpus, "--output", out, "--steps", "16", "--augment", "loop",
+                 *TINY_CLIP]) == 0
+    rows = history(out)
+    assert min(r["loss"] for r in rows[-2:]) < rows[0]["loss"] - 0.3, rows
+    assert json.load(open(os.path.join(out, "train.json")))["settings"]["augment"] == "loop"
+
+
 def test_contrastive_loss_shares_targets_between_equal_captions():
     features = torch.nn.functional.normalize(torch.randn(4, 8), dim=-1)
     distinct = ["a", "b", "c", "d"]
@@ -170,6 +201,7 @@ def test_vqgan_loss_falls_and_generate_can_load_it(tmp_path, corpus):
     (["--batch-size", "1"], "argument --batch-size: must be at least 2, not 1"),
     (["--model", "no-such-model"], "unknown model"),
     (["--epochs", "1", "--batch-size", "500"], "fewer than --batch-size"),
+    (["--augment", "noise"], "argument --augment: invalid choice"),
 ])
 def test_bad_arguments_write_nothing(tmp_path, corpus, capsys, extra, message):
     out = str(tmp_path / "bad")

@@ -76,7 +76,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                       help="starting weights: none (seeded random), a checkpoint path, or a pretrained tag")
     clip.add_argument("--export-precision", default="fp32", choices=("fp32", "fp16"),
                       help="weight type in the written checkpoint (default fp32; fp16 halves the file)")
-    clip.add_argument("--no-augment", action="store_true", help="no random resized crops")
+    clip.add_argument("--augment", default="crop", choices=("crop", "loop", "none"),
+                      help="training images: crop (random resized crops, scale 0.9-1), loop (the generation loop's "
+                           "cutouts: flips, affine and perspective warps, shrinking over gray), none "
+                           "(default %(default)s)")
     vqgan = sub.add_parser("vqgan", help="train a taming-compatible VQGAN")
     _common(vqgan, batch_size=32, lr=1e-3, weight_decay=0.0)
     vqgan.add_argument("--config", default="shapes-vqgan", metavar="YAML_OR_NAME",
@@ -117,12 +120,12 @@ def _clip_task(args: argparse.Namespace, storage_options: dict, device: str, set
 
     spec = ClipSpec(args.model, args.pretrained, seed=args.seed, device=device, precision="fp32")
     validate_spec(spec, storage_options)
-    settings.update(model=args.model, pretrained=args.pretrained, augment=not args.no_augment)
+    settings.update(model=args.model, pretrained=args.pretrained, augment=args.augment)
 
     def build(start_step: int):
         from clipbeam.models.train_clip import ClipTask
 
-        return ClipTask(spec, augment=not args.no_augment, export_precision=args.export_precision,
+        return ClipTask(spec, augment=args.augment, export_precision=args.export_precision,
                         storage_options=storage_options, settings=settings)
 
     return build, [f"{args.model}.pt", f"{args.model}.json"]

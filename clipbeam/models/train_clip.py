@@ -33,15 +33,43 @@ LOG = logging.getLogger(__name__)
 
 MAX_LOGIT_SCALE = math.log(100.0)
 EXPORT_PRECISIONS = ("fp32", "fp16")
+AUGMENTS = ("crop", "loop", "none")
+# `--augment loop`: the cutouts of the demo's VQGAN+CLIP loop (clipbeam.demo.DEMO_SETTINGS), so that the CLIP
+# that steers the loop has seen shapes flipped, warped and shrunk over gray as the loop shows them to it.
+LOOP_AUGMENT, LOOP_STRENGTH = ("flip", "affine", "perspective", "shrink"), 1.5
 
 
-def build_train_preprocess(spec: ClipSpec, augment: bool):
-    """open_clip's training transform (random resized crop, scale 0.9-1) or, without augmentation, its
-    inference transform, for the model's own size, mean and std."""
+class LoopCutouts:
+    """PIL image -> one normalised cutout [3, S, S] made by the generation loop's own make_cutouts (one piece
+    of code for the loop's augmentations), from a private generator seeded with the run's seed."""
+
+    def __init__(self, spec: ClipSpec) -> None:
+        cfg = preprocess_config(spec)
+        size = cfg["size"]
+        self.size = size if isinstance(size, int) else size[0]
+        self.mean = torch.tensor(cfg["mean"])[:, None, None]
+        self.std = torch.tensor(cfg["std"])[:, None, None]
+        self.gen = torch.Generator().manual_seed(spec.seed)
+
+    def __call__(self, image) -> torch.Tensor:
+        from clipbeam.models.vqgan_clip import make_cutouts, pil_to_tensor
+
+        pixels = pil_to_tensor(image, (self.size, self.size))
+        cut = make_cutouts(pixels, self.size, 1, 1.0, LOOP_AUGMENT, 0.0, self.gen, LOOP_STRENGTH)[0]
+        return (cut - self.mean) / self.std
+
+
+def build_train_preprocess(spec: ClipSpec, augment: str):
+    """The training transform for the model's own size, mean and std: open_clip's random resized crop (scale
+    0.9-1) for "crop", the generation loop's cutouts for "loop", open_clip's inference transform for "none"."""
     from open_clip.transform import AugmentationCfg, PreprocessCfg, image_transform_v2
 
+    if augment not in AUGMENTS:
+        raise ValueError(f"unknown augmentation {augment!r} (choose from {', '.join(AUGMENTS)})")
+    if augment == "loop":
+        return LoopCutouts(spec)
     cfg = PreprocessCfg(**preprocess_config(spec))
-    return image_transform_v2(cfg, is_train=augment, aug_cfg=AugmentationCfg(scale=(0.9, 1.0)))
+    return image_transform_v2(cfg, is_train=augment == "crop", aug_cfg=AugmentationCfg(scale=(0.9, 1.0)))
 
 
 def contrastive_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor,
@@ -69,7 +97,7 @@ class ClipTask:
 
     name = "clip"
 
-    def __init__(self, spec: ClipSpec, augment: bool = True, export_precision: str = "fp32",
+    def __init__(self, spec: ClipSpec, augment: str = "crop", export_precision: str = "fp32",
                  storage_options: dict | None = None, settings: dict | None = None) -> None:
         if export_precision not in EXPORT_PRECISIONS:
             raise ValueError(f"export precision must be one of {EXPORT_PRECISIONS}")
