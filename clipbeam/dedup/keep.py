@@ -41,7 +41,7 @@ class Member:
     id: str
     rank: int
     sha256: str | None
-    vector: np.ndarray
+    vector: np.ndarray  # in the stored precision (float16 for embed's default): what travels is half the size
 
     @property
     def order(self) -> tuple[int, str]:
@@ -66,7 +66,8 @@ def group_rows(group: int, threshold: float, members: Iterable[Member]) -> list[
     kind = "exact" if len(hashes) == 1 and None not in hashes else "near"
     rows = []
     for member in members:
-        similarity = 1.0 if member.gid == kept.gid else float(np.dot(member.vector, kept.vector))
+        similarity = 1.0 if member.gid == kept.gid else \
+            float(np.dot(member.vector.astype(np.float32), kept.vector.astype(np.float32)))
         rows.append({"id": member.id, "group": int(group), "threshold": float(threshold), "kind": kind,
                      "kept": member.gid == kept.gid, "kept_id": kept.id, "similarity_to_kept": similarity})
     rows.sort(key=lambda r: (not r["kept"], r["id"]))

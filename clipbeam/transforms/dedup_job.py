@@ -6,9 +6,14 @@
     parts --Members(side input: components)--> ((threshold, group), member) --GroupByKey--> rows
           --by part--> groups/part-NNNNN.parquet + done-marker
 
-Only star forests travel to the components step (bounded by the samples that
-have a duplicate), and only the members of some group travel to the keep
-step. Each unit's links are cached under OUT/_work/links/, so a rerun after a
+The vectors do not travel through the shuffle: Route writes each batch's
+routed rows to one spill file under OUT/_work/spill/, ordered by unit, and
+sends each unit only ids and where its rows lie in that file, so what the
+runner holds (the DirectRunner keeps a shuffle in memory) is 8 bytes a row,
+not the vector; vectors stay in their stored precision (float16 for embed's
+default) in the spill files and the keep step. Only star forests travel to
+the components step (bounded by the samples that have a duplicate), and only
+the members of some group travel to the keep step. Each unit's links are cached under OUT/_work/links/, so a rerun after a
 kill recomputes only the units that had not finished.
 """
 
@@ -35,6 +40,7 @@ from clipbeam.layout.embeddings.input_parts import EmbeddingsPart
 from clipbeam.layout.embeddings.read import iter_batches
 
 HISTOGRAM_BINS = 100  # nearest-neighbour similarity in [0, 1], 0.01 wide
+SPILL = "spill"
 
 
 @dataclass(frozen=True)
@@ -52,6 +58,7 @@ class DedupConfig:
     quantizer: Quantizer | None  # set by the command once the centroids are trained or loaded
     blocks: np.ndarray | None    # blocks per cluster, from the sample's cluster sizes
     batch_rows: int
+    dtype: str                   # the stored vectors' precision (float16 | float32): spill files and members keep it
     parts: int
     hashes: bool
     ledger: UnitLedger | None
@@ -83,11 +90,34 @@ def exact_forests(item: tuple[str, Iterable[int]], thresholds: tuple[float, ...]
 
 
 def route_part(part: EmbeddingsPart, config: DedupConfig):
-    """(unit key, (side, rows, vectors)) for every unit each row of the part is compared in."""
-    for batch in _batches(part, config, []):
+    """(unit key, (side, ids, spill url, first row)) for every unit each row of the part is compared in.
+
+    Each batch's routed rows go to one spill file, a unit's rows of one side contiguous in it.
+    """
+    for number, batch in enumerate(_batches(part, config, [])):
         nearest = config.quantizer.assign(batch.vectors, config.probe)
-        for routed in route(batch.ids, nearest, config.blocks):
-            yield routed.key, (routed.side, batch.ids[routed.rows], batch.vectors[routed.rows])
+        routed = route(batch.ids, nearest, config.blocks)
+        url = config.url(WORK, SPILL, f"{part_name(part.number)}-{number:05d}.bin")
+        with storage.atomic_open(url, "wb", config.storage_options) as handle:
+            for piece in routed:
+                handle.write(batch.vectors[piece.rows].astype(config.dtype).tobytes())
+        first = 0
+        for piece in routed:
+            yield piece.key, (piece.side, batch.ids[piece.rows], url, first)
+            first += len(piece.rows)
+
+
+def _read_spilled(pieces: list, config: DedupConfig) -> list[tuple[int, np.ndarray, np.ndarray]]:
+    """(side, ids, float32 vectors) of a unit's pieces, one open per spill file and one read per piece."""
+    row_bytes = config.dim * np.dtype(config.dtype).itemsize
+    found = []
+    for url in sorted({p[2] for p in pieces}):
+        with storage.open_input(url, config.storage_options) as handle:
+            for side, gids, _, first in sorted((p for p in pieces if p[2] == url), key=lambda p: p[3]):
+                handle.seek(first * row_bytes)
+                data = np.frombuffer(handle.read(len(gids) * row_bytes), config.dtype)
+                found.append((side, gids, data.reshape(len(gids), config.dim).astype(np.float32)))
+    return found
 
 
 def _unit_name(key: tuple[int, ...]) -> str:
@@ -108,7 +138,7 @@ class Links(beam.DoFn):
             yield _load_links(url, config)
             return
         sides = {QUERY: [], TARGET: [], PROBER: []}
-        for side, gids, vectors in chunks:
+        for side, gids, vectors in _read_spilled(list(chunks), config):
             sides[side].append((gids, vectors))
         same = key[1] == key[2]
         q_ids, queries = _stack(sides[QUERY], config.dim)
@@ -212,7 +242,8 @@ def read_members(part: EmbeddingsPart, config: DedupConfig, components: dict):
             found = (where < len(nodes)) & (nodes[np.minimum(where, len(nodes) - 1)] == batch.ids) if len(nodes) \
                 else np.zeros(len(ids), bool)
             for row in np.flatnonzero(found):
-                member = Member(int(batch.ids[row]), ids[row], int(ranks[row]), hashes[row], batch.vectors[row].copy())
+                member = Member(int(batch.ids[row]), ids[row], int(ranks[row]), hashes[row],
+                                batch.vectors[row].astype(config.dtype))
                 yield (t, int(roots[where[row]])), member
 
 
