@@ -13,8 +13,9 @@ runner holds (the DirectRunner keeps a shuffle in memory) is 8 bytes a row,
 not the vector; vectors stay in their stored precision (float16 for embed's
 default) in the spill files and the keep step. Only star forests travel to
 the components step (bounded by the samples that have a duplicate), and only
-the members of some group travel to the keep step. Each unit's links are cached under OUT/_work/links/, so a rerun after a
-kill recomputes only the units that had not finished.
+the members of some group travel to the keep step. Each unit's links are
+cached under OUT/_work/links/, so a rerun after a kill recomputes only the
+units that had not finished.
 """
 
 from __future__ import annotations
@@ -58,7 +59,8 @@ class DedupConfig:
     quantizer: Quantizer | None  # set by the command once the centroids are trained or loaded
     blocks: np.ndarray | None    # blocks per cluster, from the sample's cluster sizes
     batch_rows: int
-    dtype: str                   # the stored vectors' precision (float16 | float32): spill files and members keep it
+    dtype: str                   # the stored vectors' precision (float16 | float32): batches, spill files and
+                                 # members keep it
     parts: int
     hashes: bool
     ledger: UnitLedger | None
@@ -69,7 +71,7 @@ class DedupConfig:
 
 def _batches(part: EmbeddingsPart, config: DedupConfig, columns: list[str], with_id: bool = False):
     return iter_batches(part.file, config.column, config.id_column if with_id else None, columns, config.dim,
-                        batch_rows=config.batch_rows, storage_options=config.storage_options)
+                        batch_rows=config.batch_rows, storage_options=config.storage_options, dtype=config.dtype)
 
 
 def read_hashes(part: EmbeddingsPart, config: DedupConfig) -> Iterable[tuple[str, int]]:
@@ -100,7 +102,7 @@ def route_part(part: EmbeddingsPart, config: DedupConfig):
         url = config.url(WORK, SPILL, f"{part_name(part.number)}-{number:05d}.bin")
         with storage.atomic_open(url, "wb", config.storage_options) as handle:
             for piece in routed:
-                handle.write(batch.vectors[piece.rows].astype(config.dtype).tobytes())
+                handle.write(batch.vectors[piece.rows].astype(config.dtype, copy=False).tobytes())
         first = 0
         for piece in routed:
             yield piece.key, (piece.side, batch.ids[piece.rows], url, first)
