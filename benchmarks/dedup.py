@@ -247,6 +247,9 @@ def _imagededup(tmp: str, what: dict, args: argparse.Namespace) -> list:
         tar.extractall(folder, filter="data")
     for name in glob.glob(os.path.join(folder, "*.txt")):
         os.remove(name)
+    import logging
+
+    logging.getLogger("imagededup").setLevel(logging.WARNING)
     results = []
     for distance in args.phash_distances:
         start = time.monotonic()
