@@ -3,7 +3,7 @@
     parts --ReadHashes--> (sha256, row) --GroupByKey--> exact forests ---------------\
     parts --Route-------> (unit, block rows) --GroupByKey--> Links (cached) --> forests --> Components (one
                                                              \--> nearest-neighbour histogram       value)
-    parts --Members(side input: components)--> ((threshold, group), member) --GroupByKey--> rows
+    parts --Members(side input: components)--> (lowest-threshold group, member) --GroupByKey--> rows
           --by part--> groups/part-NNNNN.parquet + done-marker
 
 The vectors do not travel through the shuffle: Route writes each batch's
@@ -32,7 +32,7 @@ import pyarrow.parquet as pq
 from clipbeam import storage
 from clipbeam.dedup.clusters import PROBER, QUERY, TARGET, Quantizer, route
 from clipbeam.dedup.components import Forests, merge_forests, star_forest
-from clipbeam.dedup.keep import COLUMNS, Member, group_rows, rank_column
+from clipbeam.dedup.keep import COLUMNS, Member, family_rows, rank_column
 from clipbeam.dedup.links import BlockLinks, best_per_id, block_links
 from clipbeam.layout import UnitLedger
 from clipbeam.layout.dedup import SCHEMA, WORK, groups_file
@@ -233,20 +233,29 @@ class NearestFn(beam.CombineFn):
 
 
 def read_members(part: EmbeddingsPart, config: DedupConfig, components: dict):
-    """((threshold, group), Member) for every row of the part that is in a group at some threshold."""
+    """(group at the lowest threshold, Member with its group at every threshold) for every row of the part
+    in a group (a row in a group at any threshold is in one at the lowest)."""
     columns = [*(["sha256"] if config.hashes else []), *COLUMNS[config.keep]]
     for batch in _batches(part, config, columns, with_id=True):
+        groups = np.stack([_roots(*components[t], batch.ids) for t in config.thresholds], axis=1)
+        found = np.flatnonzero(groups[:, -1] >= 0)
+        if not len(found):
+            continue
         ranks = rank_column(config.keep, batch.metadata, batch.ids)
         ids = batch.metadata.column("id").to_pylist()
         hashes = batch.metadata.column("sha256").to_pylist() if config.hashes else [None] * len(ids)
-        for t, (nodes, roots) in components.items():
-            where = np.searchsorted(nodes, batch.ids)
-            found = (where < len(nodes)) & (nodes[np.minimum(where, len(nodes) - 1)] == batch.ids) if len(nodes) \
-                else np.zeros(len(ids), bool)
-            for row in np.flatnonzero(found):
-                member = Member(int(batch.ids[row]), ids[row], int(ranks[row]), hashes[row],
-                                batch.vectors[row].astype(config.dtype))
-                yield (t, int(roots[where[row]])), member
+        for row in found:
+            member = Member(int(batch.ids[row]), ids[row], int(ranks[row]), hashes[row],
+                            batch.vectors[row].astype(config.dtype), tuple(int(g) for g in groups[row]))
+            yield int(groups[row, -1]), member
+
+
+def _roots(nodes: np.ndarray, roots: np.ndarray, gids: np.ndarray) -> np.ndarray:
+    """Each gid's root in a star forest, -1 for a gid not in it."""
+    if not len(nodes):
+        return np.full(len(gids), -1, np.int64)
+    where = np.minimum(np.searchsorted(nodes, gids), len(nodes) - 1)
+    return np.where(nodes[where] == gids, roots[where], -1)
 
 
 def write_part(item: tuple[int, Iterable[dict]], config: DedupConfig) -> dict:
@@ -298,7 +307,7 @@ class Dedup(beam.PTransform):
         return (parts
                 | "Members" >> beam.FlatMap(read_members, config, beam.pvalue.AsSingleton(components))
                 | "ByGroup" >> beam.GroupByKey()
-                | "Rows" >> beam.FlatMap(lambda item: group_rows(item[0][1], item[0][0], item[1]))
+                | "Rows" >> beam.FlatMap(lambda item: family_rows(config.thresholds, item[1]))
                 | "ByPart" >> beam.Map(lambda row: (row["group"] % config.parts, row))
                 | "ToPart" >> beam.GroupByKey()
                 | "Write" >> beam.Map(write_part, config))
