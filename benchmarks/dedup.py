@@ -24,7 +24,7 @@ over all pairs, seconds. imagededup is not a clipbeam dependency: install it bes
   PYTHONPATH=/tmp/imagededup-pkgs .venv/bin/python benchmarks/dedup.py ...
 without it, part 2 prints clipbeam's side only.
 
-Usage: python benchmarks/dedup.py [--sizes 200000 1000000] [--dim 512] [--images 40]
+Usage: python benchmarks/dedup.py [--sizes/--n 200000 1000000] [--dim 512] [--images 40]
 Smoke test: python benchmarks/dedup.py --sizes 3000 --dim 64 --images 3
 """
 
@@ -247,6 +247,9 @@ def _imagededup(tmp: str, what: dict, args: argparse.Namespace) -> list:
         tar.extractall(folder, filter="data")
     for name in glob.glob(os.path.join(folder, "*.txt")):
         os.remove(name)
+    import logging
+
+    logging.getLogger("imagededup").setLevel(logging.WARNING)
     results = []
     for distance in args.phash_distances:
         start = time.monotonic()
@@ -259,7 +262,7 @@ def _imagededup(tmp: str, what: dict, args: argparse.Namespace) -> list:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sizes", type=int, nargs="*", default=[200_000, 1_000_000])
+    parser.add_argument("--sizes", "--n", type=int, nargs="*", default=[200_000, 1_000_000])
     parser.add_argument("--dim", type=int, default=512)
     parser.add_argument("--thresholds", type=float, nargs="+", default=[0.95, 0.9])
     parser.add_argument("--dup-share", type=float, default=0.1)

@@ -18,6 +18,7 @@ import logging
 
 import apache_beam as beam
 import numpy as np
+import pyarrow as pa
 
 from clipbeam import __version__, storage
 from clipbeam.commands.argtypes import non_negative_int, positive_int, unit_interval
@@ -123,8 +124,10 @@ def prepare(args: argparse.Namespace) -> tuple[DedupConfig, dict, EmbeddingsInpu
                 "clusters": None if index else clusters, "block_rows": args.block_rows, "seed": args.seed,
                 "index": None if index is None else {"url": args.index, "fingerprint": index.get("fingerprint")},
                 "parts": args.parts or len(parts), "gallery_groups": args.gallery_groups}
+    stored = inputs.schema.field(args.column).type.value_type
     config = DedupConfig(args.output, storage_options, args.column, args.id_column, inputs.dim, thresholds,
-                         args.keep, args.probe, None, None, args.batch_rows, settings["parts"], hashes, ledger=None)
+                         args.keep, args.probe, None, None, args.batch_rows,
+                         "float16" if stored == pa.float16() else "float32", settings["parts"], hashes, ledger=None)
     return config, settings, inputs
 
 

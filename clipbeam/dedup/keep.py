@@ -41,7 +41,8 @@ class Member:
     id: str
     rank: int
     sha256: str | None
-    vector: np.ndarray
+    vector: np.ndarray  # in the stored precision (float16 for embed's default): what travels is half the size
+    groups: tuple[int, ...] = ()  # its group at each threshold, highest first (-1: in none)
 
     @property
     def order(self) -> tuple[int, str]:
@@ -66,8 +67,27 @@ def group_rows(group: int, threshold: float, members: Iterable[Member]) -> list[
     kind = "exact" if len(hashes) == 1 and None not in hashes else "near"
     rows = []
     for member in members:
-        similarity = 1.0 if member.gid == kept.gid else float(np.dot(member.vector, kept.vector))
+        similarity = 1.0 if member.gid == kept.gid else \
+            float(np.dot(member.vector.astype(np.float32), kept.vector.astype(np.float32)))
         rows.append({"id": member.id, "group": int(group), "threshold": float(threshold), "kind": kind,
                      "kept": member.gid == kept.gid, "kept_id": kept.id, "similarity_to_kept": similarity})
     rows.sort(key=lambda r: (not r["kept"], r["id"]))
+    return rows
+
+
+def family_rows(thresholds: tuple[float, ...], members: Iterable[Member]) -> list[dict]:
+    """The rows of one group at the lowest threshold and of every group at a higher one inside it.
+
+    A link at a higher threshold is a link at the lowest, so each higher group lies inside one lowest
+    group: a member travels once with its groups at every threshold, not once per threshold.
+    """
+    members = list(members)
+    rows = []
+    for at, threshold in enumerate(thresholds):
+        groups: dict[int, list[Member]] = {}
+        for member in members:
+            if member.groups[at] >= 0:
+                groups.setdefault(member.groups[at], []).append(member)
+        for group, inside in groups.items():
+            rows += group_rows(group, threshold, inside)
     return rows

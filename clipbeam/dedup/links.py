@@ -17,6 +17,7 @@ import numpy as np
 from clipbeam.dedup.components import merge_forests, star_forest
 
 CHUNK_ROWS = 1024
+SAME_CHUNK_ROWS = 256  # a block with itself: small chunks, so the triangle skips more
 
 
 @dataclass
@@ -32,28 +33,35 @@ def block_links(q_ids: np.ndarray, queries: np.ndarray, t_ids: np.ndarray, targe
                 thresholds: tuple[float, ...], same: bool, chunk_rows: int = CHUNK_ROWS) -> BlockLinks:
     """Links of every query to every target at or above each threshold.
 
-    `same`: queries and targets are one block, so only pairs i < j count and a row is not its own neighbour.
+    `same`: queries and targets are one block, so only pairs i < j count and a row is not its own neighbour;
+    a chunk of rows [start, stop) then meets targets [start, ...) only (the upper triangle, in smaller
+    chunks: about 60% of the square's multiply-adds).
     """
     low = min(thresholds)
     pieces: dict[float, list] = {t: [] for t in thresholds}
     q_best = np.full(len(q_ids), -np.inf, np.float32)
     t_best = np.full(len(t_ids), -np.inf, np.float32)
-    for start in range(0, len(q_ids), chunk_rows):
-        stop = min(start + chunk_rows, len(q_ids))
-        sims = queries[start:stop] @ targets.T
+    step = SAME_CHUNK_ROWS if same else chunk_rows
+    for start in range(0, len(q_ids), step):
+        stop = min(start + step, len(q_ids))
+        first = start if same else 0  # targets before `first` meet this chunk nowhere
+        sims = queries[start:stop] @ targets[first:].T
         if same:  # only the upper triangle: j > i
-            rows = np.arange(start, stop)[:, None]
-            sims[np.arange(len(t_ids))[None, :] <= rows] = -np.inf
-        if sims.size:
-            q_best[start:stop] = np.maximum(q_best[start:stop], sims.max(axis=1))
-            t_best = np.maximum(t_best, sims.max(axis=0))
-        qi, ti = np.nonzero(sims >= low)
+            sims[np.arange(first, len(t_ids))[None, :] <= np.arange(start, stop)[:, None]] = -np.inf
+        if not sims.size:
+            continue
+        row_best = sims.max(axis=1)
+        q_best[start:stop] = np.maximum(q_best[start:stop], row_best)
+        t_best[first:] = np.maximum(t_best[first:], sims.max(axis=0))
+        linked = np.flatnonzero(row_best >= low)  # most rows have no duplicate: search only the others
+        qi, ti = np.nonzero(sims[linked] >= low)
         if len(qi):
+            qi = linked[qi]
             values = sims[qi, ti]
             for t in thresholds:
                 keep = values >= t
                 if keep.any():
-                    pieces[t].append(star_forest(q_ids[start + qi[keep]], t_ids[ti[keep]]))
+                    pieces[t].append(star_forest(q_ids[start + qi[keep]], t_ids[first + ti[keep]]))
     forests = {t: merge_forests(pieces[t]) for t in thresholds}
     ids = np.concatenate([q_ids, t_ids]) if not same else q_ids
     best = np.concatenate([q_best, t_best]) if not same else np.maximum(q_best, t_best)

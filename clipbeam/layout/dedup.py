@@ -4,7 +4,8 @@
                                     kind (exact | near), kept, kept_id, similarity_to_kept
     OUT/gallery/index.html          largest groups, borderline pairs, nearest-neighbour histogram
     OUT/_done/part-NNNNN.json       done-markers (the lifecycle's ledger)
-    OUT/_work/                      cluster centroids and cached links of an unfinished run; gone at commit
+    OUT/_work/                      cluster centroids, cached links and routed vectors (spill/) of an unfinished
+                                    run; gone at commit
     OUT/manifest.json               written last: thresholds, per threshold samples / groups / removed,
                                     the embeddings parts (url, rows) and the index it came from
     OUT/_job.json, OUT/_lease.json  the lifecycle's run record and lease
@@ -51,7 +52,7 @@ def manifest_files(manifest: dict) -> list[str]:
 
 
 DEDUP = OutputKind(FORMAT, manifest=MANIFEST, markers="_done", manifest_files=manifest_files,
-                   scratch=(f"{WORK}/*.npz", f"{WORK}/*.json", f"{WORK}/links/*.npz"))
+                   scratch=(f"{WORK}/*.npz", f"{WORK}/*.json", f"{WORK}/links/*.npz", f"{WORK}/spill/*.bin"))
 
 
 def read_manifest(url: str, storage_options: dict | None = None) -> dict:

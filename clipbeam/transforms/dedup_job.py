@@ -3,13 +3,19 @@
     parts --ReadHashes--> (sha256, row) --GroupByKey--> exact forests ---------------\
     parts --Route-------> (unit, block rows) --GroupByKey--> Links (cached) --> forests --> Components (one
                                                              \--> nearest-neighbour histogram       value)
-    parts --Members(side input: components)--> ((threshold, group), member) --GroupByKey--> rows
+    parts --Members(side input: components)--> (lowest-threshold group, member) --GroupByKey--> rows
           --by part--> groups/part-NNNNN.parquet + done-marker
 
-Only star forests travel to the components step (bounded by the samples that
-have a duplicate), and only the members of some group travel to the keep
-step. Each unit's links are cached under OUT/_work/links/, so a rerun after a
-kill recomputes only the units that had not finished.
+The vectors do not travel through the shuffle: Route writes each batch's
+routed rows to one spill file under OUT/_work/spill/, ordered by unit, and
+sends each unit only ids and where its rows lie in that file, so what the
+runner holds (the DirectRunner keeps a shuffle in memory) is 8 bytes a row,
+not the vector; vectors stay in their stored precision (float16 for embed's
+default) in the spill files and the keep step. Only star forests travel to
+the components step (bounded by the samples that have a duplicate), and only
+the members of some group travel to the keep step. Each unit's links are
+cached under OUT/_work/links/, so a rerun after a kill recomputes only the
+units that had not finished.
 """
 
 from __future__ import annotations
@@ -26,7 +32,7 @@ import pyarrow.parquet as pq
 from clipbeam import storage
 from clipbeam.dedup.clusters import PROBER, QUERY, TARGET, Quantizer, route
 from clipbeam.dedup.components import Forests, merge_forests, star_forest
-from clipbeam.dedup.keep import COLUMNS, Member, group_rows, rank_column
+from clipbeam.dedup.keep import COLUMNS, Member, family_rows, rank_column
 from clipbeam.dedup.links import BlockLinks, best_per_id, block_links
 from clipbeam.layout import UnitLedger
 from clipbeam.layout.dedup import SCHEMA, WORK, groups_file
@@ -35,6 +41,7 @@ from clipbeam.layout.embeddings.input_parts import EmbeddingsPart
 from clipbeam.layout.embeddings.read import iter_batches
 
 HISTOGRAM_BINS = 100  # nearest-neighbour similarity in [0, 1], 0.01 wide
+SPILL = "spill"
 
 
 @dataclass(frozen=True)
@@ -52,6 +59,8 @@ class DedupConfig:
     quantizer: Quantizer | None  # set by the command once the centroids are trained or loaded
     blocks: np.ndarray | None    # blocks per cluster, from the sample's cluster sizes
     batch_rows: int
+    dtype: str                   # the stored vectors' precision (float16 | float32): batches, spill files and
+                                 # members keep it
     parts: int
     hashes: bool
     ledger: UnitLedger | None
@@ -62,7 +71,7 @@ class DedupConfig:
 
 def _batches(part: EmbeddingsPart, config: DedupConfig, columns: list[str], with_id: bool = False):
     return iter_batches(part.file, config.column, config.id_column if with_id else None, columns, config.dim,
-                        batch_rows=config.batch_rows, storage_options=config.storage_options)
+                        batch_rows=config.batch_rows, storage_options=config.storage_options, dtype=config.dtype)
 
 
 def read_hashes(part: EmbeddingsPart, config: DedupConfig) -> Iterable[tuple[str, int]]:
@@ -83,11 +92,34 @@ def exact_forests(item: tuple[str, Iterable[int]], thresholds: tuple[float, ...]
 
 
 def route_part(part: EmbeddingsPart, config: DedupConfig):
-    """(unit key, (side, rows, vectors)) for every unit each row of the part is compared in."""
-    for batch in _batches(part, config, []):
+    """(unit key, (side, ids, spill url, first row)) for every unit each row of the part is compared in.
+
+    Each batch's routed rows go to one spill file, a unit's rows of one side contiguous in it.
+    """
+    for number, batch in enumerate(_batches(part, config, [])):
         nearest = config.quantizer.assign(batch.vectors, config.probe)
-        for routed in route(batch.ids, nearest, config.blocks):
-            yield routed.key, (routed.side, batch.ids[routed.rows], batch.vectors[routed.rows])
+        routed = route(batch.ids, nearest, config.blocks)
+        url = config.url(WORK, SPILL, f"{part_name(part.number)}-{number:05d}.bin")
+        with storage.atomic_open(url, "wb", config.storage_options) as handle:
+            for piece in routed:
+                handle.write(batch.vectors[piece.rows].astype(config.dtype, copy=False).tobytes())
+        first = 0
+        for piece in routed:
+            yield piece.key, (piece.side, batch.ids[piece.rows], url, first)
+            first += len(piece.rows)
+
+
+def _read_spilled(pieces: list, config: DedupConfig) -> list[tuple[int, np.ndarray, np.ndarray]]:
+    """(side, ids, float32 vectors) of a unit's pieces, one open per spill file and one read per piece."""
+    row_bytes = config.dim * np.dtype(config.dtype).itemsize
+    found = []
+    for url in sorted({p[2] for p in pieces}):
+        with storage.open_input(url, config.storage_options) as handle:
+            for side, gids, _, first in sorted((p for p in pieces if p[2] == url), key=lambda p: p[3]):
+                handle.seek(first * row_bytes)
+                data = np.frombuffer(handle.read(len(gids) * row_bytes), config.dtype)
+                found.append((side, gids, data.reshape(len(gids), config.dim).astype(np.float32)))
+    return found
 
 
 def _unit_name(key: tuple[int, ...]) -> str:
@@ -108,7 +140,7 @@ class Links(beam.DoFn):
             yield _load_links(url, config)
             return
         sides = {QUERY: [], TARGET: [], PROBER: []}
-        for side, gids, vectors in chunks:
+        for side, gids, vectors in _read_spilled(list(chunks), config):
             sides[side].append((gids, vectors))
         same = key[1] == key[2]
         q_ids, queries = _stack(sides[QUERY], config.dim)
@@ -201,19 +233,29 @@ class NearestFn(beam.CombineFn):
 
 
 def read_members(part: EmbeddingsPart, config: DedupConfig, components: dict):
-    """((threshold, group), Member) for every row of the part that is in a group at some threshold."""
+    """(group at the lowest threshold, Member with its group at every threshold) for every row of the part
+    in a group (a row in a group at any threshold is in one at the lowest)."""
     columns = [*(["sha256"] if config.hashes else []), *COLUMNS[config.keep]]
     for batch in _batches(part, config, columns, with_id=True):
+        groups = np.stack([_roots(*components[t], batch.ids) for t in config.thresholds], axis=1)
+        found = np.flatnonzero(groups[:, -1] >= 0)
+        if not len(found):
+            continue
         ranks = rank_column(config.keep, batch.metadata, batch.ids)
         ids = batch.metadata.column("id").to_pylist()
         hashes = batch.metadata.column("sha256").to_pylist() if config.hashes else [None] * len(ids)
-        for t, (nodes, roots) in components.items():
-            where = np.searchsorted(nodes, batch.ids)
-            found = (where < len(nodes)) & (nodes[np.minimum(where, len(nodes) - 1)] == batch.ids) if len(nodes) \
-                else np.zeros(len(ids), bool)
-            for row in np.flatnonzero(found):
-                member = Member(int(batch.ids[row]), ids[row], int(ranks[row]), hashes[row], batch.vectors[row].copy())
-                yield (t, int(roots[where[row]])), member
+        for row in found:
+            member = Member(int(batch.ids[row]), ids[row], int(ranks[row]), hashes[row],
+                            batch.vectors[row].astype(config.dtype), tuple(int(g) for g in groups[row]))
+            yield int(groups[row, -1]), member
+
+
+def _roots(nodes: np.ndarray, roots: np.ndarray, gids: np.ndarray) -> np.ndarray:
+    """Each gid's root in a star forest, -1 for a gid not in it."""
+    if not len(nodes):
+        return np.full(len(gids), -1, np.int64)
+    where = np.minimum(np.searchsorted(nodes, gids), len(nodes) - 1)
+    return np.where(nodes[where] == gids, roots[where], -1)
 
 
 def write_part(item: tuple[int, Iterable[dict]], config: DedupConfig) -> dict:
@@ -265,7 +307,7 @@ class Dedup(beam.PTransform):
         return (parts
                 | "Members" >> beam.FlatMap(read_members, config, beam.pvalue.AsSingleton(components))
                 | "ByGroup" >> beam.GroupByKey()
-                | "Rows" >> beam.FlatMap(lambda item: group_rows(item[0][1], item[0][0], item[1]))
+                | "Rows" >> beam.FlatMap(lambda item: family_rows(config.thresholds, item[1]))
                 | "ByPart" >> beam.Map(lambda row: (row["group"] % config.parts, row))
                 | "ToPart" >> beam.GroupByKey()
                 | "Write" >> beam.Map(write_part, config))

@@ -221,9 +221,10 @@ class StoredVectors:
     valid: np.ndarray  # per row of the file: has a vector
     position: np.ndarray  # per row of the file: its row in `vectors` (meaningless where not valid)
 
-    def take(self, rows: np.ndarray) -> np.ndarray:
-        """float32 vectors of local rows that are valid."""
-        return self.vectors[self.position[rows]].astype(np.float32)
+    def take(self, rows: np.ndarray, dtype=np.float32) -> np.ndarray:
+        """Vectors of local rows that are valid, as `dtype` (None: the stored type)."""
+        found = self.vectors[self.position[rows]]
+        return found if dtype is None else found.astype(dtype)
 
 
 def read_vectors(file: InputFile, column: str, dim: int, storage_options: dict | None = None) -> StoredVectors:
@@ -238,12 +239,13 @@ def read_vectors(file: InputFile, column: str, dim: int, storage_options: dict |
 def iter_batches(file: InputFile, column: str, id_column: str | None, metadata_columns: list[str], dim: int,
                  row_start: int = 0, row_end: int | None = None, batch_rows: int = 65_536,
                  storage_options: dict | None = None, exclude: frozenset[str] = frozenset(),
-                 stored: StoredVectors | None = None) -> Iterator[VectorBatch]:
+                 stored: StoredVectors | None = None, dtype=np.float32) -> Iterator[VectorBatch]:
     """Stream rows [row_start, row_end) of one file, reading only the row groups that overlap it.
 
     Metadata holds the id column (renamed `id`, as strings) and `metadata_columns`; none when id_column is None.
     Rows whose id is in `exclude` (e.g. the duplicates a dedup output removes) are left out, like null vectors.
     With `stored` (the file's vectors, read before) the vector column is not read again.
+    `dtype` None keeps the stored float type (no float32 copy of every vector).
     """
     row_end = file.rows if row_end is None else row_end
     stored = stored if id_column else None  # some column must be read, for the batches' row counts
@@ -279,9 +281,9 @@ def iter_batches(file: InputFile, column: str, id_column: str | None, metadata_c
                 kept = pc.invert(pc.is_in(pc.cast(table.column(id_column), pa.string()), value_set=excluded))
                 table, ids = table.filter(kept), ids[kept.to_numpy(zero_copy_only=False)]
             if stored is None:
-                vectors = to_matrix(table.column(column), dim, where=f"{file.url}: ")
+                vectors = to_matrix(table.column(column), dim, where=f"{file.url}: ", dtype=dtype)
             else:
-                vectors = stored.take(ids - file.id_start)
+                vectors = stored.take(ids - file.id_start, dtype)
             meta = table.select([c for c in metadata_columns if c != id_column])
             if id_column:
                 meta = meta.add_column(0, "id", pc.cast(table.column(id_column), pa.string()))
